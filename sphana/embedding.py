@@ -1,0 +1,284 @@
+"""Sentence-embedding encoder: a transformer with mean pooling and L2 normalization, fine-tuned
+with an in-batch-negatives contrastive (InfoNCE) loss, and its retrieval evaluation."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sphana.config import EmbeddingConfig, Init, RuntimeConfig
+from sphana.errors import InputError
+from sphana.io import load_jsonl, write_json_atomic, write_text_atomic
+
+ENCODER_FILE = "sphana_encoder.json"  # pooling settings saved beside the weights
+
+
+class Encoder(nn.Module):
+    """``transformer -> mean pooling over the attention mask -> L2 normalize``.
+
+    The export wraps exactly this module, so pooling and normalization live inside the ONNX graph.
+    """
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        hidden = self.transformer(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return nn.functional.normalize(pooled, p=2.0, dim=-1)
+
+
+def seed_everything(runtime: RuntimeConfig) -> torch.device:
+    """Seed python/numpy/torch, apply determinism and threads; return the device to use."""
+    random.seed(runtime.seed)
+    np.random.seed(runtime.seed)
+    torch.manual_seed(runtime.seed)
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    torch.use_deterministic_algorithms(runtime.deterministic, warn_only=True)
+    if runtime.device.value == "cuda" and not torch.cuda.is_available():
+        from sphana.errors import ConfigError
+
+        raise ConfigError("runtime.device=cuda but no CUDA device is visible; use auto or cpu")
+    use_cuda = runtime.device.value == "cuda" or (
+        runtime.device.value == "auto" and torch.cuda.is_available()
+    )
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def load_encoder(cfg: EmbeddingConfig) -> tuple[Encoder, Any]:
+    """The base encoder and its tokenizer, loaded offline (see :mod:`sphana.base_models`)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from sphana.base_models import resolve
+
+    path = resolve(cfg.base_model, "embedding.base_model")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if cfg.init == Init.pretrained:
+        transformer = AutoModel.from_pretrained(path, add_pooling_layer=False)
+    else:
+        config = AutoConfig.from_pretrained(path)
+        for key, value in vars(cfg.random_arch).items():
+            setattr(config, key, value)
+        transformer = AutoModel.from_config(config, add_pooling_layer=False)
+    return Encoder(transformer), tokenizer
+
+
+def load_trained(model_dir: Path) -> tuple[Encoder, Any]:
+    """An encoder saved by :func:`train` (``pytorch/`` directory)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    transformer = AutoModel.from_pretrained(model_dir, add_pooling_layer=False)
+    return Encoder(transformer).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    return tokenizer(
+        texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+        return_token_type_ids=True,
+    )
+
+
+@torch.inference_mode()
+def encode(
+    encoder: Encoder, tokenizer: Any, texts: list[str], batch_size: int, max_length: int,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Embeddings (``[len(texts), dim]``, L2-normalized) in input order."""
+    encoder.eval()
+    out = []
+    for i in range(0, len(texts), batch_size):
+        batch = {k: v.to(device) for k, v in tokenize(tokenizer, texts[i : i + batch_size],
+                                                        max_length).items()}
+        out.append(encoder(**batch).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def retrieval_metrics(
+    query_emb: np.ndarray,
+    corpus_emb: np.ndarray,
+    corpus_ids: list[str],
+    relevant: list[list[str]],
+    positive_emb: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Recall@1/5/10 and MRR of cosine retrieval; mean cosine of each query to its positive.
+
+    Recall@k is the share of queries with at least one relevant passage in the top k.
+    """
+    scores = query_emb @ corpus_emb.T
+    order = np.argsort(-scores, axis=1, kind="stable")
+    id_index = {cid: i for i, cid in enumerate(corpus_ids)}
+    ranks = []
+    for q, rel in enumerate(relevant):
+        rel_idx = {id_index[r] for r in rel if r in id_index}
+        hits = np.flatnonzero(np.isin(order[q], list(rel_idx)))
+        ranks.append(int(hits[0]) + 1 if len(hits) else math.inf)
+    ranks_arr = np.array(ranks, dtype=float)
+    metrics = {f"recall@{k}": float(np.mean(ranks_arr <= k)) for k in (1, 5, 10)}
+    metrics["mrr"] = float(np.mean(1.0 / ranks_arr))
+    if positive_emb is not None:
+        metrics["mean_cosine"] = float(np.mean(np.sum(query_emb * positive_emb, axis=1)))
+    return {k: round(v, 6) for k, v in metrics.items()}
+
+
+@dataclass
+class ValidationSet:
+    queries: list[str]
+    positives: list[str]
+    relevant: list[list[str]]
+    corpus_ids: list[str]
+    corpus_texts: list[str]
+
+    @classmethod
+    def load(cls, datasets_dir: Path) -> ValidationSet:
+        records = load_jsonl(datasets_dir / "validation.jsonl")
+        corpus = load_jsonl(datasets_dir / "validation_corpus.jsonl")
+        if not records or not corpus:
+            raise InputError(datasets_dir, "empty validation split; rerun build_datasets")
+        return cls(
+            queries=[r["query"] for r in records],
+            positives=[r["positive"] for r in records],
+            relevant=[r["relevant_ids"] for r in records],
+            corpus_ids=[c["id"] for c in corpus],
+            corpus_texts=[c["text"] for c in corpus],
+        )
+
+    def evaluate(self, embed: Any) -> dict[str, float]:
+        """Metrics for ``embed(texts) -> np.ndarray`` (any backend: PyTorch or ONNX Runtime)."""
+        return retrieval_metrics(
+            embed(self.queries), embed(self.corpus_texts), self.corpus_ids, self.relevant,
+            embed(self.positives),
+        )
+
+
+def contrastive_loss(
+    q: torch.Tensor, p: torch.Tensor, positive_ids: list[str], temperature: float
+) -> torch.Tensor:
+    """InfoNCE over in-batch negatives. Entries where another row has the *same* positive passage
+    are masked out, so a duplicate passage is never pushed away as a negative."""
+    logits = (q @ p.T) / temperature
+    same = torch.tensor(
+        [[a == b for b in positive_ids] for a in positive_ids], device=logits.device
+    )
+    same.fill_diagonal_(False)
+    logits = logits.masked_fill(same, torch.finfo(logits.dtype).min)
+    return nn.functional.cross_entropy(logits, torch.arange(len(q), device=logits.device))
+
+
+def train(
+    cfg: EmbeddingConfig,
+    runtime: RuntimeConfig,
+    datasets_dir: Path,
+    out_dir: Path,
+    plots_file: Path,
+) -> dict[str, Any]:
+    """Fine-tune the encoder; save it to ``out_dir``; return base and fine-tuned metrics."""
+    from rich.progress import Progress
+    from transformers import get_linear_schedule_with_warmup
+
+    from sphana.io import atomic_dir
+
+    device = seed_everything(runtime)
+    pairs = load_jsonl(datasets_dir / "train.jsonl")
+    if not pairs:
+        raise InputError(datasets_dir / "train.jsonl", "no training pairs; rerun build_datasets")
+    rng = random.Random(runtime.seed)
+    if cfg.max_train_pairs and len(pairs) > cfg.max_train_pairs:
+        pairs = rng.sample(pairs, cfg.max_train_pairs)
+    validation = ValidationSet.load(datasets_dir)
+    encoder, tokenizer = load_encoder(cfg)
+    encoder.to(device)
+
+    def embed(texts: list[str]) -> np.ndarray:
+        return encode(encoder, tokenizer, texts, cfg.eval_batch_size, cfg.max_seq_length, device)
+
+    base_metrics = validation.evaluate(embed)
+
+    steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    decay = [p for n, p in encoder.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in encoder.named_parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+    )
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(cfg.warmup_ratio * total_steps), total_steps
+    )
+    history, epochs = [], []
+    step, seen, start = 0, 0, time.perf_counter()
+    with Progress(disable=not _is_tty(), transient=True) as progress:
+        task = progress.add_task("train_embedding", total=total_steps)
+        for epoch in range(cfg.epochs):
+            encoder.train()
+            order = list(range(len(pairs)))
+            rng.shuffle(order)
+            epoch_start = time.perf_counter()
+            for b in range(0, len(order), cfg.batch_size):
+                batch = [pairs[i] for i in order[b : b + cfg.batch_size]]
+                if len(batch) < 2:  # one pair has no in-batch negative
+                    continue
+                q = encoder(**{k: v.to(device) for k, v in tokenize(
+                    tokenizer, [r["query"] for r in batch], cfg.max_seq_length).items()})
+                p = encoder(**{k: v.to(device) for k, v in tokenize(
+                    tokenizer, [r["positive"] for r in batch], cfg.max_seq_length).items()})
+                loss = contrastive_loss(q, p, [r["positive_id"] for r in batch], cfg.temperature)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(encoder.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                seen += len(batch)
+                history.append({"step": step, "epoch": epoch, "loss": round(loss.item(), 6),
+                                "lr": scheduler.get_last_lr()[0]})
+                progress.update(task, advance=1, description=f"epoch {epoch} loss {loss.item():.4f}")
+            epochs.append({"epoch": epoch, "seconds": round(time.perf_counter() - epoch_start, 3)})
+    seconds = time.perf_counter() - start
+    tuned_metrics = validation.evaluate(embed)
+
+    encoder.cpu().eval()
+    with atomic_dir(out_dir) as tmp:
+        encoder.transformer.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / ENCODER_FILE, {
+            "pooling": "mean", "normalize": True, "max_seq_length": cfg.max_seq_length,
+            "base_model": cfg.base_model, "init": cfg.init.value,
+        })
+    write_text_atomic(plots_file, "step,epoch,loss,lr\n" + "".join(
+        f"{h['step']},{h['epoch']},{h['loss']},{h['lr']:.8g}\n" for h in history))
+    return {
+        "base": base_metrics,
+        "fine_tuned": tuned_metrics,
+        "train": {
+            "pairs": len(pairs), "steps": step, "epochs": cfg.epochs,
+            "final_loss": history[-1]["loss"] if history else None,
+            "seconds": round(seconds, 2), "samples_per_s": round(seen / seconds, 2),
+        },
+        "validation": {"queries": len(validation.queries), "corpus": len(validation.corpus_ids)},
+    }
+
+
+def _is_tty() -> bool:
+    import os
+    import sys
+
+    return sys.stderr.isatty() and not os.environ.get("CI")

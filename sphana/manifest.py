@@ -1,0 +1,239 @@
+"""Release manifest: build it from the exported artifacts and ``dvc.lock``, package it into a
+reproducible tarball, and verify a manifest, directory or tarball against its files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import json
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sphana.errors import InputError, VerifyError
+from sphana.io import atomic_path, sha256_file, write_json_atomic
+
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "manifest.schema.json"
+MANIFEST_NAME = "manifest.json"  # name inside a tarball / bundle directory
+# The stages whose dvc.lock entries prove where each component came from.
+COMPONENT_STAGES = {"embedding": ["ingest", "build_datasets", "train_embedding", "export_embedding"]}
+
+
+def schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+def validate_schema(manifest: dict[str, Any], source: str) -> None:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.path))
+    if errors:
+        lines = [f"  {'/'.join(map(str, e.path)) or '<root>'}: {e.message}" for e in errors[:20]]
+        raise VerifyError(f"{source}: manifest does not match its JSON Schema:\n" + "\n".join(lines))
+
+
+def file_entry(root: Path, path: Path) -> dict[str, Any]:
+    return {"path": path.relative_to(root).as_posix(), "size": path.stat().st_size,
+            "sha256": f"sha256:{sha256_file(path)}"}
+
+
+def lock_provenance(lock_file: Path, stages: list[str]) -> dict[str, Any]:
+    """The deps/outs md5 and params of ``stages`` exactly as ``dvc.lock`` records them."""
+    import yaml
+
+    if not lock_file.is_file():
+        raise InputError(lock_file, "not found: the manifest stage runs inside `dvc repro`, "
+                         "which records upstream hashes there (run `dvc repro manifest`)")
+    lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
+    recorded = lock.get("stages", {})
+    out: dict[str, Any] = {}
+    for stage in stages:
+        if stage not in recorded:
+            raise InputError(lock_file, f"has no entry for stage {stage!r}; run `dvc repro {stage}`")
+        entry = recorded[stage]
+        params: dict[str, Any] = {}
+        for section in (entry.get("params") or {}).values():
+            params.update(section)
+        out[stage] = {
+            "deps": {d["path"]: d.get("md5", "") for d in entry.get("deps", [])},
+            "outs": {o["path"]: o.get("md5", "") for o in entry.get("outs", [])},
+            "params": params,
+        }
+    return out
+
+
+def git_state(repo: Path) -> tuple[str | None, bool | None]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, check=True).stdout.strip() != ""
+        return commit, dirty
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+
+
+def build(
+    *,
+    name: str,
+    version: str,
+    components: dict[str, dict[str, Any]],
+    artifacts_root: Path,
+    lock_file: Path,
+    data_dvc: Path | None,
+    min_onnxruntime: str,
+) -> dict[str, Any]:
+    """Assemble the manifest.
+
+    Args:
+        components: per component: ``onnx_dir`` (Path), ``version``, ``metrics``, ``parity``
+            (the export report) and ``model_config``.
+    """
+    entries: dict[str, Any] = {}
+    stages: dict[str, Any] = {}
+    for component, info in components.items():
+        onnx_dir: Path = info["onnx_dir"]
+        report = info["parity"]
+        files = [file_entry(artifacts_root, p) for p in sorted(onnx_dir.iterdir()) if p.is_file()]
+        int8 = onnx_dir / report["files"]["int8"]
+        entries[component] = {
+            "version": info["version"],
+            "path": int8.relative_to(artifacts_root).as_posix(),
+            "checksum": f"sha256:{sha256_file(int8)}",
+            "metrics": info["metrics"],
+            "model_config": {
+                **info["model_config"],
+                "quantized": True,
+                "quantization": report["quantization"],
+                "fp32_path": (onnx_dir / report["files"]["fp32"]).relative_to(artifacts_root).as_posix(),
+            },
+            "files": files,
+            "parity": {k: report[k] for k in ("fp32", "int8")},
+            "signature": report["signature"],
+        }
+        stages.update(lock_provenance(lock_file, COMPONENT_STAGES[component]))
+    commit, dirty = git_state(lock_file.parent)
+    data: dict[str, Any] = {}
+    if data_dvc is not None and data_dvc.is_file():
+        import yaml
+
+        outs = (yaml.safe_load(data_dvc.read_text(encoding="utf-8")) or {}).get("outs", [])
+        data = {o["path"]: o.get("md5", "") for o in outs}
+    manifest = {
+        "schema_version": 1,
+        "name": name,
+        "version": version,
+        "created_at": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "components": entries,
+        "system_requirements": {
+            "onnxruntime": f">={min_onnxruntime}",
+            "opset": max(e["model_config"]["opset"] for e in entries.values()),
+            "execution_providers": ["CPUExecutionProvider"],
+        },
+        "provenance": {"git_commit": commit, "git_dirty": dirty, "data": data, "stages": stages},
+    }
+    validate_schema(manifest, "manifest")
+    return manifest
+
+
+def write(manifest: dict[str, Any], path: Path) -> None:
+    write_json_atomic(path, manifest)
+
+
+def package(manifest_file: Path, artifacts_root: Path, tarball: Path) -> list[str]:
+    """A reproducible ``.tar.gz``: ``manifest.json`` + every listed file, sorted, with fixed
+    owners and timestamps. Verifies every file before packing. Returns the member names."""
+    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    problems = check_files(manifest, artifacts_root)
+    if problems:
+        raise VerifyError(f"{manifest_file}: refusing to package:\n  " + "\n  ".join(problems))
+    members = [(MANIFEST_NAME, manifest_file)] + sorted(
+        (f["path"], artifacts_root / f["path"])
+        for c in manifest["components"].values() for f in c["files"]
+    )
+
+    def info(name: str, size: int) -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mode, ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = size, 0o644, 0, 0, 0, "", ""
+        return ti
+
+    with atomic_path(tarball) as tmp, open(tmp, "wb") as raw, \
+            gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, path in members:
+            with open(path, "rb") as f:
+                tar.addfile(info(name, path.stat().st_size), f)
+    return [name for name, _ in members]
+
+
+def check_files(manifest: dict[str, Any], root: Path) -> list[str]:
+    """Every mismatch between the manifest and the files under ``root`` (empty when all match)."""
+    problems = []
+    for name, component in manifest["components"].items():
+        listed = {f["path"]: f for f in component["files"]}
+        if component["path"] not in listed:
+            problems.append(f"{name}: path {component['path']} is not among its files")
+        elif listed[component["path"]]["sha256"] != component["checksum"]:
+            problems.append(f"{name}: checksum differs from the sha256 of {component['path']}")
+        for rel, entry in listed.items():
+            path = root / rel
+            if not path.is_file():
+                problems.append(f"{name}: missing file {rel}")
+                continue
+            if path.stat().st_size != entry["size"]:
+                problems.append(f"{name}: {rel}: size {path.stat().st_size} != {entry['size']}")
+            actual = f"sha256:{sha256_file(path)}"
+            if actual != entry["sha256"]:
+                problems.append(f"{name}: {rel}: sha256 {actual} != {entry['sha256']}")
+    return problems
+
+
+def check_lock(manifest: dict[str, Any], lock_file: Path) -> list[str]:
+    """Mismatches between the manifest's provenance and ``dvc.lock``."""
+    stages = manifest["provenance"]["stages"]
+    current = lock_provenance(lock_file, list(stages))
+    problems = []
+    for stage, recorded in stages.items():
+        for kind in ("deps", "outs", "params"):
+            if recorded[kind] != current[stage][kind]:
+                problems.append(f"provenance.stages.{stage}.{kind} differs from {lock_file}")
+    return problems
+
+
+def verify(target: Path, root: Path | None = None, lock_file: Path | None = None) -> dict[str, Any]:
+    """Verify a manifest file, an unpacked bundle directory or a ``.tar.gz`` bundle.
+
+    Raises:
+        VerifyError: listing every mismatch (schema, missing/extra/altered files, provenance).
+    """
+    if target.is_file() and target.name.endswith((".tar.gz", ".tgz")):
+        with tempfile.TemporaryDirectory() as tmp, tarfile.open(target) as tar:
+            tar.extractall(tmp, filter="data")
+            return verify(Path(tmp), lock_file=lock_file)
+    bundle = target.is_dir()
+    manifest_file = target / MANIFEST_NAME if bundle else target
+    if not manifest_file.is_file():
+        raise VerifyError(f"{manifest_file}: no manifest there")
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise VerifyError(f"{manifest_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    validate_schema(manifest, str(manifest_file))
+    root = root or manifest_file.parent
+    problems = check_files(manifest, root)
+    if bundle:
+        listed = {f["path"] for c in manifest["components"].values() for f in c["files"]}
+        extra = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                       if p.is_file() and p != manifest_file
+                       and p.relative_to(root).as_posix() not in listed)
+        problems += [f"unlisted file {p}" for p in extra]
+    if lock_file is not None:
+        problems += check_lock(manifest, lock_file)
+    if problems:
+        raise VerifyError(f"{target}: {len(problems)} mismatch(es):\n  " + "\n  ".join(problems))
+    n_files = sum(len(c["files"]) for c in manifest["components"].values())
+    return {"manifest": str(manifest_file), "components": sorted(manifest["components"]),
+            "files": n_files}

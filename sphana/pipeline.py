@@ -1,0 +1,105 @@
+"""One function per DVC stage: typed config in, files out. ``stages/<name>.py`` calls these;
+tests call them directly. Paths come only from ``cfg.paths`` (mirrored by ``dvc.yaml``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sphana.config import SphanaConfig
+from sphana.io import write_json_atomic
+
+
+def component_dir(cfg: SphanaConfig, component: str, kind: str) -> Path:
+    """``<paths.artifacts>/<component>/<version>/<kind>`` (kind: pytorch | onnx)."""
+    version = getattr(cfg, component).version
+    return Path(cfg.paths.artifacts) / component / version / kind
+
+
+def metrics_file(cfg: SphanaConfig, stage: str) -> Path:
+    return Path(cfg.paths.metrics) / f"{stage}.json"
+
+
+def ingest(cfg: SphanaConfig) -> dict[str, Any]:
+    from sphana import ingest as ingest_lib
+
+    return ingest_lib.run(cfg.ingest, Path(cfg.paths.documents), Path(cfg.paths.ingest))
+
+
+def build_datasets(cfg: SphanaConfig) -> dict[str, Any]:
+    from sphana import datasets
+
+    return datasets.run(cfg.dataset, Path(cfg.paths.ingest) / "chunks.jsonl", Path(cfg.paths.gold),
+                        Path(cfg.paths.datasets), metrics_file(cfg, "build_datasets"))
+
+
+def train_embedding(cfg: SphanaConfig) -> dict[str, Any]:
+    from sphana import embedding
+
+    metrics = embedding.train(
+        cfg.embedding, cfg.runtime, Path(cfg.paths.datasets) / "embedding",
+        component_dir(cfg, "embedding", "pytorch"), Path(cfg.paths.plots) / "train_embedding.csv",
+    )
+    write_json_atomic(metrics_file(cfg, "train_embedding"), metrics)
+    return metrics
+
+
+def export_embedding(cfg: SphanaConfig) -> dict[str, Any]:
+    from sphana.export import embedding as export
+
+    report = export.run(
+        cfg.embedding, cfg.export, component_dir(cfg, "embedding", "pytorch"),
+        Path(cfg.paths.datasets) / "embedding", component_dir(cfg, "embedding", "onnx"),
+        threads=cfg.runtime.threads,
+    )
+    write_json_atomic(metrics_file(cfg, "export_embedding"), report)
+    return report
+
+
+def manifest(cfg: SphanaConfig, lock_file: Path = Path("dvc.lock")) -> dict[str, Any]:
+    from sphana import manifest as manifest_lib
+
+    components = {}
+    for component in cfg.release.components:
+        train = json.loads(metrics_file(cfg, f"train_{component}").read_text(encoding="utf-8"))
+        report = json.loads(metrics_file(cfg, f"export_{component}").read_text(encoding="utf-8"))
+        components[component] = {
+            "onnx_dir": component_dir(cfg, component, "onnx"),
+            "version": getattr(cfg, component).version,
+            "metrics": {"validation": train["fine_tuned"], "base_validation": train["base"],
+                        "onnx_int8_validation": report["int8"]["metrics"]},
+            "parity": report,
+            "model_config": report["model_config"],
+        }
+    result = manifest_lib.build(
+        name=cfg.release.name, version=cfg.release.version, components=components,
+        artifacts_root=Path(cfg.paths.artifacts), lock_file=lock_file, data_dvc=Path("data.dvc"),
+        min_onnxruntime=cfg.release.min_onnxruntime,
+    )
+    manifest_lib.write(result, Path(cfg.paths.manifests) / "latest.json")
+    return result
+
+
+def package(cfg: SphanaConfig) -> dict[str, Any]:
+    from sphana import manifest as manifest_lib
+    from sphana.errors import VerifyError
+
+    manifest_file = Path(cfg.paths.manifests) / "latest.json"
+    version = json.loads(manifest_file.read_text(encoding="utf-8"))["version"]
+    if version != cfg.release.version:
+        raise VerifyError(f"{manifest_file}: version {version} != release.version "
+                          f"{cfg.release.version}; rerun the manifest stage")
+    members = manifest_lib.package(manifest_file, Path(cfg.paths.artifacts),
+                                   Path(cfg.paths.manifests) / "latest.tar.gz")
+    return {"members": members}
+
+
+STAGES = {
+    "ingest": ingest,
+    "build_datasets": build_datasets,
+    "train_embedding": train_embedding,
+    "export_embedding": export_embedding,
+    "manifest": manifest,
+    "package": package,
+}

@@ -1,0 +1,81 @@
+"""Shared fixtures: the real config composed once (tiny groups), redirected into tmp_path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GROUPS = ("paths", "runtime", "ingest", "dataset", "embedding", "export", "release")
+TINY = [f"{group}=tiny" for group in GROUPS]
+
+
+def tiny_config(tmp_path: Path, *overrides: str):
+    """The shipped tiny config with every output under ``tmp_path`` (real data as input)."""
+    from sphana.config import compose, validate
+
+    cfg = validate(compose(REPO / "conf", [*TINY, *overrides]))
+    for key in ("ingest", "datasets", "artifacts", "metrics", "plots", "manifests"):
+        setattr(cfg.paths, key, str(tmp_path / "target" / key))
+    cfg.paths.documents = str(REPO / cfg.paths.documents)
+    cfg.paths.gold = str(REPO / cfg.paths.gold)
+    return cfg
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command with this interpreter's environment first on PATH (stages call `python`)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check)
+
+
+def sphana(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run([sys.executable, "-m", "sphana.cli", *args], cwd=cwd, check=check)
+
+
+def copy_repo(dest: Path) -> Path:
+    """Copy the files git would carry (tracked + untracked-not-ignored) into a new git repo."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")
+    for rel in filter(None, listed):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    for cmd in (["git", "init", "-q", "-b", "main"],
+                ["git", "config", "user.email", "test@sphana.invalid"],
+                ["git", "config", "user.name", "sphana-test"]):
+        subprocess.run(cmd, cwd=dest, check=True)
+    return dest
+
+
+def commit_all(repo: Path, message: str) -> None:
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", message], cwd=repo, check=True)
+
+
+@pytest.fixture(scope="session")
+def built_tiny(tmp_path_factory: pytest.TempPathFactory):
+    """Every stage of the tiny pipeline run once in-process (no DVC): (cfg, results)."""
+    from sphana import pipeline
+
+    tmp = tmp_path_factory.mktemp("built")
+    cfg = tiny_config(tmp)
+    results = {}
+    for name in ("ingest", "build_datasets", "train_embedding", "export_embedding"):
+        results[name] = pipeline.STAGES[name](cfg)
+    return cfg, results

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import GROUPS, REPO
+from sphana.config import compose, validate, write_params
+from sphana.errors import ConfigError
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("option", ["default", "tiny"])
+def test_every_shipped_config_composes(group: str, option: str) -> None:
+    cfg = validate(compose(REPO / "conf", [f"{group}={option}"]))
+    assert cfg.release.version
+
+
+def test_params_yaml_is_the_composition_of_conf(tmp_path: Path) -> None:
+    text = write_params(REPO / "conf", tmp_path / "params.yaml")
+    assert (REPO / "params.yaml").read_text(encoding="utf-8") == text, (
+        "params.yaml is stale: run `sphana params` and commit it"
+    )
+
+
+def test_dvc_composes_the_same_params_with_the_schema(tmp_path: Path) -> None:
+    """DVC composes conf/ itself on `dvc exp run`; the schema must apply there too."""
+    from dvc.utils.hydra import compose_and_dump
+
+    out = tmp_path / "params.yaml"
+    compose_and_dump(out, str(REPO / "conf"), None, "config", str(REPO), [])
+    assert out.read_text(encoding="utf-8") == (REPO / "params.yaml").read_text(encoding="utf-8")
+    with pytest.raises(Exception, match="embedding.lr"):
+        compose_and_dump(out, str(REPO / "conf"), None, "config", str(REPO), ["embedding.lr=fast"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["embedding.lr=fast"], "embedding.lr"),
+        (["ingest.on_error=maybe"], "ingest.on_error"),
+        (["embedding.nope=1"], "embedding.nope"),
+        (["+embedding.nope=1"], "embedding.nope"),
+        (["ingest.overlap_tokens=100"], "ingest.overlap_tokens"),
+        (["embedding.version=one"], "embedding.version"),
+        (["release.components=[embedding,oracle]"], "release.components"),
+    ],
+)
+def test_bad_values_are_rejected_naming_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        validate(compose(REPO / "conf", overrides))
+
+
+def test_unknown_key_in_params_yaml_names_the_key() -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params["export"]["parity"]["fp32_tolerance"] = 1e-3
+    with pytest.raises(ConfigError, match=r"export\.parity\.fp32_tolerance"):
+        validate(params)
+
+
+def test_stage_entry_point_reads_params_and_applies_overrides(tmp_path: Path) -> None:
+    """`python stages/x.py key=value` works ad hoc; a bad key fails with its name, no traceback."""
+    from conftest import run
+
+    proc = run([sys.executable, str(REPO / "stages/ingest.py"), "ingest.chunk_tokens=oops"],
+               cwd=REPO, check=False)
+    assert proc.returncode != 0
+    assert "ingest.chunk_tokens" in proc.stderr
+    assert not (REPO / "outputs").exists()
