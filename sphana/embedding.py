@@ -259,6 +259,7 @@ def train(
     with atomic_dir(out_dir) as tmp:
         encoder.transformer.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        write_vocab_txt(tokenizer, tmp / "vocab.txt")
         write_json_atomic(tmp / ENCODER_FILE, {
             "pooling": "mean", "normalize": True, "max_seq_length": cfg.max_seq_length,
             "base_model": cfg.base_model, "init": cfg.init.value,
@@ -275,6 +276,16 @@ def train(
         },
         "validation": {"queries": len(validation.queries), "corpus": len(validation.corpus_ids)},
     }
+
+
+def write_vocab_txt(tokenizer: Any, path: Path) -> None:
+    """``vocab.txt`` (one WordPiece token per line, line number = id) for consumers whose
+    tokenizers read it (e.g. BERT tokenizers in .NET); transformers 5 saves only tokenizer.json."""
+    vocab = tokenizer.get_vocab()
+    by_id = sorted(vocab, key=vocab.__getitem__)
+    if [vocab[t] for t in by_id] != list(range(len(by_id))):
+        raise ValueError("tokenizer ids are not contiguous; cannot write vocab.txt")
+    write_text_atomic(path, "".join(f"{token}\n" for token in by_id))
 
 
 def _is_tty() -> bool:

@@ -20,9 +20,26 @@ def hydra_args() -> None:
     sys.argv[1:1] = [a for a in _HYDRA_ARGS if a not in sys.argv]
 
 
+def quiet_libraries() -> None:
+    """Progress bars and warnings of the libraries underneath are noise in a stage's log."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TORCH_LOGS", "-all")
+    for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def run(stage: str, params: DictConfig) -> Any:
     """Validate ``params`` and run ``stage``; a :class:`SphanaError` exits 1 with its message."""
     from rich.console import Console
+
+    quiet_libraries()
 
     from sphana.config import validate
     from sphana.errors import SphanaError
@@ -41,13 +58,15 @@ def run(stage: str, params: DictConfig) -> Any:
 def _summary(result: Any) -> str:
     if not isinstance(result, dict):
         return ""
-    keys = ("documents", "chunks", "fine_tuned", "fp32", "version", "members")
+    keys = ("documents", "chunks", "embedding", "fine_tuned", "fp32", "version", "members")
     parts = []
     for key in keys:
         if key in result:
             value = result[key]
             if key == "fp32":
                 value = {"max_abs_diff": value["max_abs_diff"]}
+            elif key == "embedding" and isinstance(value, dict) and "pairs" in value:
+                value = {"pairs": value["pairs"]}
             elif key == "members":
                 value = len(value)
             parts.append(f"{key}={value}")

@@ -212,7 +212,7 @@ def verify(target: Path, root: Path | None = None, lock_file: Path | None = None
     if target.is_file() and target.name.endswith((".tar.gz", ".tgz")):
         with tempfile.TemporaryDirectory() as tmp, tarfile.open(target) as tar:
             tar.extractall(tmp, filter="data")
-            return verify(Path(tmp), lock_file=lock_file)
+            return {**verify(Path(tmp), lock_file=lock_file), "manifest": f"{target}:{MANIFEST_NAME}"}
     bundle = target.is_dir()
     manifest_file = target / MANIFEST_NAME if bundle else target
     if not manifest_file.is_file():

@@ -1,0 +1,38 @@
+# The targets are the commands the README shows. `make run` and `make test` set everything up
+# on a fresh machine: a virtual environment with the CPU build of torch, then the project.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sphana-installed
+
+.PHONY: run test test-all lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0  # CPU build first: an unpinned torch pulls CUDA
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+## Build every artifact from the embedded corpus: dvc repro reruns only what changed.
+run: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" sphana params
+	PATH="$(abspath $(BIN)):$$PATH" dvc repro
+
+## The default test suite (tiny configs, real code paths, DVC and git end to end).
+test: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" pytest
+
+## Everything, including tests marked slow (full default config).
+test-all: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" pytest -m ''
+
+lint: $(STAMP)
+	$(BIN)/ruff check sphana stages tests benchmarks scripts
+
+## Latency and size figures of the built embedding model (after `make run`).
+bench: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/embedding_latency.py
+
+clean:
+	rm -rf target .dvc/cache .dvc/tmp

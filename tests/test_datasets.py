@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sphana.config import DatasetConfig
+from sphana.datasets import build_embedding, split_documents
+from sphana.errors import InputError
+
+
+def chunk(doc: str, n: int, section: str, start: int, text: str) -> dict:
+    return {"id": f"{doc}#{n}", "doc_id": doc, "title": doc.upper(), "section": section,
+            "section_index": 0, "start": start, "end": start + len(text), "text": text,
+            "n_tokens": 10, "source": f"{doc}.md"}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> tuple[Path, Path]:
+    chunks = []
+    for d in range(20):
+        doc = f"doc{d:02d}"
+        chunks.append(chunk(doc, 0, "Intro", 0, f"Doc {d} opens with a long enough sentence here. It goes on."))
+        chunks.append(chunk(doc, 1, "Intro", 40, f"Overlap part of doc {d} with enough characters in it. Yes."))
+        chunks.append(chunk(doc, 2, "Later", 0, f"Later section of doc {d} is about something else entirely."))
+    questions = [{"id": f"q{d}", "question": f"What does doc {d} open with?",
+                  "relevant": [{"doc_id": f"doc{d:02d}", "section": "Intro", "start": 45, "end": 60}]}
+                 for d in range(20)]
+    # one question spans two documents: they must land in the same split
+    questions.append({"id": "qx", "question": "Which two docs?", "relevant": [
+        {"doc_id": "doc03", "section": "Later", "start": 0, "end": 10},
+        {"doc_id": "doc17", "section": "Later", "start": 0, "end": 10}]})
+    return write_jsonl(tmp_path / "chunks.jsonl", chunks), write_jsonl(tmp_path / "q.jsonl", questions)
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_split_is_by_document_and_never_leaks(corpus: tuple[Path, Path], tmp_path: Path) -> None:
+    chunks_file, questions = corpus
+    report = build_embedding(chunks_file, questions, DatasetConfig(validation_fraction=0.25), tmp_path / "o")
+    train, val = read(tmp_path / "o/train.jsonl"), read(tmp_path / "o/validation.jsonl")
+    corpus_rows = read(tmp_path / "o/validation_corpus.jsonl")
+    val_docs = {r["doc_id"] for r in corpus_rows}
+    assert val_docs and not val_docs & {r["doc_id"] for r in train}
+    assert {r["doc_id"] for r in val} <= val_docs
+    assert report["documents"]["validation"] == len(val_docs)
+    # the two-document question kept its documents together
+    assert ("doc03" in val_docs) == ("doc17" in val_docs)
+    # validation holds gold questions only (there are gold questions in its documents)
+    assert {r["kind"] for r in val} == {"gold"}
+    # train has gold + self-supervised pairs, never for passages a gold question covers
+    kinds = {r["kind"] for r in train}
+    assert kinds == {"gold", "heading", "sentence"}
+    gold_positives = {r["positive_id"] for r in train if r["kind"] == "gold"}
+    assert not gold_positives & {r["positive_id"] for r in train if r["kind"] != "gold"}
+
+
+def test_gold_span_maps_to_every_chunk_that_contains_it(corpus: tuple[Path, Path], tmp_path: Path) -> None:
+    chunks_file, questions = corpus
+    build_embedding(chunks_file, questions, DatasetConfig(), tmp_path / "o")
+    rows = read(tmp_path / "o/train.jsonl") + read(tmp_path / "o/validation.jsonl")
+    q5 = next(r for r in rows if r["query_id"] == "q5")
+    # span 45..60 lies in chunk #1 only (chunk #0 ends at 58... overlapping windows both count)
+    assert q5["positive_id"] in q5["relevant_ids"]
+    assert all(rid.startswith("doc05#") for rid in q5["relevant_ids"])
+
+
+def test_deterministic(corpus: tuple[Path, Path], tmp_path: Path) -> None:
+    chunks_file, questions = corpus
+    build_embedding(chunks_file, questions, DatasetConfig(), tmp_path / "a")
+    build_embedding(chunks_file, questions, DatasetConfig(), tmp_path / "b")
+    for name in ("train.jsonl", "validation.jsonl", "validation_corpus.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("question", "reason"),
+    [
+        ({"id": "q1", "question": "?", "relevant": [{"doc_id": "nope", "section": "Intro", "start": 0, "end": 5}]},
+         "document 'nope' is not in the ingested corpus"),
+        ({"id": "q1", "question": "?", "relevant": [{"doc_id": "doc01", "section": "Missing", "start": 0, "end": 5}]},
+         "has no section 'Missing'"),
+        ({"id": "q1", "question": "?", "relevant": [{"doc_id": "doc01", "section": "Intro", "start": 500, "end": 505}]},
+         "outside section"),
+        ({"id": "q1", "question": "", "relevant": []}, "field 'question'"),
+    ],
+)
+def test_bad_gold_names_file_and_line(corpus: tuple[Path, Path], tmp_path: Path, question: dict,
+                                      reason: str) -> None:
+    chunks_file, _ = corpus
+    good = {"id": "q0", "question": "ok?", "relevant": [{"doc_id": "doc00", "section": "Intro", "start": 0, "end": 5}]}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [good, question])
+    with pytest.raises(InputError, match=reason) as info:
+        build_embedding(chunks_file, bad, DatasetConfig(), tmp_path / "o")
+    assert "bad.jsonl:2" in str(info.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_without_gold_validation_is_self_supervised(corpus: tuple[Path, Path], tmp_path: Path) -> None:
+    chunks_file, _ = corpus
+    build_embedding(chunks_file, None, DatasetConfig(), tmp_path / "o")
+    val = read(tmp_path / "o/validation.jsonl")
+    assert val and {r["kind"] for r in val} <= {"heading", "sentence"}
+
+
+def test_split_documents_fraction() -> None:
+    split = split_documents([f"d{i}" for i in range(100)], [], DatasetConfig(validation_fraction=0.2))
+    assert sum(v == "validation" for v in split.values()) == 20

@@ -1,0 +1,135 @@
+"""End to end with DVC and git themselves, on a copy of this repository set to the tiny configs."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import GROUPS, commit_all, copy_repo, dvc, run, sphana
+
+ALL_STAGES = ["ingest", "build_datasets", "train_embedding", "export_embedding", "manifest", "package"]
+
+
+def ran(proc) -> list[str]:
+    """Stages DVC ran, in order (from its 'Running stage' lines)."""
+    return re.findall(r"Running stage '([^']+)'", proc.stdout + proc.stderr)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = copy_repo(tmp_path_factory.mktemp("repo"))
+    config = repo / "conf/config.yaml"
+    text = config.read_text(encoding="utf-8")
+    for group in GROUPS:
+        text = text.replace(f"  - {group}: default", f"  - {group}: tiny")
+    config.write_text(text, encoding="utf-8")
+    sphana("params", cwd=repo)
+    commit_all(repo, "tiny configuration")
+    proc = dvc("repro", cwd=repo)
+    assert ran(proc) == ALL_STAGES
+    return repo
+
+
+def test_repro_builds_every_artifact(repo: Path) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    version = params["embedding"]["version"]
+    onnx = repo / "target/artifacts/embedding" / version / "onnx"
+    for name in ("embedding.onnx", "embedding.int8.onnx", "tokenizer.json", "vocab.txt"):
+        assert (onnx / name).is_file(), name
+    assert not list(onnx.glob("*.data")), "weights must be inside the .onnx file"
+    assert (repo / "target/manifests/latest.tar.gz").is_file()
+    metrics = json.loads(dvc("metrics", "show", "--json", cwd=repo).stdout)
+    assert metrics, "dvc metrics show lists the stage metrics"
+
+
+def test_manifest_matches_files_and_dvc_lock(repo: Path) -> None:
+    manifest = json.loads((repo / "target/manifests/latest.json").read_text())
+    component = manifest["components"]["embedding"]
+    assert component["model_config"]["quantized"] is True
+    assert component["checksum"].startswith("sha256:")
+    assert [t["name"] for t in component["signature"]["inputs"]] == [
+        "input_ids", "attention_mask", "token_type_ids"]
+    assert component["signature"]["inputs"][0]["shape"] == ["batch", "sequence"]
+    assert component["parity"]["fp32"]["passed"] and component["parity"]["int8"]["passed"]
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    prov = manifest["provenance"]["stages"]
+    assert prov["ingest"]["deps"]["data/documents"] == next(
+        d["md5"] for d in lock["ingest"]["deps"] if d["path"] == "data/documents")
+    assert prov["export_embedding"]["outs"] == {o["path"]: o["md5"] for o in lock["export_embedding"]["outs"]}
+    assert prov["train_embedding"]["params"]["embedding"]["lr"] == lock["train_embedding"]["params"][
+        "params.yaml"]["embedding"]["lr"]
+    assert manifest["provenance"]["git_commit"]
+    sphana("verify", "target/manifests/latest.json", "--lock", "dvc.lock", cwd=repo)
+    sphana("verify", "target/manifests/latest.tar.gz", cwd=repo)
+
+
+def test_verify_rejects_a_tampered_bundle(repo: Path, tmp_path: Path) -> None:
+    with tarfile.open(repo / "target/manifests/latest.tar.gz") as tar:
+        tar.extractall(tmp_path / "bundle", filter="data")
+    bundle = tmp_path / "bundle"
+    assert sphana("verify", str(bundle), cwd=repo).returncode == 0
+    model = next(bundle.rglob("embedding.int8.onnx"))
+    model.write_bytes(model.read_bytes()[:-1] + b"\0")
+    (bundle / "stray.txt").write_text("x")
+    proc = sphana("verify", str(bundle), cwd=repo, check=False)
+    assert proc.returncode == 1
+    assert "embedding.int8.onnx: sha256" in proc.stderr and "unlisted file stray.txt" in proc.stderr
+    next(bundle.rglob("vocab.txt")).unlink()
+    assert "missing file" in sphana("verify", str(bundle), cwd=repo, check=False).stderr
+
+
+def test_package_is_reproducible(repo: Path, tmp_path: Path) -> None:
+    first = (repo / "target/manifests/latest.tar.gz").read_bytes()
+    proc = dvc("repro", "--force", "--single-item", "package", cwd=repo)
+    assert ran(proc) == ["package"]
+    assert (repo / "target/manifests/latest.tar.gz").read_bytes() == first
+
+
+def test_second_repro_runs_nothing(repo: Path) -> None:
+    proc = dvc("repro", cwd=repo)
+    assert ran(proc) == []
+    assert "up to date" in proc.stdout
+
+
+def test_training_param_experiment_reruns_exactly_the_model_chain(repo: Path) -> None:
+    proc = dvc("exp", "run", "-S", "embedding.lr=0.002", cwd=repo)
+    assert ran(proc) == ["train_embedding", "export_embedding", "manifest", "package"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["embedding"]["lr"] == 0.002
+    shown = dvc("exp", "show", "--json", cwd=repo).stdout
+    assert "0.002" in shown
+
+
+def test_chunking_param_reruns_from_ingest(repo: Path) -> None:
+    proc = dvc("exp", "run", "-S", "ingest.chunk_tokens=64", cwd=repo)
+    assert ran(proc) == ALL_STAGES
+
+
+def test_editing_a_data_file_is_detected(repo: Path) -> None:
+    dvc("exp", "run", cwd=repo)  # back to the committed params
+    doc = sorted((repo / "data/documents").rglob("*.md"))[0]
+    doc.write_text(doc.read_text(encoding="utf-8") + "\nAn added closing sentence.\n", encoding="utf-8")
+    status = dvc("status", "--json", cwd=repo).stdout
+    assert "data.dvc" in status and "ingest" in status
+    proc = dvc("repro", cwd=repo)
+    assert ran(proc)[0] == "ingest"
+
+
+def test_failed_parity_gate_fails_the_stage_and_writes_nothing(repo: Path) -> None:
+    """Runs last: it removes the built ONNX directory of the shared repository."""
+    onnx = next((repo / "target/artifacts/embedding").glob("*/onnx"))
+    shutil.rmtree(onnx)
+    proc = run([sys.executable, "stages/export_embedding.py",
+                "export.parity.int8_min_mean_cosine=1.5"], cwd=repo, check=False)
+    assert proc.returncode == 1
+    assert "INT8 mean cosine" in proc.stderr and "int8_min_mean_cosine=1.5" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not onnx.exists()
+    assert not list(onnx.parent.glob(".onnx*")), "no temporary directory left behind"
