@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from sphana.embedding import load_trained, tokenize
+from sphana.entry import quiet_libraries
 from sphana.export import session
 
 
@@ -30,6 +31,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main() -> None:
+    quiet_libraries()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=300)
@@ -38,8 +40,10 @@ def main() -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
     root = Path(params["paths"]["artifacts"]) / "embedding" / params["embedding"]["version"]
     max_len = params["embedding"]["max_seq_length"]
-    validation = [json.loads(line)["query"] for line in
-                  (Path(params["paths"]["datasets"]) / "embedding/validation.jsonl").open()]
+    validation = [
+        json.loads(line)["query"]
+        for line in (Path(params["paths"]["datasets"]) / "embedding/validation.jsonl").open()
+    ]
     rng = random.Random(0)
     sentences = [rng.choice(validation) for _ in range(args.runs)]
 
@@ -54,8 +58,14 @@ def main() -> None:
 
     backends = {
         "pytorch": (torch_run, lambda enc: enc),
-        "onnx_fp32": (lambda feed: fp32.run(None, feed), lambda enc: {k: v.numpy() for k, v in enc.items()}),
-        "onnx_int8": (lambda feed: int8.run(None, feed), lambda enc: {k: v.numpy() for k, v in enc.items()}),
+        "onnx_fp32": (
+            lambda feed: fp32.run(None, feed),
+            lambda enc: {k: v.numpy() for k, v in enc.items()},
+        ),
+        "onnx_int8": (
+            lambda feed: int8.run(None, feed),
+            lambda enc: {k: v.numpy() for k, v in enc.items()},
+        ),
     }
     print(f"single sentence, {args.threads} threads, {args.runs} runs (tokenization excluded)")
     for name, (fn, convert) in backends.items():
@@ -67,15 +77,21 @@ def main() -> None:
             start = time.perf_counter()
             fn(feed)
             times.append((time.perf_counter() - start) * 1000)
-        print(f"  {name:10s} p50 {percentile(times, 50):6.2f} ms   p95 {percentile(times, 95):6.2f} ms"
-              f"   mean {statistics.fmean(times):6.2f} ms")
+        print(
+            f"  {name:10s} p50 {percentile(times, 50):6.2f} ms"
+            f"   p95 {percentile(times, 95):6.2f} ms"
+            f"   mean {statistics.fmean(times):6.2f} ms"
+        )
     for name in ("embedding.onnx", "embedding.int8.onnx"):
         print(f"  size {name:22s} {(root / 'onnx' / name).stat().st_size / 2**20:7.1f} MiB")
     report = json.loads((Path(params["paths"]["metrics"]) / "export_embedding.json").read_text())
     i8 = report["int8"]
-    print(f"  fp32 max abs diff {report['fp32']['max_abs_diff']:.2e}; INT8 mean cosine "
-          f"{i8['mean_cosine']:.4f} (min {i8['min_cosine']:.4f}); recall@5 PyTorch "
-          f"{i8['pytorch_recall@5']:.4f} INT8 {i8['recall@5']:.4f} retention {i8['recall_retention']:.2%}")
+    print(
+        f"  fp32 max abs diff {report['fp32']['max_abs_diff']:.2e}; INT8 mean cosine "
+        f"{i8['mean_cosine']:.4f} (min {i8['min_cosine']:.4f}); recall@5 PyTorch "
+        f"{i8['pytorch_recall@5']:.4f} INT8 {i8['recall@5']:.4f}"
+        f" retention {i8['recall_retention']:.2%}"
+    )
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpus_kb as KB  # noqa: E402
 
+# Gold sentence spans must be the sentences the ingester itself finds.
+from sphana.ingest import split_sentences  # noqa: E402
+
 SEED = 1207
 N_QUESTIONS = 400
 MAX_GROUP_DOCS = 8  # max documents linked together by multi-passage questions (see datasets.py)
@@ -1690,8 +1693,6 @@ def generate(out: Path):
 
 # --- verification (independent re-reading of the written files) ----------------------------------
 
-_SENT_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[A-Z0-9\"'(\[])|\n\n+")
-
 
 def _sections_from_lines(lines, is_heading, heading_text, where):
     sections, cur = [], None
@@ -1777,7 +1778,7 @@ def verify(out_dir: Path, quiet=False):
             for p in paras:
                 assert p and p == p.strip() and "\n" not in p and "  " not in p, (doc_id, h, p)
                 assert not p.startswith("#") and not p.startswith("=="), (doc_id, p)
-            sents = [t[s:e] for s, e in _split(t)]
+            sents = [t[s:e] for s, e in split_sentences(t)]
             assert 2 <= len(sents) <= 6, (doc_id, h, len(sents))
             assert all(s.endswith(".") for s in sents), (doc_id, h)
             n_sent += len(sents)
@@ -1789,7 +1790,7 @@ def verify(out_dir: Path, quiet=False):
         return found[0]
 
     def sentence_ok(text, start, end):
-        return (start, end) in set(_split(text))
+        return (start, end) in set(split_sentences(text))
 
     questions = [json.loads(x) for x in (out_dir / "gold" / "questions.jsonl").read_text()
                  .splitlines()]
@@ -1855,18 +1856,6 @@ def verify(out_dir: Path, quiet=False):
               f"(no_relation {no_rel:.1%}): {dict(sorted(labels.items()))}")
     return {"documents": n_docs, "by_format": dict(by_format), "questions": len(questions),
             "relations": dict(labels)}
-
-
-def _split(text):
-    spans, start = [], 0
-    for m in _SENT_END.finditer(text):
-        end = m.start() + len(m.group(0).rstrip()) if m.group(0).strip() else m.start()
-        if end > start:
-            spans.append((start, end))
-        start = m.end()
-    if start < len(text.rstrip()):
-        spans.append((start, len(text.rstrip())))
-    return spans
 
 
 def _same_tree(a: Path, b: Path) -> bool:

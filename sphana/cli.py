@@ -18,8 +18,10 @@ def cmd_params(args: argparse.Namespace) -> int:
     from sphana.config import write_params
 
     write_params(Path(args.config_dir), Path(args.output), args.overrides)
-    console.print(f"wrote {args.output} from {args.config_dir}/config.yaml"
-                  + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
+    console.print(
+        f"wrote {args.output} from {args.config_dir}/config.yaml"
+        + (f" with {' '.join(args.overrides)}" if args.overrides else "")
+    )
     return 0
 
 
@@ -42,8 +44,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if root is None and target.is_file() and target.suffix == ".json":
         root = _default_root(target)
     result = verify(target, root=root, lock_file=Path(args.lock) if args.lock else None)
-    console.print(f"[green]OK[/] {args.path}: {result['files']} files of "
-                  f"{', '.join(result['components'])} match the manifest")
+    console.print(
+        f"[green]OK[/] {args.path}: {result['files']} files of "
+        f"{', '.join(result['components'])} match the manifest"
+    )
     print(json.dumps(result))
     return 0
 
@@ -53,12 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("params", help="compose conf/ into params.yaml (run before `dvc repro`)")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. embedding=tiny embedding.lr=1e-4")
+    p.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. embedding=tiny embedding.lr=1e-4"
+    )
     p.add_argument("--config-dir", default="conf")
     p.add_argument("--output", default="params.yaml")
     p.set_defaults(func=cmd_params)
 
-    v = sub.add_parser("verify", help="check a manifest, bundle directory or .tar.gz against its files")
+    v = sub.add_parser(
+        "verify", help="check a manifest, bundle directory or .tar.gz against its files"
+    )
     v.add_argument("path", help="manifest .json, unpacked bundle directory, or .tar.gz")
     v.add_argument("--root", help="directory the manifest's paths are relative to")
     v.add_argument("--lock", help="also check provenance against this dvc.lock")

@@ -47,21 +47,35 @@ def _gold_questions(path: Path, chunks_by_doc: dict[str, list[dict[str, Any]]]) 
                 raise InputError(path, f"{where} needs doc_id, section, start, end", lineno)
             doc_chunks = chunks_by_doc.get(rel["doc_id"])
             if doc_chunks is None:
-                raise InputError(path, f"{where}: document {rel['doc_id']!r} is not in the "
-                                 "ingested corpus (check the id or paths.documents)", lineno)
+                raise InputError(
+                    path,
+                    f"{where}: document {rel['doc_id']!r} is not in the "
+                    "ingested corpus (check the id or paths.documents)",
+                    lineno,
+                )
             section = [c for c in doc_chunks if c["section"] == rel.get("section", "")]
             if not section:
-                raise InputError(path, f"{where}: document {rel['doc_id']!r} has no section "
-                                 f"{rel.get('section', '')!r}", lineno)
+                raise InputError(
+                    path,
+                    f"{where}: document {rel['doc_id']!r} has no section "
+                    f"{rel.get('section', '')!r}",
+                    lineno,
+                )
             start, end = rel["start"], rel["end"]
             if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
-                raise InputError(path, f"{where}: start/end must be integers, 0 <= start < end", lineno)
+                raise InputError(
+                    path, f"{where}: start/end must be integers, 0 <= start < end", lineno
+                )
             containing = [c["id"] for c in section if c["start"] <= start and end <= c["end"]]
             if not containing:  # evidence longer than one chunk: take the chunk overlapping most
                 best = max(section, key=lambda c: min(end, c["end"]) - max(start, c["start"]))
                 if min(end, best["end"]) <= max(start, best["start"]):
-                    raise InputError(path, f"{where}: span {start}:{end} is outside section "
-                                     f"{rel.get('section', '')!r} of {rel['doc_id']!r}", lineno)
+                    raise InputError(
+                        path,
+                        f"{where}: span {start}:{end} is outside section "
+                        f"{rel.get('section', '')!r} of {rel['doc_id']!r}",
+                        lineno,
+                    )
                 containing = [best["id"]]
             resolved.append({"doc_id": rel["doc_id"], "chunk_ids": containing})
         questions.append({"id": q["id"], "question": q["question"], "relevant": resolved})
@@ -71,7 +85,7 @@ def _gold_questions(path: Path, chunks_by_doc: dict[str, list[dict[str, Any]]]) 
 def split_documents(
     doc_ids: Iterable[str], questions: list[dict], cfg: DatasetConfig
 ) -> dict[str, str]:
-    """Assign each document to ``train`` or ``validation``, keeping question-linked docs together."""
+    """Assign each document to ``train`` or ``validation``; question-linked docs stay together."""
     parent = {d: d for d in doc_ids}
 
     def find(d: str) -> str:
@@ -140,22 +154,30 @@ def build_embedding(
             query = f"{c['title']}: {c['section']}" if c["section"] else c["title"]
             self_supervised[name].append(_pair(query, c, [c["id"]], "heading", f"{c['id']}/h"))
         sentences = [
-            c["text"][s:e] for s, e in split_sentences(c["text"])
-            if e - s >= cfg.min_sentence_chars
+            c["text"][s:e] for s, e in split_sentences(c["text"]) if e - s >= cfg.min_sentence_chars
         ]
-        for k, sentence in enumerate(rng.sample(sentences, min(len(sentences),
-                                                                cfg.sentence_pairs_per_chunk))):
-            self_supervised[name].append(_pair(sentence, c, [c["id"]], "sentence", f"{c['id']}/s{k}"))
+        for k, sentence in enumerate(
+            rng.sample(sentences, min(len(sentences), cfg.sentence_pairs_per_chunk))
+        ):
+            self_supervised[name].append(
+                _pair(sentence, c, [c["id"]], "sentence", f"{c['id']}/s{k}")
+            )
 
     records["train"].extend(self_supervised["train"])
     if not records["validation"]:  # no gold question in the validation split
         records["validation"] = self_supervised["validation"]
     if not records["train"] or not records["validation"]:
-        raise InputError(chunks_file, "too few documents to build both a train and a validation "
-                         "split; add documents or change dataset.validation_fraction")
+        raise InputError(
+            chunks_file,
+            "too few documents to build both a train and a validation "
+            "split; add documents or change dataset.validation_fraction",
+        )
     val_docs = {d for d, s in split.items() if s == "validation"}
-    corpus = [{"id": c["id"], "doc_id": c["doc_id"], "text": c["text"]}
-              for c in chunks if c["doc_id"] in val_docs]
+    corpus = [
+        {"id": c["id"], "doc_id": c["doc_id"], "text": c["text"]}
+        for c in chunks
+        if c["doc_id"] in val_docs
+    ]
 
     counts = {name: len(rs) for name, rs in records.items()}
     write_jsonl(out_dir / "train.jsonl", records["train"])
@@ -187,9 +209,13 @@ def _pair(query: str, chunk: dict, relevant_ids: list[str], kind: str, query_id:
     }
 
 
-def run(cfg: DatasetConfig, chunks_file: Path, gold_dir: Path, out_dir: Path,
-        report_file: Path) -> dict[str, Any]:
-    report = {"embedding": build_embedding(chunks_file, gold_dir / "questions.jsonl", cfg,
-                                           out_dir / "embedding")}
+def run(
+    cfg: DatasetConfig, chunks_file: Path, gold_dir: Path, out_dir: Path, report_file: Path
+) -> dict[str, Any]:
+    report = {
+        "embedding": build_embedding(
+            chunks_file, gold_dir / "questions.jsonl", cfg, out_dir / "embedding"
+        )
+    }
     write_json_atomic(report_file, report)
     return report

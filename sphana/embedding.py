@@ -91,22 +91,32 @@ def load_trained(model_dir: Path) -> tuple[Encoder, Any]:
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
     return tokenizer(
-        texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+        texts,
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
         return_token_type_ids=True,
     )
 
 
 @torch.inference_mode()
 def encode(
-    encoder: Encoder, tokenizer: Any, texts: list[str], batch_size: int, max_length: int,
+    encoder: Encoder,
+    tokenizer: Any,
+    texts: list[str],
+    batch_size: int,
+    max_length: int,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """Embeddings (``[len(texts), dim]``, L2-normalized) in input order."""
     encoder.eval()
     out = []
     for i in range(0, len(texts), batch_size):
-        batch = {k: v.to(device) for k, v in tokenize(tokenizer, texts[i : i + batch_size],
-                                                        max_length).items()}
+        batch = {
+            k: v.to(device)
+            for k, v in tokenize(tokenizer, texts[i : i + batch_size], max_length).items()
+        }
         out.append(encoder(**batch).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
@@ -163,7 +173,10 @@ class ValidationSet:
     def evaluate(self, embed: Any) -> dict[str, float]:
         """Metrics for ``embed(texts) -> np.ndarray`` (any backend: PyTorch or ONNX Runtime)."""
         return retrieval_metrics(
-            embed(self.queries), embed(self.corpus_texts), self.corpus_ids, self.relevant,
+            embed(self.queries),
+            embed(self.corpus_texts),
+            self.corpus_ids,
+            self.relevant,
             embed(self.positives),
         )
 
@@ -216,8 +229,11 @@ def train(
     decay = [p for n, p in encoder.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in encoder.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
     )
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(cfg.warmup_ratio * total_steps), total_steps
@@ -235,10 +251,22 @@ def train(
                 batch = [pairs[i] for i in order[b : b + cfg.batch_size]]
                 if len(batch) < 2:  # one pair has no in-batch negative
                     continue
-                q = encoder(**{k: v.to(device) for k, v in tokenize(
-                    tokenizer, [r["query"] for r in batch], cfg.max_seq_length).items()})
-                p = encoder(**{k: v.to(device) for k, v in tokenize(
-                    tokenizer, [r["positive"] for r in batch], cfg.max_seq_length).items()})
+                q = encoder(
+                    **{
+                        k: v.to(device)
+                        for k, v in tokenize(
+                            tokenizer, [r["query"] for r in batch], cfg.max_seq_length
+                        ).items()
+                    }
+                )
+                p = encoder(
+                    **{
+                        k: v.to(device)
+                        for k, v in tokenize(
+                            tokenizer, [r["positive"] for r in batch], cfg.max_seq_length
+                        ).items()
+                    }
+                )
                 loss = contrastive_loss(q, p, [r["positive_id"] for r in batch], cfg.temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -248,9 +276,17 @@ def train(
                 scheduler.step()
                 step += 1
                 seen += len(batch)
-                history.append({"step": step, "epoch": epoch, "loss": round(loss.item(), 6),
-                                "lr": scheduler.get_last_lr()[0]})
-                progress.update(task, advance=1, description=f"epoch {epoch} loss {loss.item():.4f}")
+                history.append(
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": round(loss.item(), 6),
+                        "lr": scheduler.get_last_lr()[0],
+                    }
+                )
+                progress.update(
+                    task, advance=1, description=f"epoch {epoch} loss {loss.item():.4f}"
+                )
             epochs.append({"epoch": epoch, "seconds": round(time.perf_counter() - epoch_start, 3)})
     seconds = time.perf_counter() - start
     tuned_metrics = validation.evaluate(embed)
@@ -260,19 +296,31 @@ def train(
         encoder.transformer.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_vocab_txt(tokenizer, tmp / "vocab.txt")
-        write_json_atomic(tmp / ENCODER_FILE, {
-            "pooling": "mean", "normalize": True, "max_seq_length": cfg.max_seq_length,
-            "base_model": cfg.base_model, "init": cfg.init.value,
-        })
-    write_text_atomic(plots_file, "step,epoch,loss,lr\n" + "".join(
-        f"{h['step']},{h['epoch']},{h['loss']},{h['lr']:.8g}\n" for h in history))
+        write_json_atomic(
+            tmp / ENCODER_FILE,
+            {
+                "pooling": "mean",
+                "normalize": True,
+                "max_seq_length": cfg.max_seq_length,
+                "base_model": cfg.base_model,
+                "init": cfg.init.value,
+            },
+        )
+    write_text_atomic(
+        plots_file,
+        "step,epoch,loss,lr\n"
+        + "".join(f"{h['step']},{h['epoch']},{h['loss']},{h['lr']:.8g}\n" for h in history),
+    )
     return {
         "base": base_metrics,
         "fine_tuned": tuned_metrics,
         "train": {
-            "pairs": len(pairs), "steps": step, "epochs": cfg.epochs,
+            "pairs": len(pairs),
+            "steps": step,
+            "epochs": cfg.epochs,
             "final_loss": history[-1]["loss"] if history else None,
-            "seconds": round(seconds, 2), "samples_per_s": round(seen / seconds, 2),
+            "seconds": round(seconds, 2),
+            "samples_per_s": round(seen / seconds, 2),
         },
         "validation": {"queries": len(validation.queries), "corpus": len(validation.corpus_ids)},
     }

@@ -11,8 +11,12 @@ from omegaconf import DictConfig
 # Stage scripts compose params.yaml in the working directory (DVC runs them from the repo root).
 CONFIG_PATH = os.getcwd()
 # Hydra's run directory, .hydra/ snapshot and log files would litter the repository: off.
-_HYDRA_ARGS = ["hydra.run.dir=.", "hydra.output_subdir=null",
-               "hydra/job_logging=none", "hydra/hydra_logging=none"]
+_HYDRA_ARGS = [
+    "hydra.run.dir=.",
+    "hydra.output_subdir=null",
+    "hydra/job_logging=none",
+    "hydra/hydra_logging=none",
+]
 
 
 def hydra_args() -> None:

@@ -196,9 +196,13 @@ def _normalized(doc: Document, form: str, seen: dict[str, str]) -> Document:
     headings = [s.heading for s in doc.sections]
     dup = next((h for h in headings if headings.count(h) > 1), None)
     if dup is not None:
-        raise InputError(doc.source, f"document {doc.id!r} repeats section heading {dup!r}", doc.line)
+        raise InputError(
+            doc.source, f"document {doc.id!r} repeats section heading {dup!r}", doc.line
+        )
     if doc.id in seen:
-        raise InputError(doc.source, f"duplicate document id {doc.id!r} (first in {seen[doc.id]})", doc.line)
+        raise InputError(
+            doc.source, f"duplicate document id {doc.id!r} (first in {seen[doc.id]})", doc.line
+        )
     seen[doc.id] = doc.source if doc.line is None else f"{doc.source}:{doc.line}"
     return doc
 
@@ -238,8 +242,11 @@ def read_documents(root: Path, cfg: IngestConfig, report: dict[str, Any]) -> lis
                 formats[suffix] += 1
             except InputError as e:
                 if cfg.on_error == OnError.fail:
-                    raise InputError(e.path, f"{e.reason}; fix it, or set ingest.on_error=skip "
-                                     "to skip bad documents", e.line) from None
+                    raise InputError(
+                        e.path,
+                        f"{e.reason}; fix it, or set ingest.on_error=skip to skip bad documents",
+                        e.line,
+                    ) from None
                 report["skipped"].append({"file": e.path, "line": e.line, "reason": e.reason})
     report["documents"] = len(docs)
     report["by_format"] = dict(sorted(formats.items()))

@@ -101,7 +101,9 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, An
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(path, f"invalid JSON ({e.msg} at column {e.colno})", lineno) from None
+                raise InputError(
+                    path, f"invalid JSON ({e.msg} at column {e.colno})", lineno
+                ) from None
             if not isinstance(obj, dict):
                 raise InputError(path, "expected a JSON object per line", lineno)
             yield lineno, obj

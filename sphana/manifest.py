@@ -18,7 +18,9 @@ from sphana.io import atomic_path, sha256_file, write_json_atomic
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "manifest.schema.json"
 MANIFEST_NAME = "manifest.json"  # name inside a tarball / bundle directory
 # The stages whose dvc.lock entries prove where each component came from.
-COMPONENT_STAGES = {"embedding": ["ingest", "build_datasets", "train_embedding", "export_embedding"]}
+COMPONENT_STAGES = {
+    "embedding": ["ingest", "build_datasets", "train_embedding", "export_embedding"]
+}
 
 
 def schema() -> dict[str, Any]:
@@ -32,12 +34,17 @@ def validate_schema(manifest: dict[str, Any], source: str) -> None:
     errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.path))
     if errors:
         lines = [f"  {'/'.join(map(str, e.path)) or '<root>'}: {e.message}" for e in errors[:20]]
-        raise VerifyError(f"{source}: manifest does not match its JSON Schema:\n" + "\n".join(lines))
+        raise VerifyError(
+            f"{source}: manifest does not match its JSON Schema:\n" + "\n".join(lines)
+        )
 
 
 def file_entry(root: Path, path: Path) -> dict[str, Any]:
-    return {"path": path.relative_to(root).as_posix(), "size": path.stat().st_size,
-            "sha256": f"sha256:{sha256_file(path)}"}
+    return {
+        "path": path.relative_to(root).as_posix(),
+        "size": path.stat().st_size,
+        "sha256": f"sha256:{sha256_file(path)}",
+    }
 
 
 def lock_provenance(lock_file: Path, stages: list[str]) -> dict[str, Any]:
@@ -45,14 +52,19 @@ def lock_provenance(lock_file: Path, stages: list[str]) -> dict[str, Any]:
     import yaml
 
     if not lock_file.is_file():
-        raise InputError(lock_file, "not found: the manifest stage runs inside `dvc repro`, "
-                         "which records upstream hashes there (run `dvc repro manifest`)")
+        raise InputError(
+            lock_file,
+            "not found: the manifest stage runs inside `dvc repro`, "
+            "which records upstream hashes there (run `dvc repro manifest`)",
+        )
     lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
     recorded = lock.get("stages", {})
     out: dict[str, Any] = {}
     for stage in stages:
         if stage not in recorded:
-            raise InputError(lock_file, f"has no entry for stage {stage!r}; run `dvc repro {stage}`")
+            raise InputError(
+                lock_file, f"has no entry for stage {stage!r}; run `dvc repro {stage}`"
+            )
         entry = recorded[stage]
         params: dict[str, Any] = {}
         for section in (entry.get("params") or {}).values():
@@ -67,10 +79,19 @@ def lock_provenance(lock_file: Path, stages: list[str]) -> dict[str, Any]:
 
 def git_state(repo: Path) -> tuple[str | None, bool | None]:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, check=True).stdout.strip() != ""
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=repo,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            != ""
+        )
         return commit, dirty
     except (OSError, subprocess.CalledProcessError):
         return None, None
@@ -108,7 +129,9 @@ def build(
                 **info["model_config"],
                 "quantized": True,
                 "quantization": report["quantization"],
-                "fp32_path": (onnx_dir / report["files"]["fp32"]).relative_to(artifacts_root).as_posix(),
+                "fp32_path": (onnx_dir / report["files"]["fp32"])
+                .relative_to(artifacts_root)
+                .as_posix(),
             },
             "files": files,
             "parity": {k: report[k] for k in ("fp32", "int8")},
@@ -152,17 +175,29 @@ def package(manifest_file: Path, artifacts_root: Path, tarball: Path) -> list[st
         raise VerifyError(f"{manifest_file}: refusing to package:\n  " + "\n  ".join(problems))
     members = [(MANIFEST_NAME, manifest_file)] + sorted(
         (f["path"], artifacts_root / f["path"])
-        for c in manifest["components"].values() for f in c["files"]
+        for c in manifest["components"].values()
+        for f in c["files"]
     )
 
     def info(name: str, size: int) -> tarfile.TarInfo:
         ti = tarfile.TarInfo(name)
-        ti.size, ti.mode, ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = size, 0o644, 0, 0, 0, "", ""
+        ti.size, ti.mode, ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = (
+            size,
+            0o644,
+            0,
+            0,
+            0,
+            "",
+            "",
+        )
         return ti
 
-    with atomic_path(tarball) as tmp, open(tmp, "wb") as raw, \
-            gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz, \
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with (
+        atomic_path(tarball) as tmp,
+        open(tmp, "wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
         for name, path in members:
             with open(path, "rb") as f:
                 tar.addfile(info(name, path.stat().st_size), f)
@@ -212,7 +247,10 @@ def verify(target: Path, root: Path | None = None, lock_file: Path | None = None
     if target.is_file() and target.name.endswith((".tar.gz", ".tgz")):
         with tempfile.TemporaryDirectory() as tmp, tarfile.open(target) as tar:
             tar.extractall(tmp, filter="data")
-            return {**verify(Path(tmp), lock_file=lock_file), "manifest": f"{target}:{MANIFEST_NAME}"}
+            return {
+                **verify(Path(tmp), lock_file=lock_file),
+                "manifest": f"{target}:{MANIFEST_NAME}",
+            }
     bundle = target.is_dir()
     manifest_file = target / MANIFEST_NAME if bundle else target
     if not manifest_file.is_file():
@@ -226,14 +264,19 @@ def verify(target: Path, root: Path | None = None, lock_file: Path | None = None
     problems = check_files(manifest, root)
     if bundle:
         listed = {f["path"] for c in manifest["components"].values() for f in c["files"]}
-        extra = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                       if p.is_file() and p != manifest_file
-                       and p.relative_to(root).as_posix() not in listed)
+        extra = sorted(
+            p.relative_to(root).as_posix()
+            for p in root.rglob("*")
+            if p.is_file() and p != manifest_file and p.relative_to(root).as_posix() not in listed
+        )
         problems += [f"unlisted file {p}" for p in extra]
     if lock_file is not None:
         problems += check_lock(manifest, lock_file)
     if problems:
         raise VerifyError(f"{target}: {len(problems)} mismatch(es):\n  " + "\n  ".join(problems))
     n_files = sum(len(c["files"]) for c in manifest["components"].values())
-    return {"manifest": str(manifest_file), "components": sorted(manifest["components"]),
-            "files": n_files}
+    return {
+        "manifest": str(manifest_file),
+        "components": sorted(manifest["components"]),
+        "files": n_files,
+    }

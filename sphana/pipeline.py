@@ -30,16 +30,24 @@ def ingest(cfg: SphanaConfig) -> dict[str, Any]:
 def build_datasets(cfg: SphanaConfig) -> dict[str, Any]:
     from sphana import datasets
 
-    return datasets.run(cfg.dataset, Path(cfg.paths.ingest) / "chunks.jsonl", Path(cfg.paths.gold),
-                        Path(cfg.paths.datasets), metrics_file(cfg, "build_datasets"))
+    return datasets.run(
+        cfg.dataset,
+        Path(cfg.paths.ingest) / "chunks.jsonl",
+        Path(cfg.paths.gold),
+        Path(cfg.paths.datasets),
+        metrics_file(cfg, "build_datasets"),
+    )
 
 
 def train_embedding(cfg: SphanaConfig) -> dict[str, Any]:
     from sphana import embedding
 
     metrics = embedding.train(
-        cfg.embedding, cfg.runtime, Path(cfg.paths.datasets) / "embedding",
-        component_dir(cfg, "embedding", "pytorch"), Path(cfg.paths.plots) / "train_embedding.csv",
+        cfg.embedding,
+        cfg.runtime,
+        Path(cfg.paths.datasets) / "embedding",
+        component_dir(cfg, "embedding", "pytorch"),
+        Path(cfg.paths.plots) / "train_embedding.csv",
     )
     write_json_atomic(metrics_file(cfg, "train_embedding"), metrics)
     return metrics
@@ -49,8 +57,11 @@ def export_embedding(cfg: SphanaConfig) -> dict[str, Any]:
     from sphana.export import embedding as export
 
     report = export.run(
-        cfg.embedding, cfg.export, component_dir(cfg, "embedding", "pytorch"),
-        Path(cfg.paths.datasets) / "embedding", component_dir(cfg, "embedding", "onnx"),
+        cfg.embedding,
+        cfg.export,
+        component_dir(cfg, "embedding", "pytorch"),
+        Path(cfg.paths.datasets) / "embedding",
+        component_dir(cfg, "embedding", "onnx"),
         threads=cfg.runtime.threads,
     )
     write_json_atomic(metrics_file(cfg, "export_embedding"), report)
@@ -67,14 +78,21 @@ def manifest(cfg: SphanaConfig, lock_file: Path = Path("dvc.lock")) -> dict[str,
         components[component] = {
             "onnx_dir": component_dir(cfg, component, "onnx"),
             "version": getattr(cfg, component).version,
-            "metrics": {"validation": train["fine_tuned"], "base_validation": train["base"],
-                        "onnx_int8_validation": report["int8"]["metrics"]},
+            "metrics": {
+                "validation": train["fine_tuned"],
+                "base_validation": train["base"],
+                "onnx_int8_validation": report["int8"]["metrics"],
+            },
             "parity": report,
             "model_config": report["model_config"],
         }
     result = manifest_lib.build(
-        name=cfg.release.name, version=cfg.release.version, components=components,
-        artifacts_root=Path(cfg.paths.artifacts), lock_file=lock_file, data_dvc=Path("data.dvc"),
+        name=cfg.release.name,
+        version=cfg.release.version,
+        components=components,
+        artifacts_root=Path(cfg.paths.artifacts),
+        lock_file=lock_file,
+        data_dvc=Path("data.dvc"),
         min_onnxruntime=cfg.release.min_onnxruntime,
     )
     manifest_lib.write(result, Path(cfg.paths.manifests) / "latest.json")
@@ -88,10 +106,13 @@ def package(cfg: SphanaConfig) -> dict[str, Any]:
     manifest_file = Path(cfg.paths.manifests) / "latest.json"
     version = json.loads(manifest_file.read_text(encoding="utf-8"))["version"]
     if version != cfg.release.version:
-        raise VerifyError(f"{manifest_file}: version {version} != release.version "
-                          f"{cfg.release.version}; rerun the manifest stage")
-    members = manifest_lib.package(manifest_file, Path(cfg.paths.artifacts),
-                                   Path(cfg.paths.manifests) / "latest.tar.gz")
+        raise VerifyError(
+            f"{manifest_file}: version {version} != release.version "
+            f"{cfg.release.version}; rerun the manifest stage"
+        )
+    members = manifest_lib.package(
+        manifest_file, Path(cfg.paths.artifacts), Path(cfg.paths.manifests) / "latest.tar.gz"
+    )
     return {"members": members}
 
 

@@ -1,4 +1,4 @@
-"""Stage `export_embedding`: ONNX fp32 + INT8 export behind the parity gates (sphana.export.embedding)."""
+"""Stage `export_embedding`: ONNX fp32 + INT8 behind the parity gates (sphana.export.embedding)."""
 
 import hydra
 from omegaconf import DictConfig

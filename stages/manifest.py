@@ -1,4 +1,4 @@
-"""Stage `manifest`: release manifest with checksums, parity and dvc.lock provenance (sphana.manifest)."""
+"""Stage `manifest`: manifest with checksums, parity and dvc.lock provenance (sphana.manifest)."""
 
 import hydra
 from omegaconf import DictConfig

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import GROUPS, REPO
+
 from sphana.config import compose, validate, write_params
 from sphana.errors import ConfigError
 
@@ -64,8 +64,11 @@ def test_stage_entry_point_reads_params_and_applies_overrides(tmp_path: Path) ->
     """`python stages/x.py key=value` works ad hoc; a bad key fails with its name, no traceback."""
     from conftest import run
 
-    proc = run([sys.executable, str(REPO / "stages/ingest.py"), "ingest.chunk_tokens=oops"],
-               cwd=REPO, check=False)
+    proc = run(
+        [sys.executable, str(REPO / "stages/ingest.py"), "ingest.chunk_tokens=oops"],
+        cwd=REPO,
+        check=False,
+    )
     assert proc.returncode != 0
     assert "ingest.chunk_tokens" in proc.stderr
     assert not (REPO / "outputs").exists()

@@ -11,9 +11,18 @@ from sphana.errors import InputError
 
 
 def chunk(doc: str, n: int, section: str, start: int, text: str) -> dict:
-    return {"id": f"{doc}#{n}", "doc_id": doc, "title": doc.upper(), "section": section,
-            "section_index": 0, "start": start, "end": start + len(text), "text": text,
-            "n_tokens": 10, "source": f"{doc}.md"}
+    return {
+        "id": f"{doc}#{n}",
+        "doc_id": doc,
+        "title": doc.upper(),
+        "section": section,
+        "section_index": 0,
+        "start": start,
+        "end": start + len(text),
+        "text": text,
+        "n_tokens": 10,
+        "source": f"{doc}.md",
+    }
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -26,17 +35,41 @@ def corpus(tmp_path: Path) -> tuple[Path, Path]:
     chunks = []
     for d in range(20):
         doc = f"doc{d:02d}"
-        chunks.append(chunk(doc, 0, "Intro", 0, f"Doc {d} opens with a long enough sentence here. It goes on."))
-        chunks.append(chunk(doc, 1, "Intro", 40, f"Overlap part of doc {d} with enough characters in it. Yes."))
-        chunks.append(chunk(doc, 2, "Later", 0, f"Later section of doc {d} is about something else entirely."))
-    questions = [{"id": f"q{d}", "question": f"What does doc {d} open with?",
-                  "relevant": [{"doc_id": f"doc{d:02d}", "section": "Intro", "start": 45, "end": 60}]}
-                 for d in range(20)]
+        chunks.append(
+            chunk(
+                doc, 0, "Intro", 0, f"Doc {d} opens with a long enough sentence here. It goes on."
+            )
+        )
+        chunks.append(
+            chunk(
+                doc, 1, "Intro", 40, f"Overlap part of doc {d} with enough characters in it. Yes."
+            )
+        )
+        chunks.append(
+            chunk(doc, 2, "Later", 0, f"Later section of doc {d} is about something else entirely.")
+        )
+    questions = [
+        {
+            "id": f"q{d}",
+            "question": f"What does doc {d} open with?",
+            "relevant": [{"doc_id": f"doc{d:02d}", "section": "Intro", "start": 45, "end": 60}],
+        }
+        for d in range(20)
+    ]
     # one question spans two documents: they must land in the same split
-    questions.append({"id": "qx", "question": "Which two docs?", "relevant": [
-        {"doc_id": "doc03", "section": "Later", "start": 0, "end": 10},
-        {"doc_id": "doc17", "section": "Later", "start": 0, "end": 10}]})
-    return write_jsonl(tmp_path / "chunks.jsonl", chunks), write_jsonl(tmp_path / "q.jsonl", questions)
+    questions.append(
+        {
+            "id": "qx",
+            "question": "Which two docs?",
+            "relevant": [
+                {"doc_id": "doc03", "section": "Later", "start": 0, "end": 10},
+                {"doc_id": "doc17", "section": "Later", "start": 0, "end": 10},
+            ],
+        }
+    )
+    return write_jsonl(tmp_path / "chunks.jsonl", chunks), write_jsonl(
+        tmp_path / "q.jsonl", questions
+    )
 
 
 def read(path: Path) -> list[dict]:
@@ -45,7 +78,9 @@ def read(path: Path) -> list[dict]:
 
 def test_split_is_by_document_and_never_leaks(corpus: tuple[Path, Path], tmp_path: Path) -> None:
     chunks_file, questions = corpus
-    report = build_embedding(chunks_file, questions, DatasetConfig(validation_fraction=0.25), tmp_path / "o")
+    report = build_embedding(
+        chunks_file, questions, DatasetConfig(validation_fraction=0.25), tmp_path / "o"
+    )
     train, val = read(tmp_path / "o/train.jsonl"), read(tmp_path / "o/validation.jsonl")
     corpus_rows = read(tmp_path / "o/validation_corpus.jsonl")
     val_docs = {r["doc_id"] for r in corpus_rows}
@@ -63,7 +98,9 @@ def test_split_is_by_document_and_never_leaks(corpus: tuple[Path, Path], tmp_pat
     assert not gold_positives & {r["positive_id"] for r in train if r["kind"] != "gold"}
 
 
-def test_gold_span_maps_to_every_chunk_that_contains_it(corpus: tuple[Path, Path], tmp_path: Path) -> None:
+def test_gold_span_maps_to_every_chunk_that_contains_it(
+    corpus: tuple[Path, Path], tmp_path: Path
+) -> None:
     chunks_file, questions = corpus
     build_embedding(chunks_file, questions, DatasetConfig(), tmp_path / "o")
     rows = read(tmp_path / "o/train.jsonl") + read(tmp_path / "o/validation.jsonl")
@@ -84,19 +121,42 @@ def test_deterministic(corpus: tuple[Path, Path], tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("question", "reason"),
     [
-        ({"id": "q1", "question": "?", "relevant": [{"doc_id": "nope", "section": "Intro", "start": 0, "end": 5}]},
-         "document 'nope' is not in the ingested corpus"),
-        ({"id": "q1", "question": "?", "relevant": [{"doc_id": "doc01", "section": "Missing", "start": 0, "end": 5}]},
-         "has no section 'Missing'"),
-        ({"id": "q1", "question": "?", "relevant": [{"doc_id": "doc01", "section": "Intro", "start": 500, "end": 505}]},
-         "outside section"),
+        (
+            {
+                "id": "q1",
+                "question": "?",
+                "relevant": [{"doc_id": "nope", "section": "Intro", "start": 0, "end": 5}],
+            },
+            "document 'nope' is not in the ingested corpus",
+        ),
+        (
+            {
+                "id": "q1",
+                "question": "?",
+                "relevant": [{"doc_id": "doc01", "section": "Missing", "start": 0, "end": 5}],
+            },
+            "has no section 'Missing'",
+        ),
+        (
+            {
+                "id": "q1",
+                "question": "?",
+                "relevant": [{"doc_id": "doc01", "section": "Intro", "start": 500, "end": 505}],
+            },
+            "outside section",
+        ),
         ({"id": "q1", "question": "", "relevant": []}, "field 'question'"),
     ],
 )
-def test_bad_gold_names_file_and_line(corpus: tuple[Path, Path], tmp_path: Path, question: dict,
-                                      reason: str) -> None:
+def test_bad_gold_names_file_and_line(
+    corpus: tuple[Path, Path], tmp_path: Path, question: dict, reason: str
+) -> None:
     chunks_file, _ = corpus
-    good = {"id": "q0", "question": "ok?", "relevant": [{"doc_id": "doc00", "section": "Intro", "start": 0, "end": 5}]}
+    good = {
+        "id": "q0",
+        "question": "ok?",
+        "relevant": [{"doc_id": "doc00", "section": "Intro", "start": 0, "end": 5}],
+    }
     bad = write_jsonl(tmp_path / "bad.jsonl", [good, question])
     with pytest.raises(InputError, match=reason) as info:
         build_embedding(chunks_file, bad, DatasetConfig(), tmp_path / "o")
@@ -104,7 +164,9 @@ def test_bad_gold_names_file_and_line(corpus: tuple[Path, Path], tmp_path: Path,
     assert not (tmp_path / "o").exists()
 
 
-def test_without_gold_validation_is_self_supervised(corpus: tuple[Path, Path], tmp_path: Path) -> None:
+def test_without_gold_validation_is_self_supervised(
+    corpus: tuple[Path, Path], tmp_path: Path
+) -> None:
     chunks_file, _ = corpus
     build_embedding(chunks_file, None, DatasetConfig(), tmp_path / "o")
     val = read(tmp_path / "o/validation.jsonl")
@@ -112,5 +174,7 @@ def test_without_gold_validation_is_self_supervised(corpus: tuple[Path, Path], t
 
 
 def test_split_documents_fraction() -> None:
-    split = split_documents([f"d{i}" for i in range(100)], [], DatasetConfig(validation_fraction=0.2))
+    split = split_documents(
+        [f"d{i}" for i in range(100)], [], DatasetConfig(validation_fraction=0.2)
+    )
     assert sum(v == "validation" for v in split.values()) == 20

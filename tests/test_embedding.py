@@ -22,17 +22,24 @@ def test_retrieval_metrics_by_hand() -> None:
 
 
 def test_unretrieved_query_counts_as_a_miss() -> None:
-    m = retrieval_metrics(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), ["a", "b"],
-                          [["a"], ["nope"]])
+    m = retrieval_metrics(
+        np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), ["a", "b"], [["a"], ["nope"]]
+    )
     assert m["recall@10"] == 0.5 and m["mrr"] == 0.5
 
 
 def test_contrastive_loss_is_cross_entropy_over_in_batch_negatives() -> None:
-    q = torch.nn.functional.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), dim=1)
-    p = torch.nn.functional.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(1)), dim=1)
+    q = torch.nn.functional.normalize(
+        torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), dim=1
+    )
+    p = torch.nn.functional.normalize(
+        torch.randn(3, 8, generator=torch.Generator().manual_seed(1)), dim=1
+    )
     logits = q @ p.T / 0.1
     expected = -torch.log_softmax(logits, dim=1).diag().mean()
-    assert contrastive_loss(q, p, ["x", "y", "z"], 0.1).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert contrastive_loss(q, p, ["x", "y", "z"], 0.1).item() == pytest.approx(
+        expected.item(), rel=1e-6
+    )
 
 
 def test_duplicate_positive_is_not_a_negative() -> None:
@@ -41,3 +48,26 @@ def test_duplicate_positive_is_not_a_negative() -> None:
     # without masking, each row would be a 50/50 split: loss log(2)
     assert contrastive_loss(q, p, ["same", "same"], 0.05).item() == pytest.approx(0.0, abs=1e-6)
     assert contrastive_loss(q, p, ["a", "b"], 0.05).item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_training_and_export_are_deterministic(built_tiny, tmp_path) -> None:
+    """Same data, params and seed: the same weights and ONNX bytes, the same metrics."""
+    import copy
+    from pathlib import Path
+
+    from sphana import pipeline
+
+    cfg, results = built_tiny
+    again = copy.deepcopy(cfg)
+    again.paths.artifacts = str(tmp_path / "artifacts")
+    again.paths.metrics = str(tmp_path / "metrics")
+    again.paths.plots = str(tmp_path / "plots")
+    metrics = pipeline.train_embedding(again)
+    pipeline.export_embedding(again)
+    assert metrics["fine_tuned"] == results["train_embedding"]["fine_tuned"]
+    assert metrics["base"] == results["train_embedding"]["base"]
+    for kind, name in [("pytorch", "model.safetensors"), ("onnx", "embedding.onnx"),
+                       ("onnx", "embedding.int8.onnx"), ("onnx", "vocab.txt")]:
+        first = pipeline.component_dir(cfg, "embedding", kind) / name
+        second = pipeline.component_dir(again, "embedding", kind) / name
+        assert Path(first).read_bytes() == Path(second).read_bytes(), name

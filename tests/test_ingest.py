@@ -30,12 +30,18 @@ def test_normalize_joins_wrapped_lines_and_keeps_paragraphs() -> None:
 def test_split_sentences_spans() -> None:
     text = 'First one. "Second" here! Third? yes 3.5 stays.\n\nNew para'
     spans = split_sentences(text)
-    assert [text[s:e] for s, e in spans] == ["First one.", '"Second" here!', "Third? yes 3.5 stays.",
-                                             "New para"]
+    assert [text[s:e] for s, e in spans] == [
+        "First one.",
+        '"Second" here!',
+        "Third? yes 3.5 stays.",
+        "New para",
+    ]
 
 
 def test_chunks_respect_budget_overlap_and_offsets(tokenizer) -> None:
-    sentences = [f"Sentence number {i} talks about glacier {i} and its melt rate." for i in range(30)]
+    sentences = [
+        f"Sentence number {i} talks about glacier {i} and its melt rate." for i in range(30)
+    ]
     text = " ".join(sentences)
     chunks = chunk_section(text, tokenizer, chunk_tokens=48, overlap_tokens=16)
     assert len(chunks) > 3
@@ -44,7 +50,7 @@ def test_chunks_respect_budget_overlap_and_offsets(tokenizer) -> None:
         assert n == len(tokenizer.encode(text[start:end], add_special_tokens=False).ids)
         assert text[start:end] in sentences[0] or text[start:end].startswith("Sentence")
     # consecutive chunks overlap (the next starts before the previous ends) and cover everything
-    assert all(b[0] < a[1] for a, b in zip(chunks, chunks[1:]))
+    assert all(b[0] < a[1] for a, b in zip(chunks, chunks[1:], strict=False))
     assert chunks[0][0] == 0 and chunks[-1][1] == len(text)
 
 
@@ -57,19 +63,36 @@ def test_sentence_longer_than_a_chunk_is_cut_at_token_boundaries(tokenizer) -> N
 
 
 def test_reads_all_four_formats(tmp_path: Path) -> None:
-    write(tmp_path, "a/md-doc.md", "# Title A\n\nIntro.\n\n## One\n\nText one.\n\n## Two\n\nText two.\n")
+    write(
+        tmp_path,
+        "a/md-doc.md",
+        "# Title A\n\nIntro.\n\n## One\n\nText one.\n\n## Two\n\nText two.\n",
+    )
     write(tmp_path, "txt-doc.txt", "Title B\n\n== Part ==\n\nSome text.\n")
-    write(tmp_path, "j.json", json.dumps({"id": "jay", "title": "C", "sections": [{"heading": "H", "text": "x y"}]}))
-    write(tmp_path, "many.jsonl", json.dumps({"id": "l1", "title": "D", "text": "d"}) + "\n\n"
-          + json.dumps({"id": "l2", "title": "E", "sections": [{"text": "e"}]}) + "\n")
+    write(
+        tmp_path,
+        "j.json",
+        json.dumps({"id": "jay", "title": "C", "sections": [{"heading": "H", "text": "x y"}]}),
+    )
+    write(
+        tmp_path,
+        "many.jsonl",
+        json.dumps({"id": "l1", "title": "D", "text": "d"})
+        + "\n\n"
+        + json.dumps({"id": "l2", "title": "E", "sections": [{"text": "e"}]})
+        + "\n",
+    )
     write(tmp_path, "notes.csv", "a,b\n")
     report = {"skipped": [], "ignored_files": []}
     docs = read_documents(tmp_path, IngestConfig(), report)
     assert sorted(d.id for d in docs) == ["a/md-doc", "jay", "l1", "l2", "txt-doc"]
     md = next(d for d in docs if d.id == "a/md-doc")
     assert md.title == "Title A"
-    assert [(s.heading, s.text) for s in md.sections] == [("", "Intro."), ("One", "Text one."),
-                                                          ("Two", "Text two.")]
+    assert [(s.heading, s.text) for s in md.sections] == [
+        ("", "Intro."),
+        ("One", "Text one."),
+        ("Two", "Text two."),
+    ]
     assert report["ignored_files"] == ["notes.csv"]
     assert report["by_format"] == {".json": 1, ".jsonl": 2, ".md": 1, ".txt": 1}
 
@@ -77,8 +100,12 @@ def test_reads_all_four_formats(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("rel", "content", "where", "reason"),
     [
-        ("bad.jsonl", '{"id": "ok", "title": "T", "text": "t"}\n{"id": "x", "title": \n', "bad.jsonl:2",
-         "invalid JSON"),
+        (
+            "bad.jsonl",
+            '{"id": "ok", "title": "T", "text": "t"}\n{"id": "x", "title": \n',
+            "bad.jsonl:2",
+            "invalid JSON",
+        ),
         ("bad.json", '{"title": "T"}', "bad.json", "needs 'sections'"),
         ("empty.md", "   \n\n", "empty.md", "empty document"),
         ("notitle.md", "Just text\n", "notitle.md:1", "must start with a '# Title'"),
@@ -86,8 +113,9 @@ def test_reads_all_four_formats(tmp_path: Path) -> None:
         ("dup.md", "# T\n\n## H\n\na\n\n## H\n\nb\n", "dup.md", "repeats section heading"),
     ],
 )
-def test_bad_input_names_file_and_line(tmp_path: Path, rel: str, content: str, where: str,
-                                       reason: str) -> None:
+def test_bad_input_names_file_and_line(
+    tmp_path: Path, rel: str, content: str, where: str, reason: str
+) -> None:
     write(tmp_path, rel, content)
     write(tmp_path, "good.md", "# Good\n\nFine text.\n")
     with pytest.raises(InputError, match=reason) as info:
@@ -109,13 +137,17 @@ def test_duplicate_ids_across_files(tmp_path: Path) -> None:
 
 def test_run_writes_chunks_with_exact_offsets_and_a_report(tmp_path: Path) -> None:
     docs = tmp_path / "docs"
-    write(docs, "x.md", "# X\n\n## S\n\n" + " ".join(f"Fact {i} is about ice." for i in range(60)) + "\n")
+    write(
+        docs,
+        "x.md",
+        "# X\n\n## S\n\n" + " ".join(f"Fact {i} is about ice." for i in range(60)) + "\n",
+    )
     report = run(IngestConfig(chunk_tokens=32, overlap_tokens=8), docs, tmp_path / "out")
     chunks = [json.loads(line) for line in (tmp_path / "out/chunks.jsonl").read_text().splitlines()]
     section = " ".join(f"Fact {i} is about ice." for i in range(60))
     assert report["chunks"] == len(chunks) > 1
     for c in chunks:
-        assert section[c["start"]:c["end"]] == c["text"]
+        assert section[c["start"] : c["end"]] == c["text"]
         assert (c["doc_id"], c["title"], c["section"]) == ("x", "X", "S")
     assert json.loads((tmp_path / "out/report.json").read_text())["documents"] == 1
     assert len({c["id"] for c in chunks}) == len(chunks)

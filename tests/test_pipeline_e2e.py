@@ -11,10 +11,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import GROUPS, commit_all, copy_repo, dvc, run, sphana
 
-ALL_STAGES = ["ingest", "build_datasets", "train_embedding", "export_embedding", "manifest", "package"]
+ALL_STAGES = [
+    "ingest",
+    "build_datasets",
+    "train_embedding",
+    "export_embedding",
+    "manifest",
+    "package",
+]
 
 
 def ran(proc) -> list[str]:
@@ -55,16 +61,24 @@ def test_manifest_matches_files_and_dvc_lock(repo: Path) -> None:
     assert component["model_config"]["quantized"] is True
     assert component["checksum"].startswith("sha256:")
     assert [t["name"] for t in component["signature"]["inputs"]] == [
-        "input_ids", "attention_mask", "token_type_ids"]
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+    ]
     assert component["signature"]["inputs"][0]["shape"] == ["batch", "sequence"]
     assert component["parity"]["fp32"]["passed"] and component["parity"]["int8"]["passed"]
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     prov = manifest["provenance"]["stages"]
     assert prov["ingest"]["deps"]["data/documents"] == next(
-        d["md5"] for d in lock["ingest"]["deps"] if d["path"] == "data/documents")
-    assert prov["export_embedding"]["outs"] == {o["path"]: o["md5"] for o in lock["export_embedding"]["outs"]}
-    assert prov["train_embedding"]["params"]["embedding"]["lr"] == lock["train_embedding"]["params"][
-        "params.yaml"]["embedding"]["lr"]
+        d["md5"] for d in lock["ingest"]["deps"] if d["path"] == "data/documents"
+    )
+    assert prov["export_embedding"]["outs"] == {
+        o["path"]: o["md5"] for o in lock["export_embedding"]["outs"]
+    }
+    assert (
+        prov["train_embedding"]["params"]["embedding"]["lr"]
+        == lock["train_embedding"]["params"]["params.yaml"]["embedding"]["lr"]
+    )
     assert manifest["provenance"]["git_commit"]
     sphana("verify", "target/manifests/latest.json", "--lock", "dvc.lock", cwd=repo)
     sphana("verify", "target/manifests/latest.tar.gz", cwd=repo)
@@ -115,7 +129,9 @@ def test_chunking_param_reruns_from_ingest(repo: Path) -> None:
 def test_editing_a_data_file_is_detected(repo: Path) -> None:
     dvc("exp", "run", cwd=repo)  # back to the committed params
     doc = sorted((repo / "data/documents").rglob("*.md"))[0]
-    doc.write_text(doc.read_text(encoding="utf-8") + "\nAn added closing sentence.\n", encoding="utf-8")
+    doc.write_text(
+        doc.read_text(encoding="utf-8") + "\nAn added closing sentence.\n", encoding="utf-8"
+    )
     status = dvc("status", "--json", cwd=repo).stdout
     assert "data.dvc" in status and "ingest" in status
     proc = dvc("repro", cwd=repo)
@@ -126,8 +142,11 @@ def test_failed_parity_gate_fails_the_stage_and_writes_nothing(repo: Path) -> No
     """Runs last: it removes the built ONNX directory of the shared repository."""
     onnx = next((repo / "target/artifacts/embedding").glob("*/onnx"))
     shutil.rmtree(onnx)
-    proc = run([sys.executable, "stages/export_embedding.py",
-                "export.parity.int8_min_mean_cosine=1.5"], cwd=repo, check=False)
+    proc = run(
+        [sys.executable, "stages/export_embedding.py", "export.parity.int8_min_mean_cosine=1.5"],
+        cwd=repo,
+        check=False,
+    )
     assert proc.returncode == 1
     assert "INT8 mean cosine" in proc.stderr and "int8_min_mean_cosine=1.5" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -38,7 +38,9 @@ def register(spec: OnnxSpec) -> OnnxSpec:
     return spec
 
 
-def export_onnx(module: Any, example: dict[str, Any], spec: OnnxSpec, path: Path, opset: int) -> None:
+def export_onnx(
+    module: Any, example: dict[str, Any], spec: OnnxSpec, path: Path, opset: int
+) -> None:
     """Export ``module`` (called with ``example`` as keyword inputs) to one self-contained file.
 
     Dynamic axes that share a label (e.g. ``batch``) are one symbolic dimension.
@@ -49,7 +51,9 @@ def export_onnx(module: Any, example: dict[str, Any], spec: OnnxSpec, path: Path
 
     dims: dict[str, Any] = {}
     dynamic_shapes = {
-        name: {axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes.items()}
+        name: {
+            axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes.items()
+        }
         for name, axes in spec.dynamic_axes.items()
         if name in spec.input_names
     }
@@ -57,9 +61,16 @@ def export_onnx(module: Any, example: dict[str, Any], spec: OnnxSpec, path: Path
     module.eval()
     with atomic_path(path) as tmp:
         torch.onnx.export(
-            module, args, str(tmp), input_names=list(spec.input_names),
-            output_names=list(spec.output_names), dynamic_shapes=dynamic_shapes,
-            opset_version=opset, dynamo=True, external_data=False, verbose=False,
+            module,
+            args,
+            str(tmp),
+            input_names=list(spec.input_names),
+            output_names=list(spec.output_names),
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
         )
     import onnx
 
@@ -76,8 +87,10 @@ def ffn_down_projections(model: Any) -> list[str]:
     projections of a transformer, whose GELU inputs carry outliers that INT8 activations clip."""
     weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
     return [
-        n.name for n in model.graph.node
-        if n.op_type == "MatMul" and len(weights.get(n.input[1], ())) == 2
+        n.name
+        for n in model.graph.node
+        if n.op_type == "MatMul"
+        and len(weights.get(n.input[1], ())) == 2
         and weights[n.input[1]][0] > weights[n.input[1]][1]
     ]
 
@@ -97,15 +110,23 @@ def quantize(src: Path, dst: Path, preset: Quantization) -> dict[str, Any]:
 
     exclude = (
         ffn_down_projections(onnx.load(str(src)))
-        if preset == Quantization.per_channel_ffn_fp32 else []
+        if preset == Quantization.per_channel_ffn_fp32
+        else []
     )
     with atomic_path(dst) as tmp:
         quantize_dynamic(
-            str(src), str(tmp), weight_type=QuantType.QInt8,
-            per_channel=preset != Quantization.per_tensor, nodes_to_exclude=exclude,
+            str(src),
+            str(tmp),
+            weight_type=QuantType.QInt8,
+            per_channel=preset != Quantization.per_tensor,
+            nodes_to_exclude=exclude,
         )
-    return {"preset": preset.value, "weight_type": "QInt8", "activations": "dynamic uint8",
-            "fp32_nodes": len(exclude)}
+    return {
+        "preset": preset.value,
+        "weight_type": "QInt8",
+        "activations": "dynamic uint8",
+        "fp32_nodes": len(exclude),
+    }
 
 
 def session(path: Path, threads: int = 0) -> Any:
@@ -125,8 +146,10 @@ def signature(path: Path) -> dict[str, list[dict[str, Any]]]:
     sess = session(path)
 
     def describe(args: list[Any]) -> list[dict[str, Any]]:
-        return [{"name": a.name, "dtype": _ORT_TYPES.get(a.type, a.type), "shape": list(a.shape)}
-                for a in args]
+        return [
+            {"name": a.name, "dtype": _ORT_TYPES.get(a.type, a.type), "shape": list(a.shape)}
+            for a in args
+        ]
 
     return {"inputs": describe(sess.get_inputs()), "outputs": describe(sess.get_outputs())}
 

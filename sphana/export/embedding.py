@@ -16,84 +16,128 @@ from sphana.errors import ParityError
 from sphana.export import OnnxSpec, export_onnx, quantize, register, session, signature
 from sphana.io import atomic_dir
 
-SPEC = register(OnnxSpec(
-    component="embedding",
-    file_name="embedding.onnx",
-    input_names=("input_ids", "attention_mask", "token_type_ids"),
-    # not "embedding": that name is taken by an internal node of the exported graph
-    output_names=("sentence_embedding",),
-    dynamic_axes={
-        "input_ids": {0: "batch", 1: "sequence"},
-        "attention_mask": {0: "batch", 1: "sequence"},
-        "token_type_ids": {0: "batch", 1: "sequence"},
-        "sentence_embedding": {0: "batch"},
-    },
-))
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+SPEC = register(
+    OnnxSpec(
+        component="embedding",
+        file_name="embedding.onnx",
+        input_names=("input_ids", "attention_mask", "token_type_ids"),
+        # not "embedding": that name is taken by an internal node of the exported graph
+        output_names=("sentence_embedding",),
+        dynamic_axes={
+            "input_ids": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "sequence"},
+            "token_type_ids": {0: "batch", 1: "sequence"},
+            "sentence_embedding": {0: "batch"},
+        },
+    )
+)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
 
 
-def _ort_embed(sess: Any, tokenizer: Any, max_length: int, batch_size: int = 64):
+def ort_embed(sess: Any, tokenizer: Any, max_length: int, batch_size: int = 64):
     def embed(texts: list[str]) -> np.ndarray:
         out = []
         for i in range(0, len(texts), batch_size):
-            feed = {k: v.numpy() for k, v in tokenize(tokenizer, texts[i : i + batch_size],
-                                                        max_length).items()}
+            feed = {
+                k: v.numpy()
+                for k, v in tokenize(tokenizer, texts[i : i + batch_size], max_length).items()
+            }
             out.append(sess.run(None, feed)[0])
         return np.concatenate(out)
 
     return embed
 
 
-def _torch_embed(encoder: Any, tokenizer: Any, max_length: int, batch_size: int = 64):
+def torch_embed(encoder: Any, tokenizer: Any, max_length: int, batch_size: int = 64):
     from sphana.embedding import encode
 
     return lambda texts: encode(encoder, tokenizer, texts, batch_size, max_length)
 
 
-def fp32_parity(encoder: Any, tokenizer: Any, sess: Any, texts: list[str], cfg: ExportConfig,
-                max_length: int) -> dict[str, Any]:
+def fp32_parity(
+    encoder: Any, tokenizer: Any, sess: Any, texts: list[str], cfg: ExportConfig, max_length: int
+) -> dict[str, Any]:
     """Max abs diff over batches of several sizes, padded to their longest text and to
     ``max_length`` (extra padding must not change an embedding)."""
     checks = []
     ordered = sorted(texts, key=len)
     for size in cfg.parity.batch_sizes:
         # mix the shortest and the longest texts so each batch carries real padding
-        batch = (ordered[: (size + 1) // 2] + ordered[-(size // 2):])[:size] if size > 1 else ordered[-1:]
+        batch = (
+            (ordered[: (size + 1) // 2] + ordered[-(size // 2) :])[:size]
+            if size > 1
+            else ordered[-1:]
+        )
         for padding in ("longest", "max_length"):
-            enc = tokenizer(batch, padding=padding, truncation=True, max_length=max_length,
-                            return_tensors="pt", return_token_type_ids=True)
+            enc = tokenizer(
+                batch,
+                padding=padding,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+                return_token_type_ids=True,
+            )
             with torch.inference_mode():
                 ref = encoder(**enc).numpy()
             got = sess.run(None, {k: v.numpy() for k, v in enc.items()})[0]
-            checks.append({"batch": size, "padding": padding, "sequence": int(enc["input_ids"].shape[1]),
-                           "max_abs_diff": float(np.max(np.abs(got - ref)))})
+            checks.append(
+                {
+                    "batch": size,
+                    "padding": padding,
+                    "sequence": int(enc["input_ids"].shape[1]),
+                    "max_abs_diff": float(np.max(np.abs(got - ref))),
+                }
+            )
     worst = max(c["max_abs_diff"] for c in checks)
-    return {"max_abs_diff": worst, "threshold": cfg.parity.fp32_max_abs_diff,
-            "passed": worst <= cfg.parity.fp32_max_abs_diff, "checks": checks}
-
-
-def int8_parity(torch_embed: Any, int8_embed: Any, validation: ValidationSet, cfg: ExportConfig,
-                torch_metrics: dict[str, float]) -> dict[str, Any]:
-    texts = (validation.queries + validation.corpus_texts)[: cfg.parity.max_texts]
-    ref, got = torch_embed(texts), int8_embed(texts)
-    cosine = np.sum(ref * got, axis=1) / np.linalg.norm(got, axis=1)
-    int8_metrics = validation.evaluate(int8_embed)
-    retention = (int8_metrics["recall@5"] / torch_metrics["recall@5"]
-                 if torch_metrics["recall@5"] > 0 else 1.0)
-    p = cfg.parity
     return {
-        "mean_cosine": round(float(cosine.mean()), 6), "min_cosine": round(float(cosine.min()), 6),
-        "texts": len(texts), "min_mean_cosine": p.int8_min_mean_cosine,
-        "recall@5": int8_metrics["recall@5"], "pytorch_recall@5": torch_metrics["recall@5"],
-        "recall_retention": round(retention, 6), "min_recall_retention": p.int8_min_recall_retention,
-        "metrics": int8_metrics,
-        "passed": bool(cosine.mean() >= p.int8_min_mean_cosine
-                       and retention >= p.int8_min_recall_retention),
+        "max_abs_diff": worst,
+        "threshold": cfg.parity.fp32_max_abs_diff,
+        "passed": worst <= cfg.parity.fp32_max_abs_diff,
+        "checks": checks,
     }
 
 
-def run(emb_cfg: EmbeddingConfig, cfg: ExportConfig, pytorch_dir: Path, datasets_dir: Path,
-        onnx_dir: Path, threads: int = 0) -> dict[str, Any]:
+def int8_parity(
+    reference_embed: Any,
+    int8_embed: Any,
+    validation: ValidationSet,
+    cfg: ExportConfig,
+    torch_metrics: dict[str, float],
+) -> dict[str, Any]:
+    texts = (validation.queries + validation.corpus_texts)[: cfg.parity.max_texts]
+    ref, got = reference_embed(texts), int8_embed(texts)
+    cosine = np.sum(ref * got, axis=1) / np.linalg.norm(got, axis=1)
+    int8_metrics = validation.evaluate(int8_embed)
+    retention = (
+        int8_metrics["recall@5"] / torch_metrics["recall@5"]
+        if torch_metrics["recall@5"] > 0
+        else 1.0
+    )
+    p = cfg.parity
+    return {
+        "mean_cosine": round(float(cosine.mean()), 6),
+        "min_cosine": round(float(cosine.min()), 6),
+        "texts": len(texts),
+        "min_mean_cosine": p.int8_min_mean_cosine,
+        "recall@5": int8_metrics["recall@5"],
+        "pytorch_recall@5": torch_metrics["recall@5"],
+        "recall_retention": round(retention, 6),
+        "min_recall_retention": p.int8_min_recall_retention,
+        "metrics": int8_metrics,
+        "passed": bool(
+            cosine.mean() >= p.int8_min_mean_cosine and retention >= p.int8_min_recall_retention
+        ),
+    }
+
+
+def run(
+    emb_cfg: EmbeddingConfig,
+    cfg: ExportConfig,
+    pytorch_dir: Path,
+    datasets_dir: Path,
+    onnx_dir: Path,
+    threads: int = 0,
+) -> dict[str, Any]:
     """Export, quantize and gate. ``onnx_dir`` is written whole, and only if every gate passes.
 
     Raises:
@@ -111,14 +155,26 @@ def run(emb_cfg: EmbeddingConfig, cfg: ExportConfig, pytorch_dir: Path, datasets
             if (pytorch_dir / name).is_file():
                 shutil.copy2(pytorch_dir / name, tmp / name)
 
-        torch_embed = _torch_embed(encoder, tokenizer, max_length)
-        torch_metrics = validation.evaluate(torch_embed)
-        fp32 = fp32_parity(encoder, tokenizer, session(fp32_path, threads),
-                           validation.queries + validation.corpus_texts, cfg, max_length)
-        fp32_metrics = validation.evaluate(_ort_embed(session(fp32_path, threads), tokenizer,
-                                                      max_length))
-        int8 = int8_parity(torch_embed, _ort_embed(session(int8_path, threads), tokenizer,
-                                                   max_length), validation, cfg, torch_metrics)
+        reference = torch_embed(encoder, tokenizer, max_length)
+        torch_metrics = validation.evaluate(reference)
+        fp32 = fp32_parity(
+            encoder,
+            tokenizer,
+            session(fp32_path, threads),
+            validation.queries + validation.corpus_texts,
+            cfg,
+            max_length,
+        )
+        fp32_metrics = validation.evaluate(
+            ort_embed(session(fp32_path, threads), tokenizer, max_length)
+        )
+        int8 = int8_parity(
+            reference,
+            ort_embed(session(int8_path, threads), tokenizer, max_length),
+            validation,
+            cfg,
+            torch_metrics,
+        )
         report = {
             "fp32": {**fp32, "metrics": fp32_metrics},
             "int8": int8,
@@ -140,20 +196,26 @@ def run(emb_cfg: EmbeddingConfig, cfg: ExportConfig, pytorch_dir: Path, datasets
         }
         failures = []
         if not fp32["passed"]:
-            failures.append(f"fp32 max abs diff {fp32['max_abs_diff']:.3g} > "
-                            f"export.parity.fp32_max_abs_diff={fp32['threshold']}")
+            failures.append(
+                f"fp32 max abs diff {fp32['max_abs_diff']:.3g} > "
+                f"export.parity.fp32_max_abs_diff={fp32['threshold']}"
+            )
         if int8["mean_cosine"] < cfg.parity.int8_min_mean_cosine:
-            failures.append(f"INT8 mean cosine {int8['mean_cosine']:.4f} < "
-                            f"export.parity.int8_min_mean_cosine={cfg.parity.int8_min_mean_cosine}")
+            failures.append(
+                f"INT8 mean cosine {int8['mean_cosine']:.4f} < "
+                f"export.parity.int8_min_mean_cosine={cfg.parity.int8_min_mean_cosine}"
+            )
         if int8["recall_retention"] < cfg.parity.int8_min_recall_retention:
             failures.append(
                 f"INT8 recall@5 {int8['recall@5']:.4f} is {int8['recall_retention']:.2%} of "
                 f"PyTorch's {int8['pytorch_recall@5']:.4f} < export.parity."
-                f"int8_min_recall_retention={cfg.parity.int8_min_recall_retention}")
+                f"int8_min_recall_retention={cfg.parity.int8_min_recall_retention}"
+            )
         if failures:
             raise ParityError(
                 "embedding export failed its parity gate (nothing was written): "
                 + "; ".join(failures)
                 + f". Quantization preset was export.quantization={cfg.quantization.value}; "
-                "per_channel_ffn_fp32 is the most accurate.")
+                "per_channel_ffn_fp32 is the most accurate."
+            )
     return report
