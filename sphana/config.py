@@ -38,6 +38,17 @@ class Device(str, enum.Enum):
     cuda = "cuda"
 
 
+class Precision(str, enum.Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"  # autocast to bfloat16 (CPU or GPU)
+    fp16 = "fp16"  # autocast to float16 with a grad scaler (GPU only)
+
+
+class Resume(str, enum.Enum):
+    auto = "auto"  # continue from the newest valid checkpoint of the same config and data
+    never = "never"  # always start fresh
+
+
 class Quantization(str, enum.Enum):
     """Dynamic INT8 recipes (see sphana.export.quantize for measured quality)."""
 
@@ -54,8 +65,10 @@ class PathsConfig:
     datasets: str = "target/datasets"  # <component>/{train,validation}.jsonl
     artifacts: str = "target/artifacts"  # <component>/<version>/{pytorch,onnx}/
     metrics: str = "target/metrics"  # <stage>.json for `dvc metrics`
-    plots: str = "target/plots"  # per-step series for `dvc plots`
     manifests: str = "target/manifests"  # latest.json + latest.tar.gz
+    checkpoints: str = "target/checkpoints"  # <component>/step-N/ (not a DVC output: survives)
+    live: str = "target/dvclive"  # <stage>/ DVCLive step metrics for `dvc plots`
+    profiles: str = "target/profiles"  # <component>/trace.json when runtime.profile_steps > 0
 
 
 @dataclass
@@ -64,10 +77,27 @@ class RuntimeConfig:
     device: Device = Device.auto  # auto = cuda when available, else cpu
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     deterministic: bool = True  # torch.use_deterministic_algorithms
+    precision: Precision = Precision.fp32  # autocast dtype: fp32 | bf16 | fp16 (GPU only)
+    ddp: bool = False  # DistributedDataParallel when launched by torchrun
+    resume: Resume = Resume.auto  # auto: continue an interrupted run from its last checkpoint
+    checkpoint_every_steps: int = 50  # plus one at every epoch end; 0 = epoch ends only
+    keep_checkpoints: int = 2  # newest checkpoints kept per component
+    profile_steps: int = 0  # > 0: PyTorch profiler trace of that many steps
 
     def __post_init__(self) -> None:
         if self.threads < 0:
             raise ValueError("runtime.threads must be >= 0 (0 = torch default)")
+        if self.precision == Precision.fp16 and self.device == Device.cpu:
+            raise ValueError(
+                "runtime.precision=fp16 needs runtime.device=cuda (or auto on a GPU); "
+                "use bf16 on CPU"
+            )
+        if self.checkpoint_every_steps < 0 or self.keep_checkpoints < 1:
+            raise ValueError(
+                "runtime.checkpoint_every_steps must be >= 0 and runtime.keep_checkpoints >= 1"
+            )
+        if self.profile_steps < 0:
+            raise ValueError("runtime.profile_steps must be >= 0")
 
 
 @dataclass
@@ -106,6 +136,9 @@ class DatasetConfig:
             raise ValueError("dataset.sentence_pairs_per_chunk must be >= 0")
 
 
+EMBEDDING_METRICS = ("recall@1", "recall@5", "recall@10", "mrr", "mean_cosine")
+
+
 @dataclass
 class RandomArchConfig:
     """Shrunk transformer used when ``init: random`` (tests, tiny configs)."""
@@ -132,6 +165,8 @@ class EmbeddingConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     max_train_pairs: int = 0  # 0 = all; otherwise a seeded sample (tiny configs)
     eval_batch_size: int = 64
+    gate_metric: str = "recall@5"  # validation metric the quality gate checks
+    metric_threshold: float | None = None  # fail the stage below this; null = no gate
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -141,6 +176,8 @@ class EmbeddingConfig:
         if self.epochs < 1:
             raise ValueError("embedding.epochs must be >= 1")
         _check_semver("embedding.version", self.version)
+        if self.gate_metric not in EMBEDDING_METRICS:
+            raise ValueError(f"embedding.gate_metric must be one of {EMBEDDING_METRICS}")
 
 
 @dataclass

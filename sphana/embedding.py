@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from sphana.config import EmbeddingConfig, Init, RuntimeConfig
+from sphana.config import EmbeddingConfig, Init, PathsConfig, RuntimeConfig, to_plain
 from sphana.errors import InputError
-from sphana.io import load_jsonl, write_json_atomic, write_text_atomic
+from sphana.io import atomic_dir, load_jsonl, write_json_atomic, write_text_atomic
 
 ENCODER_FILE = "sphana_encoder.json"  # pooling settings saved beside the weights
 
@@ -43,24 +42,6 @@ class Encoder(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         return nn.functional.normalize(pooled, p=2.0, dim=-1)
-
-
-def seed_everything(runtime: RuntimeConfig) -> torch.device:
-    """Seed python/numpy/torch, apply determinism and threads; return the device to use."""
-    random.seed(runtime.seed)
-    np.random.seed(runtime.seed)
-    torch.manual_seed(runtime.seed)
-    if runtime.threads:
-        torch.set_num_threads(runtime.threads)
-    torch.use_deterministic_algorithms(runtime.deterministic, warn_only=True)
-    if runtime.device.value == "cuda" and not torch.cuda.is_available():
-        from sphana.errors import ConfigError
-
-        raise ConfigError("runtime.device=cuda but no CUDA device is visible; use auto or cpu")
-    use_cuda = runtime.device.value == "cuda" or (
-        runtime.device.value == "auto" and torch.cuda.is_available()
-    )
-    return torch.device("cuda" if use_cuda else "cpu")
 
 
 def load_encoder(cfg: EmbeddingConfig) -> tuple[Encoder, Any]:
@@ -195,135 +176,126 @@ def contrastive_loss(
     return nn.functional.cross_entropy(logits, torch.arange(len(q), device=logits.device))
 
 
+def pair_loss(tokenizer: Any, cfg: EmbeddingConfig):
+    """The loss of a batch of ``{"query", "positive", "positive_id"}`` pairs, for the runtime."""
+
+    def loss(model: nn.Module, batch: list[dict[str, Any]], dev: torch.device) -> torch.Tensor:
+        # queries and positives in one forward pass (one DDP forward per backward)
+        texts = [r["query"] for r in batch] + [r["positive"] for r in batch]
+        features = {k: v.to(dev) for k, v in tokenize(tokenizer, texts, cfg.max_seq_length).items()}
+        emb = model(**features).float()
+        q, p = emb[: len(batch)], emb[len(batch) :]
+        return contrastive_loss(q, p, [r["positive_id"] for r in batch], cfg.temperature)
+
+    return loss
+
+
 def train(
     cfg: EmbeddingConfig,
     runtime: RuntimeConfig,
+    paths: PathsConfig,
     datasets_dir: Path,
     out_dir: Path,
-    plots_file: Path,
 ) -> dict[str, Any]:
-    """Fine-tune the encoder; save it to ``out_dir``; return base and fine-tuned metrics."""
-    from rich.progress import Progress
-    from transformers import get_linear_schedule_with_warmup
+    """Fine-tune the encoder on the shared runtime; save it to ``out_dir`` (rank 0).
 
-    from sphana.io import atomic_dir
+    Returns base and fine-tuned validation metrics and training figures.
 
-    device = seed_everything(runtime)
-    pairs = load_jsonl(datasets_dir / "train.jsonl")
+    Raises:
+        GateError: when the fine-tuned model misses ``embedding.metric_threshold``
+            (``out_dir`` is then not written, and the checkpoints are kept).
+    """
+    from sphana import runtime as rt
+
+    device = rt.setup(runtime)
+    train_file = datasets_dir / "train.jsonl"
+    pairs = load_jsonl(train_file)
     if not pairs:
-        raise InputError(datasets_dir / "train.jsonl", "no training pairs; rerun build_datasets")
-    rng = random.Random(runtime.seed)
+        raise InputError(train_file, "no training pairs; rerun build_datasets")
     if cfg.max_train_pairs and len(pairs) > cfg.max_train_pairs:
-        pairs = rng.sample(pairs, cfg.max_train_pairs)
+        pairs = random.Random(runtime.seed).sample(pairs, cfg.max_train_pairs)
     validation = ValidationSet.load(datasets_dir)
     encoder, tokenizer = load_encoder(cfg)
     encoder.to(device)
+    leader = rt.rank() == 0
 
     def embed(texts: list[str]) -> np.ndarray:
         return encode(encoder, tokenizer, texts, cfg.eval_batch_size, cfg.max_seq_length, device)
 
-    base_metrics = validation.evaluate(embed)
+    base_metrics = validation.evaluate(embed) if leader else {}
 
-    steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    decay = [p for n, p in encoder.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in encoder.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-    )
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(cfg.warmup_ratio * total_steps), total_steps
-    )
-    history, epochs = [], []
-    step, seen, start = 0, 0, time.perf_counter()
-    with Progress(disable=not _is_tty(), transient=True) as progress:
-        task = progress.add_task("train_embedding", total=total_steps)
-        for epoch in range(cfg.epochs):
-            encoder.train()
-            order = list(range(len(pairs)))
-            rng.shuffle(order)
-            epoch_start = time.perf_counter()
-            for b in range(0, len(order), cfg.batch_size):
-                batch = [pairs[i] for i in order[b : b + cfg.batch_size]]
-                if len(batch) < 2:  # one pair has no in-batch negative
-                    continue
-                q = encoder(
-                    **{
-                        k: v.to(device)
-                        for k, v in tokenize(
-                            tokenizer, [r["query"] for r in batch], cfg.max_seq_length
-                        ).items()
-                    }
-                )
-                p = encoder(
-                    **{
-                        k: v.to(device)
-                        for k, v in tokenize(
-                            tokenizer, [r["positive"] for r in batch], cfg.max_seq_length
-                        ).items()
-                    }
-                )
-                loss = contrastive_loss(q, p, [r["positive_id"] for r in batch], cfg.temperature)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(encoder.parameters(), cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                seen += len(batch)
-                history.append(
-                    {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": round(loss.item(), 6),
-                        "lr": scheduler.get_last_lr()[0],
-                    }
-                )
-                progress.update(
-                    task, advance=1, description=f"epoch {epoch} loss {loss.item():.4f}"
-                )
-            epochs.append({"epoch": epoch, "seconds": round(time.perf_counter() - epoch_start, 3)})
-    seconds = time.perf_counter() - start
-    tuned_metrics = validation.evaluate(embed)
-
-    encoder.cpu().eval()
-    with atomic_dir(out_dir) as tmp:
-        encoder.transformer.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_vocab_txt(tokenizer, tmp / "vocab.txt")
-        write_json_atomic(
-            tmp / ENCODER_FILE,
-            {
-                "pooling": "mean",
-                "normalize": True,
-                "max_seq_length": cfg.max_seq_length,
-                "base_model": cfg.base_model,
-                "init": cfg.init.value,
-            },
-        )
-    write_text_atomic(
-        plots_file,
-        "step,epoch,loss,lr\n"
-        + "".join(f"{h['step']},{h['epoch']},{h['loss']},{h['lr']:.8g}\n" for h in history),
-    )
-    return {
-        "base": base_metrics,
-        "fine_tuned": tuned_metrics,
-        "train": {
-            "pairs": len(pairs),
-            "steps": step,
-            "epochs": cfg.epochs,
-            "final_loss": history[-1]["loss"] if history else None,
-            "seconds": round(seconds, 2),
-            "samples_per_s": round(seen / seconds, 2),
-        },
-        "validation": {"queries": len(validation.queries), "corpus": len(validation.corpus_ids)},
+    fingerprint = {
+        k: v
+        for k, v in to_plain(cfg).items()
+        if k not in ("version", "eval_batch_size", "gate_metric", "metric_threshold")
     }
+    job = rt.Job(
+        name="embedding",
+        model=encoder,
+        examples=pairs,
+        loss=pair_loss(tokenizer, cfg),
+        batch_size=cfg.batch_size,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio,
+        grad_clip=cfg.grad_clip,
+        fingerprint=fingerprint,
+        data_files=[train_file],
+        min_batch=2,
+    )
+    result = rt.fit(
+        job,
+        runtime,
+        device,
+        Path(paths.checkpoints),
+        Path(paths.live) / "train_embedding",
+        Path(paths.profiles),
+    )
+    metrics: dict[str, Any] = {}
+    if leader:
+        tuned_metrics = validation.evaluate(embed)
+        rt.check_gate("embedding", tuned_metrics, cfg.gate_metric, cfg.metric_threshold)
+        encoder.cpu().eval()
+        with atomic_dir(out_dir) as tmp:
+            encoder.transformer.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            write_vocab_txt(tokenizer, tmp / "vocab.txt")
+            write_json_atomic(
+                tmp / ENCODER_FILE,
+                {
+                    "pooling": "mean",
+                    "normalize": True,
+                    "max_seq_length": cfg.max_seq_length,
+                    "base_model": cfg.base_model,
+                    "init": cfg.init.value,
+                },
+            )
+        rt.clear_checkpoints(Path(paths.checkpoints), "embedding")
+        metrics = {
+            "base": base_metrics,
+            "fine_tuned": tuned_metrics,
+            "train": {
+                "pairs": len(pairs),
+                "steps": result.steps,
+                "epochs": cfg.epochs,
+                "final_loss": result.history[-1]["loss"] if result.history else None,
+                "precision": runtime.precision.value,
+                "world_size": rt.world_size(),
+                "seconds": round(result.seconds, 2),
+                "samples_per_s": round(result.samples / result.seconds, 2)
+                if result.seconds
+                else None,
+                "checkpoint_seconds": round(result.checkpoint_seconds, 3),
+                "resumed_from_step": result.resumed_from,
+            },
+            "validation": {
+                "queries": len(validation.queries),
+                "corpus": len(validation.corpus_ids),
+            },
+        }
+    rt.teardown()
+    return metrics
 
 
 def write_vocab_txt(tokenizer: Any, path: Path) -> None:
@@ -334,10 +306,3 @@ def write_vocab_txt(tokenizer: Any, path: Path) -> None:
     if [vocab[t] for t in by_id] != list(range(len(by_id))):
         raise ValueError("tokenizer ids are not contiguous; cannot write vocab.txt")
     write_text_atomic(path, "".join(f"{token}\n" for token in by_id))
-
-
-def _is_tty() -> bool:
-    import os
-    import sys
-
-    return sys.stderr.isatty() and not os.environ.get("CI")

@@ -55,7 +55,8 @@ def run(stage: str, params: DictConfig) -> Any:
     except SphanaError as e:
         console.print(f"[bold red]{stage} failed:[/] {e}", soft_wrap=True)
         sys.exit(1)
-    console.print(f"[green]{stage}[/] done", _summary(result))
+    if os.environ.get("RANK", "0") == "0":  # one line per stage, also under torchrun
+        console.print(f"[green]{stage}[/] done", _summary(result))
     return result
 
 

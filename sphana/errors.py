@@ -31,3 +31,7 @@ class ParityError(SphanaError):
 
 class VerifyError(SphanaError):
     """A manifest does not match the files it describes."""
+
+
+class GateError(SphanaError):
+    """A trained model scored below its component's metric_threshold."""

@@ -45,11 +45,12 @@ def train_embedding(cfg: SphanaConfig) -> dict[str, Any]:
     metrics = embedding.train(
         cfg.embedding,
         cfg.runtime,
+        cfg.paths,
         Path(cfg.paths.datasets) / "embedding",
         component_dir(cfg, "embedding", "pytorch"),
-        Path(cfg.paths.plots) / "train_embedding.csv",
     )
-    write_json_atomic(metrics_file(cfg, "train_embedding"), metrics)
+    if metrics:  # rank 0 of a distributed run, or a single process
+        write_json_atomic(metrics_file(cfg, "train_embedding"), metrics)
     return metrics
 
 

@@ -20,7 +20,16 @@ def tiny_config(tmp_path: Path, *overrides: str):
     from sphana.config import compose, validate
 
     cfg = validate(compose(REPO / "conf", [*TINY, *overrides]))
-    for key in ("ingest", "datasets", "artifacts", "metrics", "plots", "manifests"):
+    for key in (
+        "ingest",
+        "datasets",
+        "artifacts",
+        "metrics",
+        "manifests",
+        "checkpoints",
+        "live",
+        "profiles",
+    ):
         setattr(cfg.paths, key, str(tmp_path / "target" / key))
     cfg.paths.documents = str(REPO / cfg.paths.documents)
     cfg.paths.gold = str(REPO / cfg.paths.gold)
@@ -67,6 +76,7 @@ def copy_repo(dest: Path) -> Path:
         ["git", "config", "user.name", "sphana-test"],
     ):
         subprocess.run(cmd, cwd=dest, check=True)
+    commit_all(dest, "copy of the repository")
     return dest
 
 

@@ -61,13 +61,18 @@ def test_training_and_export_are_deterministic(built_tiny, tmp_path) -> None:
     again = copy.deepcopy(cfg)
     again.paths.artifacts = str(tmp_path / "artifacts")
     again.paths.metrics = str(tmp_path / "metrics")
-    again.paths.plots = str(tmp_path / "plots")
+    again.paths.live = str(tmp_path / "live")
+    again.paths.checkpoints = str(tmp_path / "checkpoints")
     metrics = pipeline.train_embedding(again)
     pipeline.export_embedding(again)
     assert metrics["fine_tuned"] == results["train_embedding"]["fine_tuned"]
     assert metrics["base"] == results["train_embedding"]["base"]
-    for kind, name in [("pytorch", "model.safetensors"), ("onnx", "embedding.onnx"),
-                       ("onnx", "embedding.int8.onnx"), ("onnx", "vocab.txt")]:
+    for kind, name in [
+        ("pytorch", "model.safetensors"),
+        ("onnx", "embedding.onnx"),
+        ("onnx", "embedding.int8.onnx"),
+        ("onnx", "vocab.txt"),
+    ]:
         first = pipeline.component_dir(cfg, "embedding", kind) / name
         second = pipeline.component_dir(again, "embedding", kind) / name
         assert Path(first).read_bytes() == Path(second).read_bytes(), name
