@@ -30,9 +30,12 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check sphana stages tests benchmarks scripts
 
-## Latency and size figures of the built embedding model (after `make run`).
+## Figures of the built embedding model (after `make run`): latency and sizes, INT8 recipes,
+## training throughput of the runtime against a plain loop.
 bench: $(STAMP)
-	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/embedding_latency.py
+	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/embedding_latency.py --threads 2
+	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/quantization_presets.py
+	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/runtime_overhead.py
 
 clean:
 	rm -rf target .dvc/cache .dvc/tmp

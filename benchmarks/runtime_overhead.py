@@ -31,13 +31,12 @@ def plain_loop(cfg, pairs: list[dict]) -> float:
     encoder, tokenizer = load_encoder(cfg.embedding)
     loss_fn = pair_loss(tokenizer, cfg.embedding)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.embedding.lr)
-    order = list(range(len(pairs)))
-    random.Random(cfg.runtime.seed).shuffle(order)
-    bs = cfg.embedding.batch_size
+    # the runtime's batches, so both loops see the same paddings
+    batches = rt.epoch_batches(len(pairs), cfg.embedding.batch_size, cfg.runtime.seed, 0)
     encoder.train()
     start = time.perf_counter()
-    for i in range(0, len(order), bs):
-        loss = loss_fn(encoder, [pairs[j] for j in order[i : i + bs]], torch.device("cpu"))
+    for batch in batches:
+        loss = loss_fn(encoder, [pairs[j] for j in batch], torch.device("cpu"))
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.embedding.grad_clip)
@@ -81,6 +80,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads; checkpoint every "
         f"{cfg.runtime.checkpoint_every_steps} steps and at the epoch end"
     )
+    plain_loop(cfg, pairs[: 2 * cfg.embedding.batch_size])  # warm-up: first-call costs
     plain = plain_loop(cfg, pairs)
     print(f"  plain loop          {plain:7.2f} samples/s")
     with tempfile.TemporaryDirectory() as tmp:

@@ -180,11 +180,13 @@ def pair_loss(tokenizer: Any, cfg: EmbeddingConfig):
     """The loss of a batch of ``{"query", "positive", "positive_id"}`` pairs, for the runtime."""
 
     def loss(model: nn.Module, batch: list[dict[str, Any]], dev: torch.device) -> torch.Tensor:
-        # queries and positives in one forward pass (one DDP forward per backward)
-        texts = [r["query"] for r in batch] + [r["positive"] for r in batch]
-        features = {k: v.to(dev) for k, v in tokenize(tokenizer, texts, cfg.max_seq_length).items()}
-        emb = model(**features).float()
-        q, p = emb[: len(batch)], emb[len(batch) :]
+        def embed(texts: list[str]) -> torch.Tensor:
+            features = tokenize(tokenizer, texts, cfg.max_seq_length)
+            return model(**{k: v.to(dev) for k, v in features.items()}).float()
+
+        # queries and passages are padded separately: short queries cost little
+        q = embed([r["query"] for r in batch])
+        p = embed([r["positive"] for r in batch])
         return contrastive_loss(q, p, [r["positive_id"] for r in batch], cfg.temperature)
 
     return loss

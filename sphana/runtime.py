@@ -272,7 +272,7 @@ def load_latest(directory: Path, fingerprint: dict[str, Any]) -> dict[str, Any] 
 # --- the loop ------------------------------------------------------------------------------------
 
 
-def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
@@ -424,7 +424,7 @@ def fit(
         for epoch in range(step // batches_per_epoch, job.epochs):
             train_model.train()
             epoch_start, epoch_samples = time.perf_counter(), 0
-            batches = _batches(len(job.examples), job.batch_size, runtime.seed, epoch)
+            batches = epoch_batches(len(job.examples), job.batch_size, runtime.seed, epoch)
             for b in range(step - epoch * batches_per_epoch, batches_per_epoch):
                 local = [job.examples[i] for i in batches[b][me::world]]
                 step_start = time.perf_counter()

@@ -209,7 +209,6 @@ def test_gate() -> None:
 
 
 def test_torchrun_two_processes_train_and_write_once(stage_repo: Path) -> None:
-    out = next((stage_repo / "target/artifacts/embedding").glob("*/pytorch"))
     proc = run(
         [
             sys.executable,
@@ -228,6 +227,7 @@ def test_torchrun_two_processes_train_and_write_once(stage_repo: Path) -> None:
     )
     metrics, _ = outputs(stage_repo)
     assert metrics["train"]["world_size"] == 2
+    out = next((stage_repo / "target/artifacts/embedding").glob("*/pytorch"))
     assert (out / "model.safetensors").is_file()
     assert not list(out.parent.glob(".pytorch*")), "no half-written output"
 
