@@ -327,7 +327,7 @@ def _profiler(steps: int, trace_dir: Path) -> Iterator[Any]:
 
     with profile(
         activities=activities,
-        schedule=schedule(wait=0, warmup=1, active=steps),
+        schedule=schedule(wait=0, warmup=1, active=steps, repeat=1),
         on_trace_ready=on_ready,
     ) as prof:
         yield prof

@@ -260,3 +260,19 @@ def test_failed_gate_fails_dvc_repro_and_exports_nothing(tmp_path: Path) -> None
     assert not (repo / "target/artifacts/embedding").exists() or not list(
         (repo / "target/artifacts/embedding").glob("*/*")
     )
+
+
+def test_profile_steps_write_a_trace(tmp_path: Path) -> None:
+    job, runtime = tiny_job(tmp_path, epochs=1, profile_steps=2)
+    fit(tmp_path, job, runtime)
+    trace = json.loads((tmp_path / "prof/toy/trace.json").read_text())
+    assert trace["traceEvents"], "a chrome trace with events"
+
+
+def test_dvclive_logs_every_step(tmp_path: Path) -> None:
+    job, runtime = tiny_job(tmp_path, epochs=1)
+    fit(tmp_path, job, runtime)
+    loss = (tmp_path / "live/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert loss[0].split("\t") == ["step", "loss"] and len(loss) == 1 + 6
+    summary = json.loads((tmp_path / "live/metrics.json").read_text())
+    assert {"loss", "lr", "samples_per_s", "epoch_seconds", "memory_mb"} <= set(summary["train"])
