@@ -175,6 +175,13 @@ class EmbeddingConfig:
             raise ValueError("embedding.batch_size must be >= 2 (in-batch negatives)")
         if self.epochs < 1:
             raise ValueError("embedding.epochs must be >= 1")
+        if self.lr <= 0 or not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError("embedding.lr must be > 0 and embedding.warmup_ratio in [0, 1]")
+        if self.max_seq_length < 8 or self.eval_batch_size < 1 or self.max_train_pairs < 0:
+            raise ValueError(
+                "embedding.max_seq_length must be >= 8, embedding.eval_batch_size "
+                ">= 1 and embedding.max_train_pairs >= 0"
+            )
         _check_semver("embedding.version", self.version)
         if self.gate_metric not in EMBEDDING_METRICS:
             raise ValueError(f"embedding.gate_metric must be one of {EMBEDDING_METRICS}")
@@ -187,6 +194,13 @@ class ParityConfig:
     int8_min_recall_retention: float = 0.99  # INT8 recall@5 / PyTorch recall@5 on validation
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 5, 16])
     max_texts: int = 512  # validation texts used for the INT8 cosine check
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or min(self.batch_sizes) < 1 or self.max_texts < 1:
+            raise ValueError(
+                "export.parity.batch_sizes must be non-empty sizes >= 1 and "
+                "export.parity.max_texts >= 1"
+            )
 
 
 @dataclass
@@ -249,9 +263,9 @@ def validate(cfg: DictConfig | dict[str, Any], source: str = "params.yaml") -> S
         ConfigError: naming the offending key, for unknown keys, wrong types or values that a
             section's own checks reject.
     """
-    if isinstance(cfg, DictConfig):  # drop flags: a forced `+key=...` must not slip through
-        cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     try:
+        if isinstance(cfg, DictConfig):  # drop flags: a forced `+key=...` must not slip through
+            cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
         merged = OmegaConf.merge(OmegaConf.structured(SphanaConfig), cfg)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as e:

@@ -45,6 +45,8 @@ def _gold_questions(path: Path, chunks_by_doc: dict[str, list[dict[str, Any]]]) 
             where = f"relevant[{i}]"
             if not isinstance(rel, dict) or not all(k in rel for k in ("doc_id", "start", "end")):
                 raise InputError(path, f"{where} needs doc_id, section, start, end", lineno)
+            if not isinstance(rel["doc_id"], str) or not isinstance(rel.get("section", ""), str):
+                raise InputError(path, f"{where}: doc_id and section must be strings", lineno)
             doc_chunks = chunks_by_doc.get(rel["doc_id"])
             if doc_chunks is None:
                 raise InputError(
@@ -179,12 +181,13 @@ def build_embedding(
         if c["doc_id"] in val_docs
     ]
 
+    leaked = {r["doc_id"] for r in records["train"]} & val_docs
+    if leaked:  # cannot happen by construction; never write a leaking split if it does
+        raise AssertionError(f"validation documents leaked into training: {sorted(leaked)[:5]}")
     counts = {name: len(rs) for name, rs in records.items()}
     write_jsonl(out_dir / "train.jsonl", records["train"])
     write_jsonl(out_dir / "validation.jsonl", records["validation"])
     write_jsonl(out_dir / "validation_corpus.jsonl", corpus)
-    train_docs = {r["doc_id"] for r in records["train"]}
-    assert not train_docs & val_docs, "validation documents leaked into training"
     return {
         "documents": {"train": len(split) - len(val_docs), "validation": len(val_docs)},
         "pairs": counts,

@@ -51,11 +51,15 @@ def load_encoder(cfg: EmbeddingConfig) -> tuple[Encoder, Any]:
     from sphana.base_models import resolve
 
     path = resolve(cfg.base_model, "embedding.base_model")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    # local_files_only is explicit (not left to HF_HUB_OFFLINE): transformers writes it into the
+    # saved tokenizer_config.json, so the artifact's bytes must not depend on the environment
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if cfg.init == Init.pretrained:
-        transformer = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        transformer = AutoModel.from_pretrained(
+            path, add_pooling_layer=False, local_files_only=True
+        )
     else:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
         for key, value in vars(cfg.random_arch).items():
             setattr(config, key, value)
         transformer = AutoModel.from_config(config, add_pooling_layer=False)
@@ -66,8 +70,12 @@ def load_trained(model_dir: Path) -> tuple[Encoder, Any]:
     """An encoder saved by :func:`train` (``pytorch/`` directory)."""
     from transformers import AutoModel, AutoTokenizer
 
-    transformer = AutoModel.from_pretrained(model_dir, add_pooling_layer=False)
-    return Encoder(transformer).eval(), AutoTokenizer.from_pretrained(model_dir)
+    transformer = AutoModel.from_pretrained(
+        model_dir, add_pooling_layer=False, local_files_only=True
+    )
+    return Encoder(transformer).eval(), AutoTokenizer.from_pretrained(
+        model_dir, local_files_only=True
+    )
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:

@@ -104,7 +104,7 @@ def build(
     components: dict[str, dict[str, Any]],
     artifacts_root: Path,
     lock_file: Path,
-    data_dvc: Path | None,
+    data_paths: list[str],
     min_onnxruntime: str,
 ) -> dict[str, Any]:
     """Assemble the manifest.
@@ -112,6 +112,7 @@ def build(
     Args:
         components: per component: ``onnx_dir`` (Path), ``version``, ``metrics``, ``parity``
             (the export report) and ``model_config``.
+        data_paths: the raw-data deps (documents, gold) whose md5 ``provenance.data`` repeats.
     """
     entries: dict[str, Any] = {}
     stages: dict[str, Any] = {}
@@ -139,12 +140,8 @@ def build(
         }
         stages.update(lock_provenance(lock_file, COMPONENT_STAGES[component]))
     commit, dirty = git_state(lock_file.parent)
-    data: dict[str, Any] = {}
-    if data_dvc is not None and data_dvc.is_file():
-        import yaml
-
-        outs = (yaml.safe_load(data_dvc.read_text(encoding="utf-8")) or {}).get("outs", [])
-        data = {o["path"]: o.get("md5", "") for o in outs}
+    recorded = {path: md5 for s in stages.values() for path, md5 in s["deps"].items()}
+    data = {path: recorded[path] for path in data_paths if path in recorded}
     manifest = {
         "schema_version": 1,
         "name": name,
@@ -245,8 +242,12 @@ def verify(target: Path, root: Path | None = None, lock_file: Path | None = None
         VerifyError: listing every mismatch (schema, missing/extra/altered files, provenance).
     """
     if target.is_file() and target.name.endswith((".tar.gz", ".tgz")):
-        with tempfile.TemporaryDirectory() as tmp, tarfile.open(target) as tar:
-            tar.extractall(tmp, filter="data")
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                with tarfile.open(target) as tar:
+                    tar.extractall(tmp, filter="data")
+            except (tarfile.TarError, EOFError, OSError) as e:
+                raise VerifyError(f"{target}: not a readable bundle ({e})") from None
             return {
                 **verify(Path(tmp), lock_file=lock_file),
                 "manifest": f"{target}:{MANIFEST_NAME}",

@@ -93,7 +93,7 @@ def manifest(cfg: SphanaConfig, lock_file: Path = Path("dvc.lock")) -> dict[str,
         components=components,
         artifacts_root=Path(cfg.paths.artifacts),
         lock_file=lock_file,
-        data_dvc=Path("data.dvc"),
+        data_paths=[cfg.paths.documents, cfg.paths.gold],
         min_onnxruntime=cfg.release.min_onnxruntime,
     )
     manifest_lib.write(result, Path(cfg.paths.manifests) / "latest.json")

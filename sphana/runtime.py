@@ -9,7 +9,9 @@ What it gives a component, which only supplies a model, its examples and a loss:
   killed run's checkpoints survive the rerun) with a ``SHA256SUMS`` file; ``runtime.resume=auto``
   continues from the newest valid one whose config and data fingerprint match;
 - DDP when launched by ``torchrun`` with ``runtime.ddp=true`` (gloo on CPU, nccl on GPU): every
-  rank takes its share of each global batch and only rank 0 writes;
+  rank takes its share of each global batch and only rank 0 writes; on resume rank 0 picks the
+  checkpoint and every rank loads it (with rank 0's RNG state: a resumed multi-process run is
+  not bit-identical to an uninterrupted one, a single-process run is);
 - autocast in ``runtime.precision`` (bf16 on CPU or GPU, fp16 on GPU with a grad scaler);
 - DVCLive step metrics (loss, learning rate, samples/s, epoch time, memory) for ``dvc plots``,
   a rich progress bar on a terminal, optional PyTorch profiler traces;
@@ -21,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import random
 import resource
@@ -75,7 +76,8 @@ class Job:
     grad_clip: float
     fingerprint: dict[str, Any]  # params that define the run; a change starts fresh
     data_files: list[Path] = field(default_factory=list)  # their bytes are fingerprinted too
-    min_batch: int = 1  # smaller local batches are skipped (e.g. 2 for in-batch negatives)
+    min_batch: int = 1  # examples each rank needs per batch (2 for in-batch negatives); a
+    # last partial batch smaller than min_batch x world size is skipped by every rank
 
 
 @dataclass
@@ -236,8 +238,6 @@ def load_latest(directory: Path, fingerprint: dict[str, Any]) -> dict[str, Any] 
     A checkpoint whose files do not match their sha256, or whose ``optimizer.pt`` is not a plain
     weights-only file (a pickle payload), is skipped with a warning, and the previous one tried.
     """
-    from safetensors.torch import load_file
-
     for path in reversed(checkpoints(directory)):
         problem = _check_sums(path)
         if problem:
@@ -252,21 +252,26 @@ def load_latest(directory: Path, fingerprint: dict[str, Any]) -> dict[str, Any] 
             )
             return None
         try:
-            optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+            return load_checkpoint(path)
         except Exception as e:  # noqa: BLE001 - any refusal means "unusable"
             log(
                 f"warning: refusing checkpoint {path}: optimizer.pt is not a weights-only file "
                 f"({type(e).__name__})"
             )
-            continue
-        return {
-            "path": path,
-            "state": state,
-            "model": load_file(str(path / "model.safetensors")),
-            "optim": optim,
-            "rng": load_file(str(path / "rng.safetensors")),
-        }
     return None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load one checkpoint directory; tensors only (safetensors, ``weights_only`` torch.load)."""
+    from safetensors.torch import load_file
+
+    return {
+        "path": path,
+        "state": json.loads((path / "state.json").read_text(encoding="utf-8")),
+        "optim": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+        "model": load_file(str(path / "model.safetensors")),
+        "rng": load_file(str(path / "rng.safetensors")),
+    }
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -350,10 +355,19 @@ def fit(
         "job": job.fingerprint,
         "seed": runtime.seed,
         "precision": runtime.precision.value,
+        "device": device.type,
+        "deterministic": runtime.deterministic,
         "world_size": world,
         "data": data_fingerprint(job.data_files),
     }
-    batches_per_epoch = math.ceil(len(job.examples) / job.batch_size)
+    if job.batch_size < job.min_batch * world:
+        raise ConfigError(
+            f"{job.name}.batch_size={job.batch_size} is too small: every one of the {world} "
+            f"process(es) needs at least {job.min_batch} examples per batch"
+        )
+    batches_per_epoch = usable_batches(len(job.examples), job.batch_size, job.min_batch * world)
+    if batches_per_epoch == 0:
+        raise ConfigError(f"{job.name}: {len(job.examples)} examples make no training batch")
     total_steps = batches_per_epoch * job.epochs
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
@@ -372,7 +386,7 @@ def fit(
     step, history, resumed_from = 0, [], None
     ckpt_dir = checkpoint_dir / job.name
     if runtime.resume == Resume.auto:
-        loaded = load_latest(ckpt_dir, fingerprint)
+        loaded = _agree_on_checkpoint(ckpt_dir, fingerprint)
         if loaded is not None:
             model.load_state_dict(loaded["model"])
             optimizer.load_state_dict(loaded["optim"]["optimizer"])
@@ -387,8 +401,10 @@ def fit(
             log(f"resumed from checkpoint {loaded['path']} (step {step} of {total_steps})")
     elif checkpoints(ckpt_dir):
         log("runtime.resume=never: ignoring existing checkpoints, starting fresh")
-    if resumed_from is None:
+    if resumed_from is None and me == 0:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if world > 1:
+        torch.distributed.barrier()  # nobody reads checkpoints rank 0 may be deleting
 
     train_model: nn.Module = model
     if world > 1:
@@ -477,6 +493,27 @@ def fit(
     )
 
 
+def usable_batches(n: int, batch_size: int, min_size: int) -> int:
+    """Batches per epoch: full ones, plus the last partial one if it has ``min_size`` examples.
+
+    Every rank computes the same number, so all of them skip the same (too small) last batch.
+    """
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= min_size else 0)
+
+
+def _agree_on_checkpoint(directory: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """Rank 0 chooses the checkpoint to resume from; every rank loads that one."""
+    chosen = load_latest(directory, fingerprint) if rank() == 0 else None
+    if world_size() == 1:
+        return chosen
+    shared = [str(chosen["path"]) if chosen else None]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    if rank() != 0 and shared[0] is not None:
+        chosen = load_checkpoint(Path(shared[0]))
+    return chosen
+
+
 def _train_step(
     job: Job,
     model: nn.Module,
@@ -489,11 +526,8 @@ def _train_step(
 ) -> float:
     """One optimizer step on this rank's share of the batch; returns the loss (mean over ranks)."""
     optimizer.zero_grad(set_to_none=True)
-    skip = len(local) < job.min_batch
     with autocast(runtime, device):
-        loss = job.loss(model, local, device) if not skip else None
-    if loss is None:  # keep DDP's collective calls in step: contribute a zero gradient
-        loss = sum(p.sum() * 0.0 for p in model.parameters())
+        loss = job.loss(model, local, device)
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)

@@ -79,6 +79,9 @@ def test_manifest_matches_files_and_dvc_lock(repo: Path) -> None:
         prov["train_embedding"]["params"]["embedding"]["lr"]
         == lock["train_embedding"]["params"]["params.yaml"]["embedding"]["lr"]
     )
+    assert (
+        manifest["provenance"]["data"]["data/documents"] == prov["ingest"]["deps"]["data/documents"]
+    )
     assert manifest["provenance"]["git_commit"]
     sphana("verify", "target/manifests/latest.json", "--lock", "dvc.lock", cwd=repo)
     sphana("verify", "target/manifests/latest.tar.gz", cwd=repo)

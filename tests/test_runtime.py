@@ -219,6 +219,7 @@ def test_torchrun_two_processes_train_and_write_once(stage_repo: Path) -> None:
             "stages/train_embedding.py",
             "runtime.ddp=true",
             "embedding.epochs=1",
+            "embedding.max_train_pairs=250",  # last batch of 2: too small for 2 ranks, skipped
         ],
         cwd=stage_repo,
     )
@@ -276,3 +277,16 @@ def test_dvclive_logs_every_step(tmp_path: Path) -> None:
     assert loss[0].split("\t") == ["step", "loss"] and len(loss) == 1 + 6
     summary = json.loads((tmp_path / "live/metrics.json").read_text())
     assert {"loss", "lr", "samples_per_s", "epoch_seconds", "memory_mb"} <= set(summary["train"])
+
+
+def test_a_too_small_last_batch_is_skipped_by_every_rank() -> None:
+    assert rt.usable_batches(250, 8, 2 * 2) == 31  # 31 full, last of 2 < 2 per rank x 2 ranks
+    assert rt.usable_batches(252, 8, 2 * 2) == 32  # last of 4: 2 per rank
+    assert rt.usable_batches(10, 5, 2) == 2
+
+
+def test_batch_too_small_for_the_ranks_is_a_config_error(tmp_path: Path) -> None:
+    job, runtime = tiny_job(tmp_path)
+    job.batch_size, job.min_batch = 1, 2
+    with pytest.raises(ConfigError, match="toy.batch_size=1 is too small"):
+        fit(tmp_path, job, runtime)
