@@ -50,6 +50,8 @@ def test_repro_builds_every_artifact(repo: Path) -> None:
     for name in ("embedding.onnx", "embedding.int8.onnx", "tokenizer.json", "vocab.txt"):
         assert (onnx / name).is_file(), name
     assert not list(onnx.glob("*.data")), "weights must be inside the .onnx file"
+    for name in ("embedding.onnx", "embedding.int8.onnx"):
+        assert str(repo).encode() not in (onnx / name).read_bytes(), "no build-machine paths"
     assert (repo / "target/manifests/latest.tar.gz").is_file()
     metrics = json.loads(dvc("metrics", "show", "--json", cwd=repo).stdout)
     assert metrics, "dvc metrics show lists the stage metrics"

@@ -59,6 +59,8 @@ def export_onnx(
     }
     args = tuple(example[name] for name in spec.input_names)
     module.eval()
+    import onnx
+
     with atomic_path(path) as tmp:
         torch.onnx.export(
             module,
@@ -72,14 +74,25 @@ def export_onnx(
             external_data=False,
             verbose=False,
         )
-    import onnx
+        model = onnx.load(str(tmp))
+        strip_debug_metadata(model)
+        onnx.checker.check_model(model)
+        internal = {o for node in model.graph.node for o in node.output}
+        clash = internal & set(spec.input_names)
+        if clash:
+            raise ValueError(f"{path}: graph input names {sorted(clash)} clash with internal nodes")
+        onnx.save(model, str(tmp))
 
-    model = onnx.load(str(path))
-    onnx.checker.check_model(model)
-    internal = {o for node in model.graph.node for o in node.output}
-    clash = internal & set(spec.input_names)
-    if clash:
-        raise ValueError(f"{path}: graph input names {sorted(clash)} clash with internal nodes")
+
+def strip_debug_metadata(model: Any) -> None:
+    """Drop the exporter's per-node debug metadata (Python stack traces with the absolute paths
+    of the build machine): it makes the bytes depend on where the repository is checked out."""
+    graphs = [model.graph, *model.functions]
+    for graph in graphs:
+        for node in graph.node:
+            del node.metadata_props[:]
+        for info in getattr(graph, "value_info", []):
+            del info.metadata_props[:]
 
 
 def ffn_down_projections(model: Any) -> list[str]:
