@@ -8,12 +8,9 @@ and fails the build: it is never only a warning.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from sphana.config import Quantization
 
@@ -165,12 +162,3 @@ def signature(path: Path) -> dict[str, list[dict[str, Any]]]:
         ]
 
     return {"inputs": describe(sess.get_inputs()), "outputs": describe(sess.get_outputs())}
-
-
-def max_abs_diff(run_a: Callable[[], np.ndarray], run_b: Callable[[], np.ndarray]) -> float:
-    a, b = run_a(), run_b()
-    if a.shape != b.shape:
-        from sphana.errors import ParityError
-
-        raise ParityError(f"output shapes differ: {a.shape} vs {b.shape}")
-    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
