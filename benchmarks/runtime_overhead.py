@@ -20,7 +20,7 @@ import yaml
 
 from sphana import runtime as rt
 from sphana.config import Precision, Resume, validate
-from sphana.embedding import load_encoder, pair_loss
+from sphana.embedding import load_encoder, pair_loss, training_job
 from sphana.entry import quiet_libraries
 from sphana.io import load_jsonl
 
@@ -49,21 +49,8 @@ def runtime_loop(cfg, pairs: list[dict], precision: Precision, tmp: Path) -> rt.
     cfg.runtime.resume = Resume.never
     device = rt.setup(cfg.runtime)
     encoder, tokenizer = load_encoder(cfg.embedding)
-    e = cfg.embedding
-    job = rt.Job(
-        name="embedding",
-        model=encoder,
-        examples=pairs,
-        loss=pair_loss(tokenizer, e),
-        batch_size=e.batch_size,
-        epochs=1,
-        lr=e.lr,
-        weight_decay=e.weight_decay,
-        warmup_ratio=e.warmup_ratio,
-        grad_clip=e.grad_clip,
-        fingerprint={},
-        min_batch=2,
-    )
+    cfg.embedding.epochs = 1
+    job = training_job(cfg.embedding, encoder, tokenizer, pairs, [])
     return rt.fit(job, cfg.runtime, device, tmp / "ckpt", tmp / "live", tmp / "prof")
 
 

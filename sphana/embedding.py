@@ -200,6 +200,38 @@ def pair_loss(tokenizer: Any, cfg: EmbeddingConfig):
     return loss
 
 
+def training_job(
+    cfg: EmbeddingConfig,
+    encoder: Encoder,
+    tokenizer: Any,
+    pairs: list[dict],
+    data_files: list[Path],
+):  # -> sphana.runtime.Job
+    """The runtime job that fine-tunes ``encoder`` on ``pairs`` as ``cfg`` says."""
+    from sphana import runtime as rt
+
+    fingerprint = {
+        k: v
+        for k, v in to_plain(cfg).items()
+        if k not in ("version", "eval_batch_size", "gate_metric", "metric_threshold")
+    }
+    return rt.Job(
+        name="embedding",
+        model=encoder,
+        examples=pairs,
+        loss=pair_loss(tokenizer, cfg),
+        batch_size=cfg.batch_size,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio,
+        grad_clip=cfg.grad_clip,
+        fingerprint=fingerprint,
+        data_files=data_files,
+        min_batch=2,
+    )
+
+
 def train(
     cfg: EmbeddingConfig,
     runtime: RuntimeConfig,
@@ -234,26 +266,7 @@ def train(
 
     base_metrics = validation.evaluate(embed) if leader else {}
 
-    fingerprint = {
-        k: v
-        for k, v in to_plain(cfg).items()
-        if k not in ("version", "eval_batch_size", "gate_metric", "metric_threshold")
-    }
-    job = rt.Job(
-        name="embedding",
-        model=encoder,
-        examples=pairs,
-        loss=pair_loss(tokenizer, cfg),
-        batch_size=cfg.batch_size,
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup_ratio=cfg.warmup_ratio,
-        grad_clip=cfg.grad_clip,
-        fingerprint=fingerprint,
-        data_files=[train_file],
-        min_batch=2,
-    )
+    job = training_job(cfg, encoder, tokenizer, pairs, [train_file])
     result = rt.fit(
         job,
         runtime,
