@@ -97,15 +97,12 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, An
     Raises:
         InputError: on invalid JSON or a line that is not an object, naming file and line.
     """
-    with open(path, encoding="utf-8") as f:
-        lines = enumerate(f, start=1)
-        while True:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             try:
-                lineno, line = next(lines)
-            except StopIteration:
-                return
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+                raise InputError(path, f"not UTF-8 text ({e.reason})", lineno) from None
             if not line.strip():
                 continue
             try:

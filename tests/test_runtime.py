@@ -208,20 +208,27 @@ def test_gate() -> None:
         rt.check_gate("embedding", {}, "recall@5", 0.8)
 
 
+def torchrun(repo: Path, port: int, *overrides: str, check: bool = True):
+    """`torchrun --nproc_per_node=2 stages/train_embedding.py ...` (gloo on CPU)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "stages/train_embedding.py",
+        *overrides,
+    ]
+    return run(cmd, cwd=repo, check=check)
+
+
 def test_torchrun_two_processes_train_and_write_once(stage_repo: Path) -> None:
-    proc = run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_port=29517",
-            "stages/train_embedding.py",
-            "runtime.ddp=true",
-            "embedding.epochs=1",
-            "embedding.max_train_pairs=250",  # last batch of 2: too small for 2 ranks, skipped
-        ],
-        cwd=stage_repo,
+    proc = torchrun(
+        stage_repo,
+        29517,
+        "runtime.ddp=true",
+        "embedding.epochs=1",
+        "embedding.max_train_pairs=250",  # last batch of 2: too small for 2 ranks, skipped
     )
     assert (
         proc.stderr.count("train_embedding done") + proc.stdout.count("train_embedding done") == 1
@@ -234,18 +241,7 @@ def test_torchrun_two_processes_train_and_write_once(stage_repo: Path) -> None:
 
 
 def test_torchrun_without_ddp_flag_is_refused(stage_repo: Path) -> None:
-    proc = run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_port=29518",
-            "stages/train_embedding.py",
-        ],
-        cwd=stage_repo,
-        check=False,
-    )
+    proc = torchrun(stage_repo, 29518, check=False)
     assert proc.returncode != 0
     assert "runtime.ddp=true" in proc.stderr
 
