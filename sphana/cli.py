@@ -1,4 +1,10 @@
-"""The ``sphana`` command: ``params`` (compose conf/ into params.yaml) and ``verify``."""
+"""The ``sphana`` command.
+
+- ``params``: compose conf/ into params.yaml.
+- ``verify``: check a manifest, bundle directory or .tar.gz against its files.
+- ``validate FILE --type KIND``: check a data file against its contract (JSON Schema + checks).
+- ``stats FILE [--json]``: record count, label/kind counts and text lengths of a JSON Lines file.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,9 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
+from sphana.contracts import KINDS
 from sphana.errors import SphanaError
 
 console = Console(stderr=True, highlight=False)
@@ -52,6 +60,59 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from sphana.contracts import validate_file
+
+    checked, found = validate_file(Path(args.file), args.type)
+    for v in found:
+        where = args.file if v.line is None else f"{args.file}:{v.line}"
+        print(f"{where}: {v.path}: {v.message}")
+    if found:
+        bad = len({v.line for v in found})
+        console.print(
+            f"[bold red]FAIL[/] {escape(args.file)}: {len(found)} violation(s) in {bad} of "
+            f"{checked} records of the {args.type} schema",
+            soft_wrap=True,
+        )
+        return 1
+    console.print(
+        f"[green]OK[/] {escape(args.file)}: {checked} records match the {args.type} schema",
+        soft_wrap=True,
+    )
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from sphana.contracts import stats
+
+    result = stats(Path(args.file))
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    from rich.table import Table
+
+    out = Console(highlight=False)
+    out.print(f"[bold]{escape(args.file)}[/]: {result['records']} records", soft_wrap=True)
+    out.print(f"fields: {', '.join(result['fields'])}", soft_wrap=True)
+    for name, counts in result["distributions"].items():
+        table = Table(title=f"{name} distribution", title_justify="left")
+        table.add_column(name)
+        for column in ("count", "share"):
+            table.add_column(column, justify="right")
+        for value, count in counts.items():
+            table.add_row(escape(value), str(count), f"{count / result['records']:.1%}")
+        out.print(table)
+    if result["lengths"]:
+        table = Table(title="lengths (characters; candidates: count)", title_justify="left")
+        table.add_column("field")
+        for column in ("p50", "p90", "p99", "max", "mean"):
+            table.add_column(column, justify="right")
+        for name, p in result["lengths"].items():
+            table.add_row(name, *(str(p[c]) for c in ("p50", "p90", "p99", "max", "mean")))
+        out.print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sphana", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--root", help="directory the manifest's paths are relative to")
     v.add_argument("--lock", help="also check provenance against this dvc.lock")
     v.set_defaults(func=cmd_verify)
+
+    c = sub.add_parser("validate", help="check a data file against its contract (JSON Schema)")
+    c.add_argument("file", help="JSON Lines file (or manifest .json for --type manifest)")
+    c.add_argument("--type", required=True, choices=list(KINDS), help="record kind of the file")
+    c.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("stats", help="record count, label/kind counts and lengths of a .jsonl")
+    s.add_argument("file", help="JSON Lines file")
+    s.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    s.set_defaults(func=cmd_stats)
     return parser
 
 
