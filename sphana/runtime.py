@@ -44,6 +44,7 @@ from sphana.io import atomic_dir, sha256_file, write_json_atomic
 
 CHECKPOINT_PREFIX = "step-"
 SUMS_FILE = "SHA256SUMS"
+BEST_DIR = "best"  # weights of the best epoch so far (Job.select_metric), beside the checkpoints
 
 
 def log(message: str) -> None:
@@ -78,6 +79,12 @@ class Job:
     data_files: list[Path] = field(default_factory=list)  # their bytes are fingerprinted too
     min_batch: int = 1  # examples each rank needs per batch (2 for in-batch negatives); a
     # last partial batch smaller than min_batch x world size is skipped by every rank
+    # Validation at every epoch end (rank 0): with ``select_metric`` the weights of the best epoch
+    # (highest value) are what fit returns, and with ``patience`` > 0 training stops after that
+    # many epochs without improvement (early stopping).
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    select_metric: str | None = None
+    patience: int = 0
 
 
 @dataclass
@@ -89,6 +96,9 @@ class FitResult:
     resumed_from: int | None  # step of the checkpoint the run continued from
     checkpoint_seconds: float  # wall time spent writing checkpoints
     history: list[dict[str, float]]
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # per epoch, with "epoch"
+    best_epoch: int | None = None  # epoch whose weights were returned (select_metric)
+    stopped_early: bool = False
 
 
 # --- device, precision, distributed --------------------------------------------------------------
@@ -188,6 +198,16 @@ def _write_checkpoint(
     return final
 
 
+def _write_best(directory: Path, model: nn.Module) -> str:
+    """Save the weights of the best epoch so far; returns their sha256."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(directory / BEST_DIR) as tmp:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"))
+    return sha256_file(directory / BEST_DIR / "model.safetensors")
+
+
 def _check_sums(path: Path) -> str | None:
     """Why the checkpoint at ``path`` is unusable, or None when every file matches its sha256."""
     sums = path / SUMS_FILE
@@ -251,6 +271,11 @@ def load_latest(directory: Path, fingerprint: dict[str, Any]) -> dict[str, Any] 
                 f"{', '.join(changed[:5])}"
             )
             return None
+        best = state.get("best")
+        best_file = directory / BEST_DIR / "model.safetensors"
+        if best and not (best_file.is_file() and sha256_file(best_file) == best["sha256"]):
+            log(f"warning: skipping checkpoint {path}: best-epoch weights missing or altered")
+            continue
         try:
             return load_checkpoint(path)
         except Exception as e:  # noqa: BLE001 - any refusal means "unusable"
@@ -384,6 +409,9 @@ def fit(
     scaler = torch.amp.GradScaler("cuda") if runtime.precision == Precision.fp16 else None
 
     step, history, resumed_from = 0, [], None
+    evaluations: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None  # {"epoch", "value", "sha256"}
+    stopped = False
     ckpt_dir = checkpoint_dir / job.name
     if runtime.resume == Resume.auto:
         loaded = _agree_on_checkpoint(ckpt_dir, fingerprint)
@@ -398,6 +426,8 @@ def fit(
                 torch.cuda.set_rng_state(loaded["rng"]["cuda"])
             step = resumed_from = loaded["state"]["step"]
             history = loaded["state"]["history"]
+            evaluations = loaded["state"].get("evaluations", [])
+            best, stopped = loaded["state"].get("best"), loaded["state"].get("stopped", False)
             log(f"resumed from checkpoint {loaded['path']} (step {step} of {total_steps})")
     elif checkpoints(ckpt_dir):
         log("runtime.resume=never: ignoring existing checkpoints, starting fresh")
@@ -412,7 +442,7 @@ def fit(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    live = _live(live_dir, history) if me == 0 else None
+    live = _live(live_dir, history, evaluations) if me == 0 else None
     every = runtime.checkpoint_every_steps
     samples, loop_start, checkpoint_seconds = 0, time.perf_counter(), 0.0
 
@@ -427,6 +457,9 @@ def fit(
             "batch": batch_index,
             "fingerprint": fingerprint,
             "history": history,
+            "evaluations": evaluations,
+            "best": best,
+            "stopped": stopped,
         }
         _write_checkpoint(ckpt_dir, step, model, optimizer, scheduler, scaler, state)
         _prune(ckpt_dir, runtime.keep_checkpoints)
@@ -437,7 +470,7 @@ def fit(
         _profiler(runtime.profile_steps, profile_dir / job.name) as prof,
     ):
         task = progress.add_task(job.name, total=total_steps, completed=step)
-        for epoch in range(step // batches_per_epoch, job.epochs):
+        for epoch in range(step // batches_per_epoch, job.epochs if not stopped else 0):
             train_model.train()
             epoch_start, epoch_samples = time.perf_counter(), 0
             batches = epoch_batches(len(job.examples), job.batch_size, runtime.seed, epoch)
@@ -476,11 +509,27 @@ def fit(
             if live is not None:
                 live.log_metric("train/epoch_seconds", epoch_seconds, plot=False)
                 live.log_metric("train/memory_mb", _memory_mb(device), plot=False)
+            if job.evaluate is not None:
+                best, stopped = _evaluate_epoch(
+                    job, model, epoch, step, evaluations, best, ckpt_dir
+                )
+                if live is not None:
+                    _log_evaluation(live, evaluations[-1])
             save(epoch + 1, 0)
+            if stopped:
+                log(
+                    f"early stop after epoch {epoch}: {job.select_metric} has not improved for "
+                    f"{job.patience} epoch(s); keeping epoch {best['epoch']}"
+                )
+                break
     seconds = time.perf_counter() - loop_start
     if live is not None:
         live.log_metric("train/samples_per_s", samples / seconds if seconds else 0.0, plot=False)
         live.end()
+    if best is not None and me == 0:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(ckpt_dir / BEST_DIR / "model.safetensors")))
     model.eval()
     return FitResult(
         model=model,
@@ -490,7 +539,44 @@ def fit(
         resumed_from=resumed_from,
         checkpoint_seconds=checkpoint_seconds,
         history=history,
+        evaluations=evaluations,
+        best_epoch=best["epoch"] if best else None,
+        stopped_early=stopped,
     )
+
+
+def _evaluate_epoch(
+    job: Job,
+    model: nn.Module,
+    epoch: int,
+    step: int,
+    evaluations: list[dict[str, Any]],
+    best: dict[str, Any] | None,
+    ckpt_dir: Path,
+) -> tuple[dict[str, Any] | None, bool]:
+    """Validate at an epoch end (rank 0; the others wait for its stop decision)."""
+    stop = False
+    if rank() == 0:
+        assert job.evaluate is not None
+        scores = job.evaluate(model)
+        evaluations.append({"epoch": epoch, "step": step, **scores})
+        if job.select_metric is not None:
+            if job.select_metric not in scores:
+                raise ConfigError(
+                    f"{job.name}: validation metric {job.select_metric!r} is not one of "
+                    f"{sorted(scores)}"
+                )
+            value = scores[job.select_metric]
+            if best is None or value > best["value"]:
+                best = {"epoch": epoch, "value": value, "sha256": _write_best(ckpt_dir, model)}
+            stop = job.patience > 0 and epoch - best["epoch"] >= job.patience
+        log(f"epoch {epoch} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    model.train()
+    if world_size() > 1:
+        shared = [stop, best]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        stop, best = shared
+    return best, stop
 
 
 def usable_batches(n: int, batch_size: int, min_size: int) -> int:
@@ -548,15 +634,29 @@ def _train_step(
     return round(value.item(), 6)
 
 
-def _live(live_dir: Path, history: list[dict[str, Any]]):
-    """A DVCLive logger that starts from ``history`` (replayed after a resume)."""
+def _live(live_dir: Path, history: list[dict[str, Any]], evaluations: list[dict[str, Any]]):
+    """A DVCLive logger that starts from ``history`` and ``evaluations`` (replayed after a
+    resume)."""
     from dvclive import Live
 
     shutil.rmtree(live_dir, ignore_errors=True)
     live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
+    by_step = {e["step"]: e for e in evaluations}
     for record in history:
         _log_step(live, record)
+        if record["step"] in by_step:
+            _log_evaluation(live, by_step[record["step"]])
     return live
+
+
+def _log_evaluation(live: Any, record: dict[str, Any]) -> None:
+    """Epoch-end validation metrics, plotted against the step they were measured at."""
+    step = live.step
+    live.step = record["step"]
+    for key, value in record.items():
+        if key not in ("epoch", "step") and isinstance(value, int | float):
+            live.log_metric(f"validation/{key}", value)
+    live.step = step
 
 
 def _log_step(live: Any, record: dict[str, Any]) -> None:
