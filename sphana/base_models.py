@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 from sphana.errors import ConfigError
 
@@ -61,3 +62,27 @@ def load_fast_tokenizer(name: str, key: str):  # -> tokenizers.Tokenizer
     tokenizer.no_padding()  # shipped tokenizer.json files often pad/truncate to a fixed length
     tokenizer.no_truncation()
     return tokenizer
+
+
+def load_backbone(name: str, key: str, init: Any, random_arch: Any) -> tuple[Any, Any]:
+    """A transformer encoder (no pooler) and its tokenizer, offline.
+
+    ``init: pretrained`` loads the base model's weights; ``random`` builds the base model's
+    architecture shrunk to ``random_arch`` (layers, sizes) with random weights, for tests.
+    """
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from sphana.config import Init
+
+    path = resolve(name, key)
+    # local_files_only is explicit (not left to HF_HUB_OFFLINE): transformers writes it into the
+    # saved tokenizer_config.json, so the artifact's bytes must not depend on the environment
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if init == Init.pretrained:
+        return AutoModel.from_pretrained(
+            path, add_pooling_layer=False, local_files_only=True
+        ), tokenizer
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    for attr, value in vars(random_arch).items():
+        setattr(config, attr, value)
+    return AutoModel.from_config(config, add_pooling_layer=False), tokenizer

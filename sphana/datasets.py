@@ -11,8 +11,15 @@ Embedding pairs (``datasets/embedding/``):
   passage that contains the evidence.
 - ``validation_corpus.jsonl``: every passage of the validation documents, the retrieval pool.
 
-Documents are split, never pairs: documents that share a gold question form one group and every
-group goes wholly to train or to validation, so no validation passage is seen in training.
+Relation examples (``datasets/relation/``): ``{train,validation}.jsonl`` with ``{"id", "doc_id",
+"text" (the sentence), "entity1"/"entity2": {"text", "start", "end", "type"}, "label"}`` (offsets
+index ``text``; ``entity1`` is the subject) from the labelled pairs of ``relations.jsonl``, and
+``labels.json`` (the sorted label set). Every file is checked against its JSON Schema
+(:mod:`sphana.contracts`) before it is written.
+
+Documents are split, never pairs, with one split for every component: documents that share a
+gold question form one group and every group goes wholly to train or to validation, so no
+validation passage is seen in training.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,14 +122,20 @@ def split_documents(
     return split
 
 
-def build_embedding(
-    chunks_file: Path, questions_file: Path | None, cfg: DatasetConfig, out_dir: Path
-) -> dict[str, Any]:
-    """Write embedding train/validation pairs and the validation corpus; returns the report."""
+@dataclass
+class Corpus:
+    """Ingested chunks, resolved gold questions and the document split shared by every dataset."""
+
+    chunks_file: Path
+    chunks: list[dict[str, Any]]
+    questions: list[dict]
+    split: dict[str, str]  # doc_id -> "train" | "validation"
+
+
+def load_corpus(chunks_file: Path, questions_file: Path | None, cfg: DatasetConfig) -> Corpus:
     chunks = [c for _, c in read_jsonl(chunks_file)]
     if not chunks:
         raise InputError(chunks_file, "no chunks: did ingest read any document?")
-    by_id = {c["id"]: c for c in chunks}
     chunks_by_doc: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for c in chunks:
         chunks_by_doc[c["doc_id"]].append(c)
@@ -130,7 +144,19 @@ def build_embedding(
         if questions_file is not None and questions_file.is_file()
         else []
     )
-    split = split_documents(chunks_by_doc, questions, cfg)
+    return Corpus(chunks_file, chunks, questions, split_documents(chunks_by_doc, questions, cfg))
+
+
+def build_embedding(
+    chunks_file: Path, questions_file: Path | None, cfg: DatasetConfig, out_dir: Path
+) -> dict[str, Any]:
+    """Write embedding train/validation pairs and the validation corpus; returns the report."""
+    return write_embedding(load_corpus(chunks_file, questions_file, cfg), cfg, out_dir)
+
+
+def write_embedding(corpus: Corpus, cfg: DatasetConfig, out_dir: Path) -> dict[str, Any]:
+    chunks, questions, split = corpus.chunks, corpus.questions, corpus.split
+    by_id = {c["id"]: c for c in chunks}
     rng = random.Random(cfg.seed)
 
     records: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
@@ -170,12 +196,12 @@ def build_embedding(
         records["validation"] = self_supervised["validation"]
     if not records["train"] or not records["validation"]:
         raise InputError(
-            chunks_file,
+            corpus.chunks_file,
             "too few documents to build both a train and a validation "
             "split; add documents or change dataset.validation_fraction",
         )
     val_docs = {d for d, s in split.items() if s == "validation"}
-    corpus = [
+    passages = [
         {"id": c["id"], "doc_id": c["doc_id"], "text": c["text"]}
         for c in chunks
         if c["doc_id"] in val_docs
@@ -185,9 +211,9 @@ def build_embedding(
     if leaked:  # cannot happen by construction; never write a leaking split if it does
         raise AssertionError(f"validation documents leaked into training: {sorted(leaked)[:5]}")
     counts = {name: len(rs) for name, rs in records.items()}
-    write_jsonl(out_dir / "train.jsonl", records["train"])
-    write_jsonl(out_dir / "validation.jsonl", records["validation"])
-    write_jsonl(out_dir / "validation_corpus.jsonl", corpus)
+    _write(out_dir / "train.jsonl", records["train"], "embedding")
+    _write(out_dir / "validation.jsonl", records["validation"], "embedding")
+    _write(out_dir / "validation_corpus.jsonl", passages, "embedding_corpus")
     return {
         "documents": {"train": len(split) - len(val_docs), "validation": len(val_docs)},
         "pairs": counts,
@@ -196,7 +222,7 @@ def build_embedding(
             for name, rs in records.items()
         },
         "gold_questions": len(questions),
-        "validation_corpus": len(corpus),
+        "validation_corpus": len(passages),
     }
 
 
@@ -212,13 +238,78 @@ def _pair(query: str, chunk: dict, relevant_ids: list[str], kind: str, query_id:
     }
 
 
-def run(
-    cfg: DatasetConfig, chunks_file: Path, gold_dir: Path, out_dir: Path, report_file: Path
-) -> dict[str, Any]:
-    report = {
-        "embedding": build_embedding(
-            chunks_file, gold_dir / "questions.jsonl", cfg, out_dir / "embedding"
+def build_relation(relations_file: Path, split: dict[str, str], out_dir: Path) -> dict[str, Any]:
+    """Write relation train/validation examples (the labelled entity pairs of ``relations.jsonl``,
+    one sentence each, offsets relative to it) and ``labels.json``; returns the report."""
+    records: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
+    unlabelled = 0
+    for lineno, r in read_jsonl(relations_file):
+        if r.get("label") is None:
+            unlabelled += 1
+            continue
+        name = split.get(r["doc_id"])
+        if name is None:
+            raise InputError(
+                relations_file,
+                f"document {r['doc_id']!r} is not in chunks.jsonl; rerun ingest",
+                lineno,
+            )
+        offset = r["sentence"]["start"]
+        records[name].append(
+            {
+                "id": r["id"],
+                "doc_id": r["doc_id"],
+                "text": r["sentence"]["text"],
+                "entity1": _shift(r["e1"], offset),
+                "entity2": _shift(r["e2"], offset),
+                "label": r["label"],
+            }
         )
+    if not records["train"] or not records["validation"]:
+        raise InputError(
+            relations_file,
+            "no labelled entity pairs in the train or the validation split: the gold "
+            "relations.jsonl must label pairs in documents of both splits",
+        )
+    labels = sorted({r["label"] for rs in records.values() for r in rs})
+    for name, rs in records.items():
+        _write(out_dir / f"{name}.jsonl", rs, "relation")
+    write_json_atomic(out_dir / "labels.json", {"labels": labels})
+    return {
+        "examples": {name: len(rs) for name, rs in records.items()},
+        "by_label": {
+            name: {label: sum(r["label"] == label for r in rs) for label in labels}
+            for name, rs in records.items()
+        },
+        "unlabelled_candidates": unlabelled,
+    }
+
+
+def _shift(entity: dict[str, Any], offset: int) -> dict[str, Any]:
+    return {**entity, "start": entity["start"] - offset, "end": entity["end"] - offset}
+
+
+def _write(path: Path, records: list[dict[str, Any]], kind: str) -> None:
+    """Check ``records`` against the ``kind`` schema, then write them (atomically)."""
+    from sphana import contracts
+
+    contracts.check_records(records, kind, path)
+    write_jsonl(path, records)
+
+
+def run(
+    cfg: DatasetConfig,
+    ingest_dir: Path,
+    gold_dir: Path,
+    out_dir: Path,
+    report_file: Path,
+) -> dict[str, Any]:
+    corpus = load_corpus(ingest_dir / "chunks.jsonl", gold_dir / "questions.jsonl", cfg)
+    report = {
+        "embedding": write_embedding(corpus, cfg, out_dir / "embedding"),
+        "relation": build_relation(
+            ingest_dir / "relations.jsonl", corpus.split, out_dir / "relation"
+        ),
     }
     write_json_atomic(report_file, report)
     return report

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sphana.config import EmbeddingConfig, Init, PathsConfig, RuntimeConfig, to_plain
+from sphana.config import EmbeddingConfig, PathsConfig, RuntimeConfig, to_plain
 from sphana.errors import InputError
 from sphana.io import atomic_dir, load_jsonl, write_json_atomic, write_text_atomic
 
@@ -46,23 +46,11 @@ class Encoder(nn.Module):
 
 def load_encoder(cfg: EmbeddingConfig) -> tuple[Encoder, Any]:
     """The base encoder and its tokenizer, loaded offline (see :mod:`sphana.base_models`)."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from sphana.base_models import load_backbone
 
-    from sphana.base_models import resolve
-
-    path = resolve(cfg.base_model, "embedding.base_model")
-    # local_files_only is explicit (not left to HF_HUB_OFFLINE): transformers writes it into the
-    # saved tokenizer_config.json, so the artifact's bytes must not depend on the environment
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if cfg.init == Init.pretrained:
-        transformer = AutoModel.from_pretrained(
-            path, add_pooling_layer=False, local_files_only=True
-        )
-    else:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        for key, value in vars(cfg.random_arch).items():
-            setattr(config, key, value)
-        transformer = AutoModel.from_config(config, add_pooling_layer=False)
+    transformer, tokenizer = load_backbone(
+        cfg.base_model, "embedding.base_model", cfg.init, cfg.random_arch
+    )
     return Encoder(transformer), tokenizer
 
 

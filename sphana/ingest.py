@@ -325,8 +325,13 @@ def chunk_documents(docs: list[Document], tokenizer: Any, cfg: IngestConfig) -> 
                 n += 1
 
 
-def run(cfg: IngestConfig, documents_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Ingest ``documents_dir`` into ``out_dir/chunks.jsonl``; returns (and writes) the report."""
+def run(
+    cfg: IngestConfig, documents_dir: Path, out_dir: Path, gold_relations: Path | None = None
+) -> dict[str, Any]:
+    """Ingest ``documents_dir`` into ``out_dir``: ``chunks.jsonl``, ``relations.jsonl`` (candidate
+    entity pairs, joined with the gold annotations in ``gold_relations`` when that file exists)
+    and ``report.json``, which is returned."""
+    from sphana import contracts, entities
     from sphana.base_models import load_fast_tokenizer
     from sphana.io import write_json_atomic, write_jsonl
 
@@ -335,9 +340,19 @@ def run(cfg: IngestConfig, documents_dir: Path, out_dir: Path) -> dict[str, Any]
     if not docs:
         raise InputError(documents_dir, "no documents found; check paths.documents and extensions")
     tokenizer = load_fast_tokenizer(cfg.tokenizer, "ingest.tokenizer")
-    chunks = list(chunk_documents(docs, tokenizer, cfg))
-    write_jsonl(out_dir / "chunks.jsonl", (asdict(c) for c in chunks))
-    tokens = sorted(c.n_tokens for c in chunks)
+    chunks = [asdict(c) for c in chunk_documents(docs, tokenizer, cfg)]
+
+    gold = entities.read_gold_file(gold_relations, docs) if gold_relations else None
+    parser = entities.load_parser(cfg.parser, cfg.spacy_model)
+    cache = entities.ParseCache(out_dir / "parse_cache", parser.version, cfg.parse_cache)
+    extraction = entities.extract(docs, parser, cache, gold, cfg.max_pair_chars)
+
+    contracts.check_records(chunks, "chunks", out_dir / "chunks.jsonl")
+    contracts.check_records(extraction.records, "relations", out_dir / "relations.jsonl")
+    write_jsonl(out_dir / "chunks.jsonl", chunks)
+    write_jsonl(out_dir / "relations.jsonl", extraction.records)
+    cache.save()
+    tokens = sorted(c["n_tokens"] for c in chunks)
     report.update(
         sections=sum(len(d.sections) for d in docs),
         chunks=len(chunks),
@@ -346,6 +361,7 @@ def run(cfg: IngestConfig, documents_dir: Path, out_dir: Path) -> dict[str, Any]
             "p50": tokens[len(tokens) // 2],
             "max": tokens[-1],
         },
+        relations=extraction.report,
         skipped_count=len(report["skipped"]),
         ignored_count=len(report["ignored_files"]),
     )

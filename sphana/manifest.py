@@ -19,7 +19,8 @@ SCHEMA_PATH = Path(__file__).parent / "schemas" / "manifest.schema.json"
 MANIFEST_NAME = "manifest.json"  # name inside a tarball / bundle directory
 # The stages whose dvc.lock entries prove where each component came from.
 COMPONENT_STAGES = {
-    "embedding": ["ingest", "build_datasets", "train_embedding", "export_embedding"]
+    component: ["ingest", "build_datasets", f"train_{component}", f"export_{component}"]
+    for component in ("embedding", "relation")
 }
 
 

@@ -24,7 +24,12 @@ def metrics_file(cfg: SphanaConfig, stage: str) -> Path:
 def ingest(cfg: SphanaConfig) -> dict[str, Any]:
     from sphana import ingest as ingest_lib
 
-    return ingest_lib.run(cfg.ingest, Path(cfg.paths.documents), Path(cfg.paths.ingest))
+    return ingest_lib.run(
+        cfg.ingest,
+        Path(cfg.paths.documents),
+        Path(cfg.paths.ingest),
+        Path(cfg.paths.gold) / "relations.jsonl",
+    )
 
 
 def build_datasets(cfg: SphanaConfig) -> dict[str, Any]:
@@ -32,7 +37,7 @@ def build_datasets(cfg: SphanaConfig) -> dict[str, Any]:
 
     return datasets.run(
         cfg.dataset,
-        Path(cfg.paths.ingest) / "chunks.jsonl",
+        Path(cfg.paths.ingest),
         Path(cfg.paths.gold),
         Path(cfg.paths.datasets),
         metrics_file(cfg, "build_datasets"),
@@ -69,6 +74,57 @@ def export_embedding(cfg: SphanaConfig) -> dict[str, Any]:
     return report
 
 
+def train_relation(cfg: SphanaConfig) -> dict[str, Any]:
+    from sphana import relation
+
+    metrics = relation.train(
+        cfg.relation,
+        cfg.runtime,
+        cfg.paths,
+        Path(cfg.paths.datasets) / "relation",
+        component_dir(cfg, "relation", "pytorch"),
+    )
+    if metrics:  # rank 0 of a distributed run, or a single process
+        # one row per validation example: what `dvc plots` draws as the confusion matrix
+        write_json_atomic(
+            Path(cfg.paths.metrics) / "train_relation_confusion.json", metrics.pop("predictions")
+        )
+        write_json_atomic(metrics_file(cfg, "train_relation"), metrics)
+    return metrics
+
+
+def export_relation(cfg: SphanaConfig) -> dict[str, Any]:
+    from sphana.export import relation as export
+
+    report = export.run(
+        cfg.relation,
+        cfg.export,
+        component_dir(cfg, "relation", "pytorch"),
+        Path(cfg.paths.datasets) / "relation",
+        component_dir(cfg, "relation", "onnx"),
+        threads=cfg.runtime.threads,
+    )
+    write_json_atomic(metrics_file(cfg, "export_relation"), report)
+    return report
+
+
+def _component_metrics(component: str, train: dict[str, Any], report: dict[str, Any]) -> dict:
+    """What the manifest says about a component's quality (from its train and export metrics)."""
+    if component == "embedding":
+        return {
+            "validation": train["fine_tuned"],
+            "base_validation": train["base"],
+            "onnx_int8_validation": report["int8"]["metrics"],
+        }
+    return {
+        "validation": {k: train["validation"][k] for k in ("macro_f1", "accuracy")},
+        "per_class": train["validation"]["per_class"],
+        "baselines": train["baselines"],
+        "onnx_fp32_validation": report["fp32"]["metrics"],
+        "onnx_int8_validation": report["int8"]["metrics"],
+    }
+
+
 def manifest(cfg: SphanaConfig, lock_file: Path = Path("dvc.lock")) -> dict[str, Any]:
     from sphana import manifest as manifest_lib
 
@@ -79,11 +135,7 @@ def manifest(cfg: SphanaConfig, lock_file: Path = Path("dvc.lock")) -> dict[str,
         components[component] = {
             "onnx_dir": component_dir(cfg, component, "onnx"),
             "version": getattr(cfg, component).version,
-            "metrics": {
-                "validation": train["fine_tuned"],
-                "base_validation": train["base"],
-                "onnx_int8_validation": report["int8"]["metrics"],
-            },
+            "metrics": _component_metrics(component, train, report),
             "parity": report,
             "model_config": report["model_config"],
         }
@@ -122,6 +174,8 @@ STAGES = {
     "build_datasets": build_datasets,
     "train_embedding": train_embedding,
     "export_embedding": export_embedding,
+    "train_relation": train_relation,
+    "export_relation": export_relation,
     "manifest": manifest,
     "package": package,
 }

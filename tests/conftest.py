@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = ("paths", "runtime", "ingest", "dataset", "embedding", "export", "release")
+GROUPS = ("paths", "runtime", "ingest", "dataset", "embedding", "relation", "export", "release")
 TINY = [f"{group}=tiny" for group in GROUPS]
 
 
@@ -93,6 +93,13 @@ def built_tiny(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("built")
     cfg = tiny_config(tmp)
     results = {}
-    for name in ("ingest", "build_datasets", "train_embedding", "export_embedding"):
+    for name in (
+        "ingest",
+        "build_datasets",
+        "train_embedding",
+        "export_embedding",
+        "train_relation",
+        "export_relation",
+    ):
         results[name] = pipeline.STAGES[name](cfg)
     return cfg, results

@@ -18,6 +18,8 @@ ALL_STAGES = [
     "build_datasets",
     "train_embedding",
     "export_embedding",
+    "train_relation",
+    "export_relation",
     "manifest",
     "package",
 ]
@@ -26,6 +28,21 @@ ALL_STAGES = [
 def ran(proc) -> list[str]:
     """Stages DVC ran, in order (from its 'Running stage' lines)."""
     return re.findall(r"Running stage '([^']+)'", proc.stdout + proc.stderr)
+
+
+def assert_ran(proc, expected: list[str]) -> None:
+    """DVC ran exactly ``expected``, each stage after the ones it depends on (the two model
+    chains may interleave)."""
+    stages = ran(proc)
+    assert sorted(stages) == sorted(expected), stages
+    order = {name: i for i, name in enumerate(stages)}
+    for before, after in zip(ALL_STAGES, ALL_STAGES[1:], strict=False):
+        if (
+            before in order
+            and after in order
+            and not (before.endswith("_embedding") and after.startswith("train_relation"))
+        ):
+            assert order[before] < order[after], stages
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +56,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sphana("params", cwd=repo)
     commit_all(repo, "tiny configuration")
     proc = dvc("repro", cwd=repo)
-    assert ran(proc) == ALL_STAGES
+    assert_ran(proc, ALL_STAGES)
     return repo
 
 
@@ -52,7 +69,15 @@ def test_repro_builds_every_artifact(repo: Path) -> None:
     assert not list(onnx.glob("*.data")), "weights must be inside the .onnx file"
     for name in ("embedding.onnx", "embedding.int8.onnx"):
         assert str(repo).encode() not in (onnx / name).read_bytes(), "no build-machine paths"
+    relation = repo / "target/artifacts/relation" / params["relation"]["version"] / "onnx"
+    for name in ("relation_extraction.onnx", "relation_extraction.int8.onnx", "labels.json"):
+        assert (relation / name).is_file(), name
+    tokenizer = json.loads((relation / "tokenizer.json").read_text())
+    added = {t["content"] for t in tokenizer["added_tokens"]}
+    assert {"[E1]", "[/E1]", "[E2]", "[/E2]"} <= added
     assert (repo / "target/manifests/latest.tar.gz").is_file()
+    plots = dvc("plots", "show", "--json", cwd=repo).stdout
+    assert "train_relation_confusion.json" in plots
     metrics = json.loads(dvc("metrics", "show", "--json", cwd=repo).stdout)
     assert metrics, "dvc metrics show lists the stage metrics"
 
@@ -126,9 +151,22 @@ def test_training_param_experiment_reruns_exactly_the_model_chain(repo: Path) ->
     assert "0.002" in shown
 
 
+def test_relation_param_experiment_reruns_only_the_relation_chain(repo: Path) -> None:
+    # on top of the previous experiment (DVC composes conf/ with the given overrides only)
+    proc = dvc("exp", "run", "-S", "embedding.lr=0.002", "-S", "relation.dropout=0.2", cwd=repo)
+    assert ran(proc) == ["train_relation", "export_relation", "manifest", "package"]
+    manifest = json.loads((repo / "target/manifests/latest.json").read_text())
+    prov = manifest["provenance"]["stages"]["train_relation"]
+    assert prov["params"]["relation"]["dropout"] == 0.2
+
+
 def test_chunking_param_reruns_from_ingest(repo: Path) -> None:
     proc = dvc("exp", "run", "-S", "ingest.chunk_tokens=64", cwd=repo)
-    assert ran(proc) == ALL_STAGES
+    # relations.jsonl does not depend on chunking: DVC stops the relation chain there
+    assert_ran(
+        proc,
+        ["ingest", "build_datasets", "train_embedding", "export_embedding", "manifest", "package"],
+    )
 
 
 def test_editing_a_data_file_is_detected(repo: Path) -> None:

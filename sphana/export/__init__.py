@@ -35,6 +35,19 @@ def register(spec: OnnxSpec) -> OnnxSpec:
     return spec
 
 
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # int64 [batch, sequence]
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")  # copied beside ONNX
+
+
+def text_model_spec(component: str, file_name: str, output: str) -> OnnxSpec:
+    """The spec of a transformer over tokenized text: the BERT inputs with dynamic batch and
+    sequence axes, one output with a dynamic batch axis."""
+    axes = {name: {0: "batch", 1: "sequence"} for name in TEXT_INPUTS}
+    return register(
+        OnnxSpec(component, file_name, TEXT_INPUTS, (output,), {**axes, output: {0: "batch"}})
+    )
+
+
 def export_onnx(
     module: Any, example: dict[str, Any], spec: OnnxSpec, path: Path, opset: int
 ) -> None:
@@ -137,6 +150,34 @@ def quantize(src: Path, dst: Path, preset: Quantization) -> dict[str, Any]:
         "activations": "dynamic uint8",
         "fp32_nodes": len(exclude),
     }
+
+
+def parity_batch(ordered: list[Any], size: int) -> list[Any]:
+    """``size`` items mixing the shortest and the longest of ``ordered`` (sorted by length), so
+    the batch carries real padding; the longest one alone for size 1."""
+    return (
+        (ordered[: (size + 1) // 2] + ordered[-(size // 2) :])[:size] if size > 1 else ordered[-1:]
+    )
+
+
+def check_parity(component: str, fp32: dict[str, Any], failures: list[str], preset: Quantization):
+    """Raise :class:`~sphana.errors.ParityError` if the fp32 check or any of ``failures`` (INT8
+    gates, already worded) failed; the message names every missed gate and its key."""
+    from sphana.errors import ParityError
+
+    if not fp32["passed"]:
+        failures = [
+            f"fp32 max abs diff {fp32['max_abs_diff']:.3g} > "
+            f"export.parity.fp32_max_abs_diff={fp32['threshold']}",
+            *failures,
+        ]
+    if failures:
+        raise ParityError(
+            f"{component} export failed its parity gate (nothing was written): "
+            + "; ".join(failures)
+            + f". Quantization preset was export.quantization={preset.value}; "
+            "per_channel_ffn_fp32 is the most accurate."
+        )
 
 
 def session(path: Path, threads: int = 0) -> Any:
