@@ -268,8 +268,9 @@ def build_relation(relations_file: Path, split: dict[str, str], out_dir: Path) -
     if not records["train"] or not records["validation"]:
         raise InputError(
             relations_file,
-            "no labelled entity pairs in the train or the validation split: the gold "
-            "relations.jsonl must label pairs in documents of both splits",
+            "no labelled entity pairs in the train or the validation split: the relation "
+            "extractor learns from gold annotations; add <paths.gold>/relations.jsonl (format in "
+            "data/README.md) labelling pairs in documents of both splits",
         )
     labels = sorted({r["label"] for rs in records.values() for r in rs})
     for name, rs in records.items():

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from sphana.config import ParserName
+from sphana.config import OnError, ParserName
 from sphana.errors import ConfigError, InputError
 from sphana.ingest import Document, split_sentences
 from sphana.io import read_jsonl, write_jsonl
@@ -235,58 +235,73 @@ class Gold:
     """Gold relation annotations, by ``(doc_id, section)`` and unordered entity spans."""
 
     pairs: dict[tuple[str, str, frozenset], dict[str, Any]] = field(default_factory=dict)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # with ingest.on_error=skip
 
     @classmethod
-    def read(cls, path: Path, sections: dict[tuple[str, str], str]) -> Gold:
+    def read(
+        cls, path: Path, sections: dict[tuple[str, str], str], on_error: OnError = OnError.fail
+    ) -> Gold:
+        """Read and check ``path``; a bad line raises :class:`InputError` naming it or, with
+        ``on_error: skip`` (e.g. its document was skipped), is listed in ``skipped``."""
         gold = cls()
-        seen: set[str] = set()
+        ids: set[str] = set()
         for lineno, r in read_jsonl(path):
             try:
-                key = (r["doc_id"], r["section"])
-                spans = [(r[k]["start"], r[k]["end"]) for k in ("e1", "e2")]
-                texts = [r[k]["text"] for k in ("e1", "e2")]
-                sentence = (r["sentence"]["start"], r["sentence"]["end"])
-                label, gid = r["label"], r["id"]
-            except (KeyError, TypeError):
-                raise InputError(
-                    path,
-                    "needs id, doc_id, section, sentence{start,end}, e1/e2{text,type,start,end} "
-                    "and label",
-                    lineno,
-                ) from None
-            if gid in seen:
-                raise InputError(path, f"duplicate relation id {gid!r}", lineno)
-            seen.add(gid)
-            text = sections.get(key)
-            if text is None:
-                raise InputError(
-                    path, f"section {key[1]!r} of document {key[0]!r} is not in the corpus", lineno
-                )
-            for name, (s, e), t in zip(("e1", "e2"), spans, texts, strict=True):
-                if not (isinstance(s, int) and isinstance(e, int) and 0 <= s < e <= len(text)):
-                    raise InputError(path, f"{name} span {s}:{e} is outside the section", lineno)
-                if text[s:e] != t:
+                pair_key, entry = _gold_pair(path, lineno, r, sections)
+                if entry["id"] in ids:
+                    raise InputError(path, f"duplicate relation id {entry['id']!r}", lineno)
+                if pair_key in gold.pairs:
                     raise InputError(
                         path,
-                        f"{name} text {t!r} != section text {text[s:e]!r} at {s}:{e} "
-                        "(offsets index the normalized section text)",
+                        f"entity pair annotated twice (also {gold.pairs[pair_key]['id']!r})",
                         lineno,
                     )
-            if spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]:
-                raise InputError(path, "e1 and e2 overlap", lineno)
-            if not (isinstance(label, str) and label):
-                raise InputError(path, "label must be a non-empty string", lineno)
-            pair_key = (*key, frozenset(spans))
-            if pair_key in gold.pairs:
-                raise InputError(path, f"entity pair annotated twice (also {gid!r})", lineno)
-            gold.pairs[pair_key] = {
-                "id": gid,
-                "label": label,
-                "sentence": sentence,
-                "e1": {**r["e1"]},
-                "e2": {**r["e2"]},
-            }
+            except InputError as e:
+                if on_error == OnError.fail:
+                    raise
+                gold.skipped.append({"file": e.path, "line": e.line, "reason": e.reason})
+                continue
+            ids.add(entry["id"])
+            gold.pairs[pair_key] = entry
         return gold
+
+
+def _gold_pair(
+    path: Path, lineno: int, r: Any, sections: dict[tuple[str, str], str]
+) -> tuple[tuple[str, str, frozenset], dict[str, Any]]:
+    try:
+        key = (r["doc_id"], r["section"])
+        spans = [(r[k]["start"], r[k]["end"]) for k in ("e1", "e2")]
+        texts = [r[k]["text"] for k in ("e1", "e2")]
+        sentence = (r["sentence"]["start"], r["sentence"]["end"])
+        label, gid = r["label"], r["id"]
+    except (KeyError, TypeError):
+        raise InputError(
+            path,
+            "needs id, doc_id, section, sentence{start,end}, e1/e2{text,type,start,end} and label",
+            lineno,
+        ) from None
+    text = sections.get(key)
+    if text is None:
+        raise InputError(
+            path, f"section {key[1]!r} of document {key[0]!r} is not in the corpus", lineno
+        )
+    for name, (s, e), t in zip(("e1", "e2"), spans, texts, strict=True):
+        if not (isinstance(s, int) and isinstance(e, int) and 0 <= s < e <= len(text)):
+            raise InputError(path, f"{name} span {s}:{e} is outside the section", lineno)
+        if text[s:e] != t:
+            raise InputError(
+                path,
+                f"{name} text {t!r} != section text {text[s:e]!r} at {s}:{e} "
+                "(offsets index the normalized section text)",
+                lineno,
+            )
+    if spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]:
+        raise InputError(path, "e1 and e2 overlap", lineno)
+    if not (isinstance(label, str) and label):
+        raise InputError(path, "label must be a non-empty string", lineno)
+    entry = {"id": gid, "label": label, "sentence": sentence, "e1": r["e1"], "e2": r["e2"]}
+    return (*key, frozenset(spans)), entry
 
 
 @dataclass
@@ -397,9 +412,11 @@ def _record(
     }
 
 
-def read_gold_file(path: Path, docs: list[Document]) -> Gold | None:
+def read_gold_file(
+    path: Path, docs: list[Document], on_error: OnError = OnError.fail
+) -> Gold | None:
     """The gold annotations at ``path``, or None when the corpus has none."""
     if not path.is_file():
         return None
     sections = {(d.id, s.heading): s.text for d in docs for s in d.sections}
-    return Gold.read(path, sections)
+    return Gold.read(path, sections, on_error)

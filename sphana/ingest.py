@@ -342,7 +342,9 @@ def run(
     tokenizer = load_fast_tokenizer(cfg.tokenizer, "ingest.tokenizer")
     chunks = [asdict(c) for c in chunk_documents(docs, tokenizer, cfg)]
 
-    gold = entities.read_gold_file(gold_relations, docs) if gold_relations else None
+    gold = entities.read_gold_file(gold_relations, docs, cfg.on_error) if gold_relations else None
+    if gold is not None:
+        report["skipped"].extend(gold.skipped)
     parser = entities.load_parser(cfg.parser, cfg.spacy_model)
     cache = entities.ParseCache(out_dir / "parse_cache", parser.version, cfg.parse_cache)
     extraction = entities.extract(docs, parser, cache, gold, cfg.max_pair_chars)

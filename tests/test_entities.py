@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from sphana.config import IngestConfig, ParserName
+from sphana.config import IngestConfig, OnError, ParserName
 from sphana.entities import Gold, ParseCache, SimpleParser, extract, load_parser
 from sphana.errors import ConfigError, InputError
 from sphana.ingest import Document, Section, run
@@ -211,3 +211,18 @@ def test_spacy_parser_without_a_pipeline_says_what_to_install(tmp_path: Path) ->
     pytest.importorskip("spacy")
     with pytest.raises(ConfigError, match="ingest.spacy_model=.*pip install"):
         load_parser(ParserName.spacy, str(tmp_path / "no-such-pipeline"))
+
+
+def test_bad_gold_lines_are_skipped_and_counted_with_on_error_skip(tmp_path: Path) -> None:
+    text = "The Oszell Lab hired Edda Marrowby."
+    good = _gold((21, 34, "Edda Marrowby"), (4, 14, "Oszell Lab"), "works_at", id="r0")
+    orphan = {**good, "id": "r1", "doc_id": "skipped-document"}
+    gold = Gold.read(_gold_file(tmp_path, [good, orphan]), {("d", "S"): text}, OnError.skip)
+    assert len(gold.pairs) == 1
+    assert gold.skipped == [
+        {
+            "file": str(tmp_path / "relations.jsonl"),
+            "line": 2,
+            "reason": "section 'S' of document 'skipped-document' is not in the corpus",
+        }
+    ]
