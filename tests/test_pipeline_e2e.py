@@ -76,6 +76,13 @@ def test_repro_builds_every_artifact(repo: Path) -> None:
     added = {t["content"] for t in tokenizer["added_tokens"]}
     assert {"[E1]", "[/E1]", "[E2]", "[/E2]"} <= added
     assert (repo / "target/manifests/latest.tar.gz").is_file()
+    for path, kind in (
+        ("target/ingest/chunks.jsonl", "chunks"),
+        ("target/ingest/relations.jsonl", "relations"),
+        ("target/datasets/relation/validation.jsonl", "relation"),
+        ("target/manifests/latest.json", "manifest"),
+    ):
+        assert "records match" in sphana("validate", path, "--type", kind, cwd=repo).stderr
     plots = dvc("plots", "show", "--json", cwd=repo).stdout
     assert "train_relation_confusion.json" in plots
     metrics = json.loads(dvc("metrics", "show", "--json", cwd=repo).stdout)

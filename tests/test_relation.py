@@ -114,19 +114,18 @@ def test_baselines() -> None:
     assert result["rules"]["coverage"] == pytest.approx(2 / 3, abs=1e-6)
 
 
-def test_early_stopping_keeps_the_best_epoch(tmp_path: Path) -> None:
-    scores = iter([0.5, 0.9, 0.7, 0.6, 0.95])  # best at epoch 1, then 2 epochs worse
-    snapshots = []
-    model = torch.nn.Linear(3, 1)
+def _toy_job(scores: list[float], snapshots: list[torch.Tensor]) -> rt.Job:
+    values = iter(scores)
+    torch.manual_seed(0)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         snapshots.append(m.weight.detach().clone())
-        return {"macro_f1": next(scores)}
+        return {"macro_f1": next(values)}
 
-    job = rt.Job(
+    return rt.Job(
         name="toy",
-        model=model,
-        examples=[torch.randn(3) for _ in range(8)],
+        model=torch.nn.Linear(3, 1),
+        examples=[torch.full((3,), float(i)) for i in range(8)],
         loss=lambda m, batch, dev: m(torch.stack(batch)).pow(2).mean(),
         batch_size=4,
         epochs=5,
@@ -139,12 +138,33 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path: Path) -> None:
         select_metric="macro_f1",
         patience=2,
     )
+
+
+def _fit(job: rt.Job, tmp_path: Path) -> rt.FitResult:
     runtime = RuntimeConfig(device=Device.cpu, checkpoint_every_steps=0)
-    result = rt.fit(job, runtime, rt.setup(runtime), tmp_path / "ck", tmp_path / "live", tmp_path)
+    return rt.fit(job, runtime, rt.setup(runtime), tmp_path / "ck", tmp_path / "live", tmp_path)
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path: Path) -> None:
+    snapshots: list[torch.Tensor] = []
+    # best at epoch 1, then 2 epochs without improvement: stop (epoch 4 never runs)
+    result = _fit(_toy_job([0.5, 0.9, 0.7, 0.6, 0.95], snapshots), tmp_path)
     assert [e["macro_f1"] for e in result.evaluations] == [0.5, 0.9, 0.7, 0.6]
     assert result.stopped_early and result.best_epoch == 1 and result.steps == 8
     assert torch.equal(result.model.weight, snapshots[1])
     assert (tmp_path / "live/plots/metrics/validation/macro_f1.tsv").is_file()
+
+    # a rerun resumes from the last checkpoint: already stopped, it trains no more and
+    # returns the same best weights
+    again = _fit(_toy_job([], []), tmp_path)
+    assert again.resumed_from == 8 and again.stopped_early and again.best_epoch == 1
+    assert torch.equal(again.model.weight, snapshots[1])
+
+    # altered best-epoch weights make the checkpoints unusable: the run starts fresh
+    best = tmp_path / "ck/toy/best/model.safetensors"
+    best.write_bytes(best.read_bytes()[:-4] + b"\0\0\0\0")
+    fresh = _fit(_toy_job([0.5, 0.9, 0.7, 0.6], []), tmp_path)
+    assert fresh.resumed_from is None and fresh.best_epoch == 1
 
 
 def test_relation_dataset_is_split_by_document(built_tiny) -> None:
