@@ -255,14 +255,7 @@ def train(
     base_metrics = validation.evaluate(embed) if leader else {}
 
     job = training_job(cfg, encoder, tokenizer, pairs, [train_file])
-    result = rt.fit(
-        job,
-        runtime,
-        device,
-        Path(paths.checkpoints),
-        Path(paths.live) / "train_embedding",
-        Path(paths.profiles),
-    )
+    result = rt.fit_stage(job, runtime, device, paths)
     metrics: dict[str, Any] = {}
     if leader:
         tuned_metrics = validation.evaluate(embed)

@@ -349,14 +349,7 @@ def train(
         select_metric="macro_f1",
         patience=cfg.patience,
     )
-    result = rt.fit(
-        job,
-        runtime,
-        device,
-        Path(paths.checkpoints),
-        Path(paths.live) / "train_relation",
-        Path(paths.profiles),
-    )
+    result = rt.fit_stage(job, runtime, device, paths)
     metrics: dict[str, Any] = {}
     if rt.rank() == 0:
         logits = predict_logits(

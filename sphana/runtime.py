@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sphana.config import Precision, Resume, RuntimeConfig
+from sphana.config import PathsConfig, Precision, Resume, RuntimeConfig
 from sphana.errors import ConfigError, GateError
 from sphana.io import atomic_dir, sha256_file, write_json_atomic
 
@@ -160,6 +160,13 @@ def data_fingerprint(files: list[Path]) -> str:
         h.update(path.name.encode())
         h.update(sha256_file(path).encode())
     return h.hexdigest()
+
+
+def architecture(model: nn.Module) -> str:
+    """A digest of the model's parameter names and shapes: a checkpoint of another architecture
+    (the code changed) is never resumed."""
+    spec = [(k, list(v.shape)) for k, v in model.state_dict().items()]
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
 
 def _write_checkpoint(
@@ -363,6 +370,15 @@ def _profiler(steps: int, trace_dir: Path) -> Iterator[Any]:
         yield prof
 
 
+def fit_stage(
+    job: Job, runtime: RuntimeConfig, device: torch.device, paths: PathsConfig
+) -> FitResult:
+    """:func:`fit` in the pipeline's directories: checkpoints under ``paths.checkpoints``, the
+    live log in ``paths.live/train_<job.name>``, profiles under ``paths.profiles``."""
+    live = Path(paths.live) / f"train_{job.name}"
+    return fit(job, runtime, device, Path(paths.checkpoints), live, Path(paths.profiles))
+
+
 def fit(
     job: Job,
     runtime: RuntimeConfig,
@@ -384,6 +400,7 @@ def fit(
         "deterministic": runtime.deterministic,
         "world_size": world,
         "data": data_fingerprint(job.data_files),
+        "model": architecture(model),
     }
     if job.batch_size < job.min_batch * world:
         raise ConfigError(
