@@ -147,10 +147,14 @@ class DatasetConfig:
     heading_pairs: bool = True  # "title: heading" -> passage pairs for passages without gold
     sentence_pairs_per_chunk: int = 1  # sentence -> its chunk pairs, per chunk without gold
     min_sentence_chars: int = 40  # shorter sentences are not used as self-supervised queries
+    held_out_fraction: float = 0.25  # share of training gold questions the embedding never
+    # trains on (the graph ranker's training queries)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError("dataset.validation_fraction must be in (0, 1)")
+        if not 0.0 <= self.held_out_fraction < 1.0:
+            raise ValueError("dataset.held_out_fraction must be in [0, 1)")
         if self.sentence_pairs_per_chunk < 0:
             raise ValueError("dataset.sentence_pairs_per_chunk must be >= 0")
 
@@ -245,6 +249,49 @@ class RelationConfig:
 
 
 @dataclass
+class GraphConfig:
+    """Candidate subgraphs of the ``build_graphs`` stage (sphana.gnn.build)."""
+
+    top_k: int = 10  # candidates per query retrieved by embedding similarity
+    hard_negatives: int = 2  # plus this many non-relevant passages of the answer's documents
+    max_entities: int = 8  # entity nodes per candidate (those named in the query first)
+
+    def __post_init__(self) -> None:
+        if self.top_k < 2 or self.hard_negatives < 0 or self.max_entities < 0:
+            raise ValueError(
+                "gnn.graph.top_k must be >= 2, gnn.graph.hard_negatives and "
+                "gnn.graph.max_entities >= 0"
+            )
+
+
+@dataclass
+class GnnConfig:
+    version: str = "0.1.0"  # semver of the gnn artifact
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    hidden: int = 128  # GatedGraphConv channels
+    layers: int = 3  # GatedGraphConv propagation steps
+    dropout: float = 0.1  # in the readout MLP
+    first_stage_dropout: float = 0.8  # per training query: hide the cosine and rank features
+    epochs: int = 30  # at most; early stopping on validation nDCG@10
+    patience: int = 10  # epochs without a better validation nDCG@10 before stopping; 0 = never
+    batch_size: int = 16  # queries per step (each with all its candidates)
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    metric_threshold: float | None = None  # fail below this validation nDCG@10; null = no gate
+
+    def __post_init__(self) -> None:
+        _check_semver("gnn.version", self.version)
+        if self.hidden < 1 or self.layers < 1 or self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("gnn.hidden, gnn.layers, gnn.epochs and gnn.batch_size must be >= 1")
+        if self.patience < 0 or self.lr <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError("gnn.patience must be >= 0, gnn.lr > 0 and gnn.dropout in [0, 1)")
+        if not 0.0 <= self.first_stage_dropout < 1.0:
+            raise ValueError("gnn.first_stage_dropout must be in [0, 1)")
+
+
+@dataclass
 class ParityConfig:
     fp32_max_abs_diff: float = 1e-4  # ONNX fp32 vs PyTorch, every output element
     int8_min_mean_cosine: float = 0.99  # ONNX INT8 vs PyTorch embeddings
@@ -253,6 +300,7 @@ class ParityConfig:
     max_texts: int = 512  # validation texts used for the INT8 cosine check
     int8_min_argmax_agreement: float = 0.995  # relation: INT8 vs PyTorch predicted labels
     int8_min_f1_retention: float = 0.98  # relation: INT8 macro-F1 / PyTorch macro-F1
+    random_graphs: int = 64  # gnn: random graphs (duplicate edges, self-loops, ...) compared
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1 or self.max_texts < 1:
@@ -277,7 +325,7 @@ class ExportConfig:
 class ReleaseConfig:
     version: str = "0.1.0"  # version of the release bundle (manifest `version`)
     name: str = "sphana"
-    components: list[str] = field(default_factory=lambda: ["embedding", "relation"])
+    components: list[str] = field(default_factory=lambda: ["embedding", "relation", "gnn"])
     min_onnxruntime: str = "1.17"  # written to system_requirements for consumers
 
     def __post_init__(self) -> None:
@@ -287,7 +335,7 @@ class ReleaseConfig:
             raise ValueError(f"release.components: unknown {unknown}; known: {list(COMPONENTS)}")
 
 
-COMPONENTS = ("embedding", "relation")
+COMPONENTS = ("embedding", "relation", "gnn")
 
 
 @dataclass
@@ -298,6 +346,7 @@ class SphanaConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     relation: RelationConfig = field(default_factory=RelationConfig)
+    gnn: GnnConfig = field(default_factory=GnnConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
 

@@ -10,6 +10,10 @@ Embedding pairs (``datasets/embedding/``):
   self-supervised pairs only when the split has no gold question), ``relevant_ids`` holding every
   passage that contains the evidence.
 - ``validation_corpus.jsonl``: every passage of the validation documents, the retrieval pool.
+- ``held_out.jsonl``: a share (``dataset.held_out_fraction``) of the training gold questions,
+  one record per query like ``validation.jsonl``, that the embedding never trains on: the graph
+  ranker trains on them, so it learns from first-stage scores as good as on unseen questions
+  (stacking on out-of-fold predictions) rather than from scores the encoder has memorised.
 
 Relation examples (``datasets/relation/``): ``{train,validation}.jsonl`` with ``{"id", "doc_id",
 "text" (the sentence), "entity1"/"entity2": {"text", "start", "end", "type"}, "label"}`` (offsets
@@ -159,13 +163,15 @@ def write_embedding(corpus: Corpus, cfg: DatasetConfig, out_dir: Path) -> dict[s
     by_id = {c["id"]: c for c in chunks}
     rng = random.Random(cfg.seed)
 
-    records: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
+    train_questions = [q["id"] for q in questions if split[q["relevant"][0]["doc_id"]] == "train"]
+    held_out = set(rng.sample(train_questions, round(cfg.held_out_fraction * len(train_questions))))
+    records: dict[str, list[dict[str, Any]]] = {"train": [], "validation": [], "held_out": []}
     covered: set[str] = set()
     for q in questions:
-        name = split[q["relevant"][0]["doc_id"]]
+        name = "held_out" if q["id"] in held_out else split[q["relevant"][0]["doc_id"]]
         relevant_ids = sorted({cid for r in q["relevant"] for cid in r["chunk_ids"]})
-        covered.update(relevant_ids)
-        # train: one pair per relevant passage; validation: one query with its relevant set
+        covered.update(relevant_ids)  # no self-supervised pair stands in for a gold question
+        # train: one pair per relevant passage; validation, held out: one query, its relevant set
         positives = [r["chunk_ids"][0] for r in q["relevant"]]
         for pid in positives if name == "train" else positives[:1]:
             records[name].append(_pair(q["question"], by_id[pid], relevant_ids, "gold", q["id"]))
@@ -214,6 +220,7 @@ def write_embedding(corpus: Corpus, cfg: DatasetConfig, out_dir: Path) -> dict[s
     _write(out_dir / "train.jsonl", records["train"], "embedding")
     _write(out_dir / "validation.jsonl", records["validation"], "embedding")
     _write(out_dir / "validation_corpus.jsonl", passages, "embedding_corpus")
+    _write(out_dir / "held_out.jsonl", records["held_out"], "embedding")
     return {
         "documents": {"train": len(split) - len(val_docs), "validation": len(val_docs)},
         "pairs": counts,

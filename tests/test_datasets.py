@@ -98,12 +98,38 @@ def test_split_is_by_document_and_never_leaks(corpus: tuple[Path, Path], tmp_pat
     assert not gold_positives & {r["positive_id"] for r in train if r["kind"] != "gold"}
 
 
+def test_held_out_questions_are_never_trained_on(corpus: tuple[Path, Path], tmp_path: Path) -> None:
+    chunks_file, questions = corpus
+    cfg = DatasetConfig(validation_fraction=0.25, held_out_fraction=0.5)
+    report = build_embedding(chunks_file, questions, cfg, tmp_path / "o")
+    train, val = read(tmp_path / "o/train.jsonl"), read(tmp_path / "o/validation.jsonl")
+    held_out = read(tmp_path / "o/held_out.jsonl")
+    trained = {r["query_id"] for r in train if r["kind"] == "gold"}
+    # half of the training questions, one record each, gold only, from training documents
+    assert len(held_out) == len({r["query_id"] for r in held_out}) == report["pairs"]["held_out"]
+    assert len(held_out) == round(0.5 * (len(held_out) + len(trained)))
+    assert {r["kind"] for r in held_out} == {"gold"}
+    assert not {r["query_id"] for r in held_out} & (trained | {r["query_id"] for r in val})
+    val_docs = {r["doc_id"] for r in read(tmp_path / "o/validation_corpus.jsonl")}
+    assert not {r["doc_id"] for r in held_out} & val_docs
+    # nor do their passages come back as self-supervised pairs
+    held_passages = {p for r in held_out for p in r["relevant_ids"]}
+    assert not held_passages & {r["positive_id"] for r in train}
+
+    build_embedding(chunks_file, questions, DatasetConfig(held_out_fraction=0.0), tmp_path / "z")
+    assert read(tmp_path / "z/held_out.jsonl") == []
+
+
 def test_gold_span_maps_to_every_chunk_that_contains_it(
     corpus: tuple[Path, Path], tmp_path: Path
 ) -> None:
     chunks_file, questions = corpus
     build_embedding(chunks_file, questions, DatasetConfig(), tmp_path / "o")
-    rows = read(tmp_path / "o/train.jsonl") + read(tmp_path / "o/validation.jsonl")
+    rows = [
+        r
+        for name in ("train", "validation", "held_out")
+        for r in read(tmp_path / f"o/{name}.jsonl")
+    ]
     q5 = next(r for r in rows if r["query_id"] == "q5")
     # span 42..52 lies in the overlap of chunk #0 (0..57) and chunk #1 (40..98): both relevant
     assert q5["relevant_ids"] == ["doc05#0", "doc05#1"]
@@ -114,7 +140,7 @@ def test_deterministic(corpus: tuple[Path, Path], tmp_path: Path) -> None:
     chunks_file, questions = corpus
     build_embedding(chunks_file, questions, DatasetConfig(), tmp_path / "a")
     build_embedding(chunks_file, questions, DatasetConfig(), tmp_path / "b")
-    for name in ("train.jsonl", "validation.jsonl", "validation_corpus.jsonl"):
+    for name in ("train.jsonl", "validation.jsonl", "validation_corpus.jsonl", "held_out.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
