@@ -30,12 +30,15 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check sphana stages tests benchmarks scripts
 
-## Figures of the built embedding model (after `make run`): latency and sizes, INT8 recipes,
-## training throughput of the runtime against a plain loop.
+## Figures of the built models (after `make run`): embedding latency and sizes, INT8 recipes,
+## training throughput of the runtime against a plain loop, entity parsing throughput, graph
+## ranker latency.
 bench: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/embedding_latency.py --threads 2
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/quantization_presets.py
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/runtime_overhead.py
+	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/ingest_throughput.py
+	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/gnn_latency.py --candidates 20
 
 clean:
 	rm -rf target .dvc/cache .dvc/tmp

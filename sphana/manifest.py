@@ -19,8 +19,16 @@ SCHEMA_PATH = Path(__file__).parent / "schemas" / "manifest.schema.json"
 MANIFEST_NAME = "manifest.json"  # name inside a tarball / bundle directory
 # The stages whose dvc.lock entries prove where each component came from.
 COMPONENT_STAGES = {
-    component: ["ingest", "build_datasets", f"train_{component}", f"export_{component}"]
-    for component in ("embedding", "relation")
+    "embedding": ["ingest", "build_datasets", "train_embedding", "export_embedding"],
+    "relation": ["ingest", "build_datasets", "train_relation", "export_relation"],
+    "gnn": [
+        "ingest",
+        "build_datasets",
+        "train_embedding",
+        "build_graphs",
+        "train_gnn",
+        "export_gnn",
+    ],
 }
 
 
@@ -121,15 +129,17 @@ def build(
         onnx_dir: Path = info["onnx_dir"]
         report = info["parity"]
         files = [file_entry(artifacts_root, p) for p in sorted(onnx_dir.iterdir()) if p.is_file()]
-        int8 = onnx_dir / report["files"]["int8"]
+        # the file a consumer loads: INT8, or fp32 where the export kept no INT8 (see quantization)
+        quantized = report["files"]["int8"] is not None
+        model = onnx_dir / report["files"]["int8" if quantized else "fp32"]
         entries[component] = {
             "version": info["version"],
-            "path": int8.relative_to(artifacts_root).as_posix(),
-            "checksum": f"sha256:{sha256_file(int8)}",
+            "path": model.relative_to(artifacts_root).as_posix(),
+            "checksum": f"sha256:{sha256_file(model)}",
             "metrics": info["metrics"],
             "model_config": {
                 **info["model_config"],
-                "quantized": True,
+                "quantized": quantized,
                 "quantization": report["quantization"],
                 "fp32_path": (onnx_dir / report["files"]["fp32"])
                 .relative_to(artifacts_root)

@@ -1,9 +1,12 @@
-"""One function per DVC stage: typed config in, files out. ``stages/<name>.py`` calls these;
-tests call them directly. Paths come only from ``cfg.paths`` (mirrored by ``dvc.yaml``)."""
+"""One function per DVC stage (the model stages share `train` and `export`, by component):
+typed config in, files out. ``stages/<name>.py`` call these; tests call them directly. Paths come
+only from ``cfg.paths`` (mirrored by ``dvc.yaml``)."""
 
 from __future__ import annotations
 
+import importlib
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,67 +47,53 @@ def build_datasets(cfg: SphanaConfig) -> dict[str, Any]:
     )
 
 
-def train_embedding(cfg: SphanaConfig) -> dict[str, Any]:
-    from sphana import embedding
-
-    metrics = embedding.train(
-        cfg.embedding,
+def train(cfg: SphanaConfig, component: str) -> dict[str, Any]:
+    """Stage ``train_<component>``: ``sphana.<component>.train`` on its dataset; writes its
+    metrics (on rank 0 of a distributed run, the only rank that returns them)."""
+    module = importlib.import_module(f"sphana.{component}")
+    metrics = module.train(
+        getattr(cfg, component),
         cfg.runtime,
         cfg.paths,
-        Path(cfg.paths.datasets) / "embedding",
-        component_dir(cfg, "embedding", "pytorch"),
+        Path(cfg.paths.datasets) / component,
+        component_dir(cfg, component, "pytorch"),
     )
-    if metrics:  # rank 0 of a distributed run, or a single process
-        write_json_atomic(metrics_file(cfg, "train_embedding"), metrics)
+    if metrics and "predictions" in metrics:
+        # one row per validation example: what `dvc plots` draws as the confusion matrix
+        write_json_atomic(
+            metrics_file(cfg, f"train_{component}_confusion"), metrics.pop("predictions")
+        )
+    if metrics:
+        write_json_atomic(metrics_file(cfg, f"train_{component}"), metrics)
     return metrics
 
 
-def export_embedding(cfg: SphanaConfig) -> dict[str, Any]:
-    from sphana.export import embedding as export
-
-    report = export.run(
-        cfg.embedding,
+def export(cfg: SphanaConfig, component: str) -> dict[str, Any]:
+    """Stage ``export_<component>``: ``sphana.export.<component>.run`` (ONNX, INT8, parity)."""
+    module = importlib.import_module(f"sphana.export.{component}")
+    report = module.run(
+        getattr(cfg, component),
         cfg.export,
-        component_dir(cfg, "embedding", "pytorch"),
-        Path(cfg.paths.datasets) / "embedding",
-        component_dir(cfg, "embedding", "onnx"),
+        component_dir(cfg, component, "pytorch"),
+        Path(cfg.paths.datasets) / component,
+        component_dir(cfg, component, "onnx"),
         threads=cfg.runtime.threads,
     )
-    write_json_atomic(metrics_file(cfg, "export_embedding"), report)
+    write_json_atomic(metrics_file(cfg, f"export_{component}"), report)
     return report
 
 
-def train_relation(cfg: SphanaConfig) -> dict[str, Any]:
-    from sphana import relation
+def build_graphs(cfg: SphanaConfig) -> dict[str, Any]:
+    from sphana import gnn
 
-    metrics = relation.train(
-        cfg.relation,
-        cfg.runtime,
-        cfg.paths,
-        Path(cfg.paths.datasets) / "relation",
-        component_dir(cfg, "relation", "pytorch"),
+    report = gnn.build(
+        cfg.gnn.graph,
+        component_dir(cfg, "embedding", "pytorch"),
+        Path(cfg.paths.datasets),
+        Path(cfg.paths.ingest),
+        Path(cfg.paths.datasets) / "gnn",
     )
-    if metrics:  # rank 0 of a distributed run, or a single process
-        # one row per validation example: what `dvc plots` draws as the confusion matrix
-        write_json_atomic(
-            Path(cfg.paths.metrics) / "train_relation_confusion.json", metrics.pop("predictions")
-        )
-        write_json_atomic(metrics_file(cfg, "train_relation"), metrics)
-    return metrics
-
-
-def export_relation(cfg: SphanaConfig) -> dict[str, Any]:
-    from sphana.export import relation as export
-
-    report = export.run(
-        cfg.relation,
-        cfg.export,
-        component_dir(cfg, "relation", "pytorch"),
-        Path(cfg.paths.datasets) / "relation",
-        component_dir(cfg, "relation", "onnx"),
-        threads=cfg.runtime.threads,
-    )
-    write_json_atomic(metrics_file(cfg, "export_relation"), report)
+    write_json_atomic(metrics_file(cfg, "build_graphs"), report)
     return report
 
 
@@ -115,6 +104,13 @@ def _component_metrics(component: str, train: dict[str, Any], report: dict[str, 
             "validation": train["fine_tuned"],
             "base_validation": train["base"],
             "onnx_int8_validation": report["int8"]["metrics"],
+        }
+    if component == "gnn":
+        return {
+            "validation": train["validation"],
+            "baseline_embedding_similarity": train["baseline_embedding_similarity"],
+            "onnx_fp32_validation": report["fp32"]["metrics"],
+            "onnx_int8_validation": report["int8"]["metrics"] if report["int8"]["kept"] else None,
         }
     return {
         "validation": {k: train["validation"][k] for k in ("macro_f1", "accuracy")},
@@ -172,10 +168,13 @@ def package(cfg: SphanaConfig) -> dict[str, Any]:
 STAGES = {
     "ingest": ingest,
     "build_datasets": build_datasets,
-    "train_embedding": train_embedding,
-    "export_embedding": export_embedding,
-    "train_relation": train_relation,
-    "export_relation": export_relation,
+    "train_embedding": partial(train, component="embedding"),
+    "export_embedding": partial(export, component="embedding"),
+    "train_relation": partial(train, component="relation"),
+    "export_relation": partial(export, component="relation"),
+    "build_graphs": build_graphs,
+    "train_gnn": partial(train, component="gnn"),
+    "export_gnn": partial(export, component="gnn"),
     "manifest": manifest,
     "package": package,
 }

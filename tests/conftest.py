@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = ("paths", "runtime", "ingest", "dataset", "embedding", "relation", "export", "release")
+GROUPS = (
+    "paths",
+    "runtime",
+    "ingest",
+    "dataset",
+    "embedding",
+    "relation",
+    "gnn",
+    "export",
+    "release",
+)
 TINY = [f"{group}=tiny" for group in GROUPS]
 
 
@@ -100,6 +110,9 @@ def built_tiny(tmp_path_factory: pytest.TempPathFactory):
         "export_embedding",
         "train_relation",
         "export_relation",
+        "build_graphs",
+        "train_gnn",
+        "export_gnn",
     ):
         results[name] = pipeline.STAGES[name](cfg)
     return cfg, results

@@ -63,8 +63,8 @@ def test_training_and_export_are_deterministic(built_tiny, tmp_path) -> None:
     again.paths.metrics = str(tmp_path / "metrics")
     again.paths.live = str(tmp_path / "live")
     again.paths.checkpoints = str(tmp_path / "checkpoints")
-    metrics = pipeline.train_embedding(again)
-    pipeline.export_embedding(again)
+    metrics = pipeline.train(again, "embedding")
+    pipeline.export(again, "embedding")
     assert metrics["fine_tuned"] == results["train_embedding"]["fine_tuned"]
     assert metrics["base"] == results["train_embedding"]["base"]
     for kind, name in [

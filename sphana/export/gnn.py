@@ -1,0 +1,192 @@
+"""Export of the graph ranker: ``gnn_ranker.onnx`` with dynamic node, edge and candidate counts,
+an INT8 sibling only where it keeps the rankings, and the parity gates.
+
+Parity: over ``export.parity.random_graphs`` random graphs of varied sizes — duplicate edges,
+self-loops, isolated nodes, single-node graphs without edges — the fp32 scores match PyTorch's
+within ``export.parity.fp32_max_abs_diff``, and on validation every query's candidate ranking is
+identical. The INT8 file ships only if its validation rankings are identical to PyTorch's too;
+otherwise the bundle carries fp32 alone and the report (and so the manifest) says why.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sphana.config import ExportConfig, GnnConfig
+from sphana.errors import ParityError
+from sphana.export import OnnxSpec, export_onnx, quantize, register, session, signature
+from sphana.gnn import (
+    META_FILE,
+    collate,
+    load_split,
+    load_trained,
+    ranking_metrics,
+    score_queries,
+)
+from sphana.io import atomic_dir, write_json_atomic
+
+SPEC = register(
+    OnnxSpec(
+        component="gnn",
+        file_name="gnn_ranker.onnx",
+        input_names=("node_features", "edge_index", "edge_directions", "readout_index"),
+        output_names=("scores",),
+        dynamic_axes={
+            "node_features": {0: "nodes"},
+            "edge_index": {1: "edges"},
+            "edge_directions": {0: "edges"},
+            "readout_index": {0: "candidates"},
+            "scores": {0: "candidates"},
+        },
+    )
+)
+
+
+def random_graphs(rows: np.ndarray, count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Graphs of 1…60 nodes whose features are real node rows, with duplicate edges, self-loops
+    and isolated nodes; the first is a single node without edges."""
+    rng = np.random.default_rng(seed)
+    graphs = []
+    for i in range(count):
+        nodes = 1 if i == 0 else int(rng.integers(2, 61))
+        edges = 0 if i == 0 else int(rng.integers(0, 4 * nodes))
+        connected = max(1, nodes - int(rng.integers(0, 3)))  # the last nodes may stay isolated
+        src = rng.integers(0, connected, edges)
+        dst = rng.integers(0, connected, edges)
+        if edges >= 4:
+            src[:2], dst[:2] = src[2], dst[2]  # a duplicated edge
+            dst[3] = src[3]  # a self-loop
+        readout = rng.choice(nodes, size=int(rng.integers(1, nodes + 1)), replace=False)
+        graphs.append(
+            {
+                "node_features": rows[rng.integers(0, len(rows), nodes)].astype(np.float32),
+                "edge_index": np.stack([src, dst]).astype(np.int64).reshape(2, edges),
+                "edge_directions": rng.integers(0, 2, edges).astype(np.int64),
+                "readout_index": np.sort(readout).astype(np.int64),
+            }
+        )
+    return graphs
+
+
+def _ort_scores(sess: Any, queries: list[dict[str, Any]], batch: int = 64) -> list[np.ndarray]:
+    out: list[np.ndarray] = []
+    for i in range(0, len(queries), batch):
+        inputs, counts, _ = collate(queries[i : i + batch])
+        scores = sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+        out.extend(np.split(scores, np.cumsum(counts)[:-1]))
+    return out
+
+
+def _same_rankings(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """Share of queries whose candidate order is identical."""
+    same = [
+        np.array_equal(np.argsort(-x, kind="stable"), np.argsort(-y, kind="stable"))
+        for x, y in zip(a, b, strict=True)
+    ]
+    return float(np.mean(same))
+
+
+def run(
+    gnn_cfg: GnnConfig,
+    cfg: ExportConfig,
+    pytorch_dir: Path,
+    datasets_dir: Path,
+    onnx_dir: Path,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Export and gate. ``onnx_dir`` is written whole, and only if the fp32 gates pass.
+
+    Raises:
+        ParityError: naming the gate, the measured value and the threshold.
+    """
+    model, meta = load_trained(pytorch_dir)
+    _, validation = load_split(datasets_dir)
+    labels = [np.array([c["label"] for c in q["candidates"]]) for q in validation]
+    example, _, _ = collate(validation[:2])  # nodes, edges and candidates all differ and are > 1
+    rows = example["node_features"].numpy()
+
+    with atomic_dir(onnx_dir) as tmp:
+        fp32_path, int8_path = tmp / SPEC.file_name, tmp / SPEC.int8_file_name
+        export_onnx(model, example, SPEC, fp32_path, cfg.opset)
+        fp32_sess = session(fp32_path, threads)
+        checks = []
+        for graph in random_graphs(rows, cfg.parity.random_graphs, seed=0):
+            with torch.inference_mode():
+                ref = model(**{k: torch.from_numpy(v) for k, v in graph.items()}).numpy()
+            got = fp32_sess.run(None, graph)[0]
+            checks.append(
+                {
+                    "nodes": int(graph["node_features"].shape[0]),
+                    "edges": int(graph["edge_index"].shape[1]),
+                    "candidates": int(graph["readout_index"].shape[0]),
+                    "max_abs_diff": float(np.max(np.abs(got - ref))),
+                }
+            )
+        worst = float(np.max([c["max_abs_diff"] for c in checks]))
+        reference = score_queries(model, validation)
+        fp32_scores = _ort_scores(fp32_sess, validation)
+        fp32_same = _same_rankings(reference, fp32_scores)
+        fp32 = {
+            "max_abs_diff": worst,
+            "threshold": cfg.parity.fp32_max_abs_diff,
+            "random_graphs": len(checks),
+            "largest_graph": max(checks, key=lambda c: c["nodes"]),
+            "identical_rankings": fp32_same,
+            "metrics": ranking_metrics(fp32_scores, labels),
+            "passed": bool(np.isfinite(worst) and worst <= cfg.parity.fp32_max_abs_diff)
+            and fp32_same == 1.0,
+        }
+        if not fp32["passed"]:
+            raise ParityError(
+                f"gnn export failed its parity gate (nothing was written): fp32 max abs diff "
+                f"{worst:.3g} over {len(checks)} random graphs (export.parity.fp32_max_abs_diff="
+                f"{cfg.parity.fp32_max_abs_diff}), identical validation rankings "
+                f"{fp32_same:.2%} (must be 100%)"
+            )
+
+        quantization = quantize(fp32_path, int8_path, cfg.quantization)
+        int8_scores = _ort_scores(session(int8_path, threads), validation)
+        int8_same = _same_rankings(reference, int8_scores)
+        int8 = {
+            "identical_rankings": int8_same,
+            "max_abs_diff": float(
+                max(np.max(np.abs(a - b)) for a, b in zip(int8_scores, reference, strict=True))
+            ),
+            "metrics": ranking_metrics(int8_scores, labels),
+            "kept": int8_same == 1.0,
+        }
+        if not int8["kept"]:
+            int8_path.unlink()
+            int8["reason"] = (
+                f"INT8 ({cfg.quantization.value}) changes the candidate ranking of "
+                f"{1 - int8_same:.1%} of validation queries; the bundle ships fp32 only"
+            )
+            quantization = {**quantization, "skipped": int8["reason"]}
+        int8["passed"] = True  # INT8 is optional for this component: its absence is not a failure
+        write_json_atomic(tmp / META_FILE, meta)
+        report = {
+            "fp32": fp32,
+            "int8": int8,
+            "pytorch": {"metrics": ranking_metrics(reference, labels)},
+            "quantization": quantization,
+            "signature": signature(fp32_path),
+            "files": {
+                "fp32": SPEC.file_name,
+                "int8": SPEC.int8_file_name if int8["kept"] else None,
+            },
+            "sizes": {
+                "fp32": fp32_path.stat().st_size,
+                "int8": int8_path.stat().st_size if int8["kept"] else None,
+            },
+            "model_config": {
+                **meta,
+                "inputs": "disjoint union of candidate graphs; readout_index = passage nodes",
+                "output": SPEC.output_names[0],
+                "opset": cfg.opset,
+            },
+        }
+    return report

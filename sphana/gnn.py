@@ -1,0 +1,506 @@
+"""Graph ranker: re-ranks a query's candidate passages with a gated graph neural network (GGNN)
+over the entity/relation graph around each candidate.
+
+**Candidate subgraphs** (:func:`build`). For every gold question (training: the questions held
+out from embedding training, ``held_out.jsonl``; validation), the candidates are the top
+``gnn.graph.top_k`` passages of its pool by embedding similarity plus ``hard_negatives``
+non-relevant passages of the documents that hold the answer (the usual confusers). Each candidate
+is a small graph:
+
+- node 0: the passage, node 1: the query, nodes 2…: the entities mentioned in the passage (from
+  ``relations.jsonl``), those also named in the query first, at most ``max_entities``, then one
+  node per relation the passage states between two of them (its label, e.g. "works at");
+- edges (``edge_index`` as ``[src, dst]`` pairs) query→passage, passage→entity, query→entity
+  (for an entity named in the query), subject→relation→object; every edge also appears reversed
+  with ``edge_directions`` 1 (0 = as stated);
+- node features: the trained embedding model's vector of the node's text, a node-type one-hot, the
+  cosine to the query, whether the query names it, and the passage's retrieval rank as 1/(1+rank);
+- label 1.0 for a relevant passage (gold question → passage annotations), else 0.0.
+
+**Model** (:class:`GraphRanker`). A linear input projection to ``hidden``, ``GatedGraphConv``
+(``layers`` propagation steps, messages along an edge weighted by a learned scalar per direction,
+so direction matters), and a readout MLP on the passage node's final and initial states: one score
+per candidate. Trained with the ListNet loss over each query's candidates.
+
+A batch of candidates is one disjoint union of their graphs: ``node_features [nodes, F]``,
+``edge_index [2, edges]``, ``edge_directions [edges]`` and ``readout_index [candidates]`` (the
+passage node of each candidate) -> ``scores [candidates]``: the ONNX signature too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sphana.config import GnnConfig, GraphConfig, PathsConfig, RuntimeConfig, to_plain
+from sphana.errors import InputError
+from sphana.io import atomic_dir, load_jsonl, read_jsonl, write_json_atomic
+
+NODE_TYPES = ("passage", "query", "entity", "relation")
+EXTRA_FEATURES = len(NODE_TYPES) + 3  # type one-hot, cosine to the query, named in query, rank
+MODEL_FILE = "model.safetensors"
+META_FILE = "gnn.json"
+
+
+# --- graph construction --------------------------------------------------------------------------
+
+
+@dataclass
+class Passage:
+    id: str
+    doc_id: str
+    text: str
+    entities: list[str]  # distinct entity texts, in order of first mention
+    relations: list[tuple[str, str, str]]  # (subject, object, label) of stated relations
+
+
+def passages_with_entities(chunks_file: Path, relations_file: Path) -> dict[str, Passage]:
+    """Every ingested passage with the entities and relations that ``relations.jsonl`` places
+    inside it (by document, section and character span)."""
+    by_section: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for _, r in read_jsonl(relations_file):
+        by_section[(r["doc_id"], r["section_index"])].append(r)
+    passages = {}
+    for _, c in read_jsonl(chunks_file):
+        entities: dict[str, None] = {}
+        relations: dict[tuple[str, str, str], None] = {}
+        for r in by_section.get((c["doc_id"], c["section_index"]), []):
+            inside = [
+                e for e in (r["e1"], r["e2"]) if c["start"] <= e["start"] and e["end"] <= c["end"]
+            ]
+            for e in sorted(inside, key=lambda e: e["start"]):
+                entities.setdefault(e["text"])
+            if len(inside) == 2 and r["label"] not in (None, "no_relation"):
+                relations.setdefault((r["e1"]["text"], r["e2"]["text"], r["label"]))
+        passages[c["id"]] = Passage(
+            c["id"], c["doc_id"], c["text"], list(entities), list(relations)
+        )
+    return passages
+
+
+def named_in(query: str, entity: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(entity)}(?!\w)", query) is not None
+
+
+def relation_text(label: str) -> str:
+    """What a relation node's vector embeds: its label as words (``works_at`` -> "works at")."""
+    return label.replace("_", " ")
+
+
+def candidate_graph(
+    query: str,
+    query_vec: np.ndarray,
+    passage: Passage,
+    passage_vec: np.ndarray,
+    text_vecs: dict[str, np.ndarray],
+    rank: int,
+    max_entities: int,
+    label: float,
+    decimals: int = 4,
+) -> dict[str, Any]:
+    """One candidate's subgraph (see the module docstring for its layout)."""
+    in_query = {e: named_in(query, e) for e in passage.entities}
+    entities = sorted(passage.entities, key=lambda e: not in_query[e])[:max_entities]
+    index = {e: i + 2 for i, e in enumerate(entities)}
+
+    def node(vec: np.ndarray, kind: str, named: bool, rank_feature: float) -> list[float]:
+        onehot = [float(kind == t) for t in NODE_TYPES]
+        cosine = float(np.dot(vec, query_vec))
+        values = [*vec.tolist(), *onehot, cosine, float(named), rank_feature]
+        return [round(v, decimals) for v in values]
+
+    features = [
+        node(passage_vec, "passage", False, 1.0 / (1 + rank)),
+        node(query_vec, "query", True, 0.0),
+        *(node(text_vecs[e], "entity", in_query[e], 0.0) for e in entities),
+    ]
+    edges = [(1, 0)]
+    edges += [(0, index[e]) for e in entities]
+    edges += [(1, index[e]) for e in entities if in_query[e]]
+    for subject, obj, relation in passage.relations:  # subject -> relation node -> object
+        if subject in index and obj in index:
+            features.append(node(text_vecs[relation_text(relation)], "relation", False, 0.0))
+            edges += [(index[subject], len(features) - 1), (len(features) - 1, index[obj])]
+    edge_index = [[s, d] for s, d in edges] + [[d, s] for s, d in edges]
+    return {
+        "id": passage.id,
+        "node_features": features,
+        "edge_index": edge_index,
+        "edge_directions": [0] * len(edges) + [1] * len(edges),
+        "label": label,
+    }
+
+
+def build(
+    cfg: GraphConfig,
+    embedding_dir: Path,
+    datasets_dir: Path,
+    ingest_dir: Path,
+    out_dir: Path,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Write ``gnn/{train,validation}.jsonl`` (one query with its candidates per line)."""
+    from sphana.contracts import check_records
+    from sphana.embedding import ENCODER_FILE, encode, load_trained
+    from sphana.io import write_jsonl
+
+    passages = passages_with_entities(ingest_dir / "chunks.jsonl", ingest_dir / "relations.jsonl")
+    emb = datasets_dir / "embedding"
+    validation_docs = {c["doc_id"] for c in load_jsonl(emb / "validation_corpus.jsonl")}
+    # train on the questions the embedding never trained on (see sphana.datasets): on them its
+    # similarity is as good as on unseen questions, so the ranker learns when to correct it
+    splits: dict[str, dict[str, dict[str, Any]]] = {"train": {}, "validation": {}}
+    for name, file in (("train", "held_out.jsonl"), ("validation", "validation.jsonl")):
+        for r in load_jsonl(emb / file):
+            if r["kind"] == "gold":  # questions with gold passages; self-supervised pairs are not
+                splits[name][r["query_id"]] = {"query": r["query"], "relevant": r["relevant_ids"]}
+    if not splits["train"]:
+        raise InputError(
+            emb / "held_out.jsonl",
+            "no held-out training questions for the graph ranker: set dataset.held_out_fraction "
+            "> 0 (default 0.25) and add gold questions (data/gold/questions.jsonl)",
+        )
+    if not splits["validation"]:
+        raise InputError(
+            emb / "validation.jsonl",
+            "no gold questions in the validation split (data/gold/questions.jsonl)",
+        )
+
+    encoder, tokenizer = load_trained(embedding_dir)
+    max_length = json.loads((embedding_dir / ENCODER_FILE).read_text(encoding="utf-8"))[
+        "max_seq_length"
+    ]
+    ids = sorted(passages)
+    position = {pid: i for i, pid in enumerate(ids)}
+    entity_texts = sorted(
+        {e for p in passages.values() for e in p.entities}
+        | {relation_text(r[2]) for p in passages.values() for r in p.relations}
+    )
+    queries = [(name, qid) for name, qs in splits.items() for qid in sorted(qs)]
+    texts = (
+        [passages[i].text for i in ids] + entity_texts + [splits[n][q]["query"] for n, q in queries]
+    )
+    vectors = encode(encoder, tokenizer, texts, batch_size, max_length)
+    passage_vecs = vectors[: len(ids)]
+    text_vecs = dict(
+        zip(entity_texts, vectors[len(ids) : len(ids) + len(entity_texts)], strict=True)
+    )
+    query_vecs = dict(zip(queries, vectors[len(ids) + len(entity_texts) :], strict=True))
+
+    report: dict[str, Any] = {}
+    for name, qs in splits.items():
+        in_validation = name == "validation"
+        pool = [
+            i
+            for i, pid in enumerate(ids)
+            if (passages[pid].doc_id in validation_docs) == in_validation
+        ]
+        records = []
+        positives_missing = 0
+        for qid in sorted(qs):
+            q = qs[qid]
+            qvec = query_vecs[(name, qid)]
+            scores = passage_vecs[pool] @ qvec
+            order = [pool[i] for i in np.argsort(-scores, kind="stable")]
+            rank_of = {ids[j]: r for r, j in enumerate(order)}
+            chosen = [ids[j] for j in order[: cfg.top_k]]
+            relevant = set(q["relevant"])
+            answer_docs = {passages[p].doc_id for p in relevant if p in passages}
+            hard = [
+                ids[j]
+                for j in order[cfg.top_k :]
+                if passages[ids[j]].doc_id in answer_docs and ids[j] not in relevant
+            ][: cfg.hard_negatives]
+            chosen += hard
+            if not relevant & set(chosen):
+                positives_missing += 1
+                if name == "train":  # a list without a positive teaches nothing
+                    best = min((p for p in relevant if p in rank_of), key=rank_of.__getitem__)
+                    chosen.append(best)
+            candidates = [
+                candidate_graph(
+                    q["query"],
+                    qvec,
+                    passages[pid],
+                    passage_vecs[position[pid]],
+                    text_vecs,
+                    rank_of[pid],
+                    cfg.max_entities,
+                    1.0 if pid in relevant else 0.0,
+                )
+                for pid in chosen
+            ]
+            records.append({"query_id": qid, "query": q["query"], "candidates": candidates})
+        check_records(records, "gnn", out_dir / f"{name}.jsonl")
+        write_jsonl(out_dir / f"{name}.jsonl", records)
+        report[name] = {
+            "queries": len(records),
+            "candidates": sum(len(r["candidates"]) for r in records),
+            "nodes": sum(len(c["node_features"]) for r in records for c in r["candidates"]),
+            "edges": sum(len(c["edge_index"]) for r in records for c in r["candidates"]),
+            "queries_without_positive_in_top_k": positives_missing,
+        }
+    report["feature_dim"] = len(passage_vecs[0]) + EXTRA_FEATURES
+    return report
+
+
+# --- model ---------------------------------------------------------------------------------------
+
+
+COSINE = -3  # position of the cosine-to-query feature, from the end of a node's features
+RANK = -1  # position of the passage's first-stage rank feature 1/(1+rank)
+
+
+class GraphRanker(nn.Module):
+    """``x -> linear -> GatedGraphConv (direction-weighted edges) -> MLP([h_L; h_0] at the
+    passage node)``, plus the passage's embedding cosine to the query times a learned scale: the
+    graph learns a correction to the first-stage ranking, starting from it."""
+
+    def __init__(self, in_dim: int, hidden: int, layers: int, dropout: float) -> None:
+        super().__init__()
+        from torch_geometric.nn import GatedGraphConv
+
+        self.similarity_scale = nn.Parameter(torch.tensor(10.0))
+        self.project = nn.Linear(in_dim, hidden)
+        self.direction_weight = nn.Parameter(torch.ones(2))  # along / against the stated edge
+        self.conv = GatedGraphConv(hidden, layers)
+        self.readout = nn.Sequential(
+            nn.Linear(2 * hidden, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1)
+        )
+
+    def forward(
+        self,
+        node_features: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_directions: torch.Tensor,
+        readout_index: torch.Tensor,
+    ) -> torch.Tensor:
+        h0 = torch.tanh(self.project(node_features))
+        h = self.conv(h0, edge_index, self.direction_weight[edge_directions])
+        pooled = torch.cat([h[readout_index], h0[readout_index]], dim=-1)
+        first_stage = node_features[readout_index, COSINE] * self.similarity_scale
+        return self.readout(pooled).squeeze(-1) + first_stage
+
+
+def collate(
+    queries: list[dict[str, Any]],
+) -> tuple[dict[str, torch.Tensor], list[int], torch.Tensor]:
+    """The disjoint union of every candidate graph of ``queries``: model inputs, the number of
+    candidates per query, and the labels."""
+    features, edges, directions, readout, labels, counts = [], [], [], [], [], []
+    offset = 0
+    for q in queries:
+        counts.append(len(q["candidates"]))
+        for c in q["candidates"]:
+            x = np.asarray(c["node_features"], dtype=np.float32)
+            features.append(x)
+            edges.append(np.asarray(c["edge_index"], dtype=np.int64).reshape(-1, 2) + offset)
+            directions.append(np.asarray(c["edge_directions"], dtype=np.int64))
+            readout.append(offset)  # node 0 is the passage
+            labels.append(c["label"])
+            offset += len(x)
+    inputs = {
+        "node_features": torch.from_numpy(np.concatenate(features)),
+        "edge_index": torch.from_numpy(np.concatenate(edges).T.copy()),
+        "edge_directions": torch.from_numpy(np.concatenate(directions)),
+        "readout_index": torch.tensor(readout, dtype=torch.int64),
+    }
+    return inputs, counts, torch.tensor(labels, dtype=torch.float32)
+
+
+def hide_first_stage(
+    node_features: torch.Tensor, batch: list[dict[str, Any]], p: float
+) -> torch.Tensor:
+    """Training regularizer: for each query with probability ``p``, zero the first-stage signal
+    (cosine to the query and retrieval rank) of all its nodes.
+
+    The cosine alone already ranks most lists well, so the ranker would learn little beyond it;
+    lists without it can only be ranked from the graph (the relations and entities the query
+    names), and the scores learned there correct the first stage where both are present."""
+    if p <= 0:
+        return node_features
+    nodes = torch.tensor([sum(len(c["node_features"]) for c in q["candidates"]) for q in batch])
+    hide = torch.repeat_interleave((torch.rand(len(batch)) < p).float(), nodes)
+    keep = (1 - hide).to(node_features.device).unsqueeze(-1)
+    first_stage = torch.zeros(node_features.shape[1], device=node_features.device)
+    first_stage[[COSINE, RANK]] = 1.0
+    return node_features * (1 - first_stage) + node_features * first_stage * keep
+
+
+def listnet_loss(scores: torch.Tensor, labels: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """ListNet (top-one probabilities): the cross-entropy between ``softmax(labels)`` and
+    ``softmax(scores)`` over each query's candidates, averaged over queries."""
+    losses = [
+        -(torch.softmax(y, 0) * torch.log_softmax(s, 0)).sum()
+        for s, y in zip(scores.split(counts), labels.split(counts), strict=True)
+    ]
+    return torch.stack(losses).mean()
+
+
+def ranking_metrics(
+    scores: list[np.ndarray], labels: list[np.ndarray], k: int = 10
+) -> dict[str, float]:
+    """Mean nDCG@k and MRR (binary or graded gains, ties broken by candidate order)."""
+    ndcg, rr = [], []
+    for s, y in zip(scores, labels, strict=True):
+        order = np.argsort(-s, kind="stable")
+        gains = (2.0 ** y[order] - 1)[:k]
+        discounts = 1.0 / np.log2(np.arange(2, len(gains) + 2))
+        ideal = (np.sort(2.0**y - 1)[::-1][:k] * discounts).sum()
+        ndcg.append(float((gains * discounts).sum() / ideal) if ideal > 0 else 0.0)
+        hits = np.flatnonzero(y[order] > 0)
+        rr.append(1.0 / (hits[0] + 1) if len(hits) else 0.0)
+    return {f"ndcg@{k}": round(float(np.mean(ndcg)), 6), "mrr": round(float(np.mean(rr)), 6)}
+
+
+def similarity_baseline(queries: list[dict[str, Any]]) -> dict[str, float]:
+    """The same candidates ranked by embedding cosine alone (the passage node's feature)."""
+    scores = [np.array([c["node_features"][0][COSINE] for c in q["candidates"]]) for q in queries]
+    return ranking_metrics(scores, [_labels(q) for q in queries])
+
+
+def _labels(q: dict[str, Any]) -> np.ndarray:
+    return np.array([c["label"] for c in q["candidates"]], dtype=np.float64)
+
+
+@torch.inference_mode()
+def score_queries(
+    model: nn.Module,
+    queries: list[dict[str, Any]],
+    device: torch.device | str = "cpu",
+    batch: int = 64,
+) -> list[np.ndarray]:
+    model.eval()
+    out: list[np.ndarray] = []
+    for i in range(0, len(queries), batch):
+        inputs, counts, _ = collate(queries[i : i + batch])
+        scores = model(**{k: v.to(device) for k, v in inputs.items()}).float().cpu().numpy()
+        out.extend(np.split(scores, np.cumsum(counts)[:-1]))
+    return out
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def load_split(datasets_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The gnn train and validation queries, each candidate's arrays as numpy (fast batching)."""
+    splits = []
+    for name in ("train", "validation"):
+        queries = load_jsonl(datasets_dir / f"{name}.jsonl")
+        if not queries:
+            raise InputError(datasets_dir / f"{name}.jsonl", "no queries; rerun build_graphs")
+        for q in queries:
+            for c in q["candidates"]:
+                c["node_features"] = np.asarray(c["node_features"], dtype=np.float32)
+                c["edge_index"] = np.asarray(c["edge_index"], dtype=np.int64).reshape(-1, 2)
+                c["edge_directions"] = np.asarray(c["edge_directions"], dtype=np.int64)
+        splits.append(queries)
+    return splits[0], splits[1]
+
+
+def save(model: GraphRanker, meta: dict[str, Any], out_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_dir(out_dir) as tmp:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / MODEL_FILE))
+        write_json_atomic(tmp / META_FILE, meta)
+
+
+def load_trained(model_dir: Path) -> tuple[GraphRanker, dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((model_dir / META_FILE).read_text(encoding="utf-8"))
+    model = GraphRanker(meta["feature_dim"], meta["hidden"], meta["layers"], dropout=0.0)
+    model.load_state_dict(load_file(str(model_dir / MODEL_FILE)))
+    return model.eval(), meta
+
+
+def train(
+    cfg: GnnConfig, runtime: RuntimeConfig, paths: PathsConfig, datasets_dir: Path, out_dir: Path
+) -> dict[str, Any]:
+    """Train the ranker on the shared runtime; save the best epoch (validation nDCG@10).
+
+    Raises:
+        GateError: when the model misses ``gnn.metric_threshold`` (nothing is written).
+    """
+    from sphana import runtime as rt
+
+    device = rt.setup(runtime)
+    train_queries, validation = load_split(datasets_dir)
+    feature_dim = train_queries[0]["candidates"][0]["node_features"].shape[1]
+    model = GraphRanker(feature_dim, cfg.hidden, cfg.layers, cfg.dropout)
+    validation_labels = [_labels(q) for q in validation]
+
+    def loss(m: nn.Module, batch: list[dict[str, Any]], dev: torch.device) -> torch.Tensor:
+        inputs, counts, labels = collate(batch)
+        inputs["node_features"] = hide_first_stage(
+            inputs["node_features"], batch, cfg.first_stage_dropout
+        )
+        scores = m(**{k: v.to(dev) for k, v in inputs.items()}).float()
+        return listnet_loss(scores, labels.to(dev), counts)
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        return ranking_metrics(score_queries(m, validation, device), validation_labels)
+
+    fingerprint = {
+        k: v for k, v in to_plain(cfg).items() if k not in ("version", "metric_threshold", "graph")
+    }
+    job = rt.Job(
+        name="gnn",
+        model=model,
+        examples=train_queries,
+        loss=loss,
+        batch_size=cfg.batch_size,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio,
+        grad_clip=cfg.grad_clip,
+        fingerprint=fingerprint,
+        data_files=[datasets_dir / "train.jsonl", datasets_dir / "validation.jsonl"],
+        evaluate=evaluate,
+        select_metric="ndcg@10",
+        patience=cfg.patience,
+    )
+    result = rt.fit_stage(job, runtime, device, paths)
+    metrics: dict[str, Any] = {}
+    if rt.rank() == 0:
+        scores = evaluate(model)
+        rt.check_gate("gnn", scores, "ndcg@10", cfg.metric_threshold)
+        model.cpu().eval()
+        meta = {
+            "feature_dim": feature_dim,
+            "hidden": cfg.hidden,
+            "layers": cfg.layers,
+            "node_types": list(NODE_TYPES),
+            "readout": "passage node (node 0 of each candidate)",
+        }
+        save(model, meta, out_dir)
+        rt.clear_checkpoints(Path(paths.checkpoints), "gnn")
+        metrics = {
+            "validation": scores,
+            "baseline_embedding_similarity": similarity_baseline(validation),
+            "train": {
+                "queries": len(train_queries),
+                "validation_queries": len(validation),
+                "steps": result.steps,
+                "epochs_run": len(result.evaluations),
+                "best_epoch": result.best_epoch,
+                "stopped_early": result.stopped_early,
+                "epoch_ndcg@10": [e["ndcg@10"] for e in result.evaluations],
+                "final_loss": result.history[-1]["loss"] if result.history else None,
+                "seconds": round(result.seconds, 2),
+                "resumed_from_step": result.resumed_from,
+            },
+        }
+    rt.teardown()
+    return metrics

@@ -1,0 +1,201 @@
+"""The graph ranker: subgraphs, ListNet, ranking metrics, the model on edge cases, export."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sphana.export.gnn import random_graphs
+from sphana.gnn import (
+    EXTRA_FEATURES,
+    GraphRanker,
+    Passage,
+    candidate_graph,
+    collate,
+    listnet_loss,
+    passages_with_entities,
+    ranking_metrics,
+    similarity_baseline,
+)
+from sphana.io import load_jsonl
+
+
+def _unit(*values: float) -> np.ndarray:
+    v = np.array(values, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_candidate_subgraph_by_hand() -> None:
+    passage = Passage(
+        id="p#0",
+        doc_id="p",
+        text="Edda Marrowby founded the Halvard Lab in Halvard.",
+        entities=["Edda Marrowby", "Halvard Lab", "Halvard"],
+        relations=[
+            ("Edda Marrowby", "Halvard Lab", "founded"),
+            ("Halvard Lab", "Halvard", "located_in"),
+        ],
+    )
+    vecs = {
+        "Edda Marrowby": _unit(1, 0),
+        "Halvard Lab": _unit(0, 1),
+        "Halvard": _unit(1, 1),
+        "founded": _unit(1, -1),
+        "located in": _unit(-1, 1),
+    }
+    graph = candidate_graph(
+        "Who founded the Halvard Lab?",
+        _unit(0, 1),
+        passage,
+        _unit(1, 1),
+        vecs,
+        rank=3,
+        max_entities=2,
+        label=1.0,
+    )
+    # node 0 passage, 1 query, then entities named in the query first, capped at max_entities
+    features = graph["node_features"]
+    assert len(features) == 5  # passage, query, 2 entities, the relation between those two
+    # "Halvard Lab" and "Halvard" (both named in the query) come first; "Edda Marrowby" is cut
+    assert features[2][:2] == [0.0, 1.0]
+    assert features[3][:2] == [0.7071, 0.7071]
+    passage_row = features[0][2:]  # type one-hot, cosine to query, named in query, rank
+    assert passage_row == [1.0, 0.0, 0.0, 0.0, round(math.sqrt(0.5), 4), 0.0, 0.25]
+    assert features[1][2:] == [0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+    assert features[4][:2] == [-0.7071, 0.7071]  # "located in"
+    assert features[4][2:6] == [0.0, 0.0, 0.0, 1.0]
+    assert features[2][-2] == 1.0 and features[3][-2] == 1.0  # named in the query
+    # query->passage, passage->entities, query->named entities, subject->relation->object
+    stated = [(1, 0), (0, 2), (0, 3), (1, 2), (1, 3), (2, 4), (4, 3)]
+    assert graph["edge_index"] == [list(e) for e in stated] + [[d, s] for s, d in stated]
+    assert graph["edge_directions"] == [0] * 7 + [1] * 7
+    assert graph["label"] == 1.0 and graph["id"] == "p#0"
+
+
+def test_passages_collect_the_entities_inside_their_span(tmp_path: Path) -> None:
+    chunks = [
+        {"id": "d#0", "doc_id": "d", "section_index": 0, "start": 0, "end": 30, "text": "a"},
+        {"id": "d#1", "doc_id": "d", "section_index": 0, "start": 20, "end": 60, "text": "b"},
+    ]
+    relations = [
+        {
+            "doc_id": "d",
+            "section_index": 0,
+            "e1": {"text": "Ann", "start": 2, "end": 5},
+            "e2": {"text": "Lab", "start": 25, "end": 28},
+            "label": "works_at",
+        },
+        {
+            "doc_id": "d",
+            "section_index": 0,
+            "e1": {"text": "Lab", "start": 25, "end": 28},
+            "e2": {"text": "Town", "start": 40, "end": 44},
+            "label": None,
+        },
+    ]
+    for name, rows in (("chunks.jsonl", chunks), ("relations.jsonl", relations)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    passages = passages_with_entities(tmp_path / "chunks.jsonl", tmp_path / "relations.jsonl")
+    assert passages["d#0"].entities == ["Ann", "Lab"]
+    assert passages["d#0"].relations == [("Ann", "Lab", "works_at")]
+    assert passages["d#1"].entities == ["Lab", "Town"]
+    assert passages["d#1"].relations == []  # unlabelled candidate: no relation edge
+
+
+def test_listnet_against_a_hand_computation() -> None:
+    scores = torch.tensor([2.0, 1.0, 0.0, 0.5, 0.5])
+    labels = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0])
+    loss = listnet_loss(scores, labels, [3, 2])
+
+    def by_hand(s: list[float], y: list[float]) -> float:
+        p_y = [math.exp(v) / sum(math.exp(u) for u in y) for v in y]
+        log_z = math.log(sum(math.exp(u) for u in s))
+        return -sum(p * (v - log_z) for p, v in zip(p_y, s, strict=True))
+
+    expected = (by_hand([2, 1, 0], [1, 0, 0]) + by_hand([0.5, 0.5], [0, 1])) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ranking_metrics_by_hand() -> None:
+    scores = [np.array([0.9, 0.8, 0.1]), np.array([0.2, 0.3])]
+    labels = [np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0])]
+    m = ranking_metrics(scores, labels)
+    assert m["ndcg@10"] == pytest.approx((1 / math.log2(3) + 0.0) / 2, abs=1e-6)
+    assert m["mrr"] == pytest.approx((1 / 2 + 0) / 2)
+
+
+def test_similarity_baseline_reads_the_cosine_feature() -> None:
+    def candidate(cosine: float, label: float) -> dict:
+        row = [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, cosine, 0.0, 0.5]
+        return {"node_features": [row], "label": label}
+
+    assert EXTRA_FEATURES == 7
+    queries = [{"candidates": [candidate(0.1, 1.0), candidate(0.9, 0.0)]}]
+    assert similarity_baseline(queries)["mrr"] == 0.5
+
+
+def test_model_handles_edge_case_graphs_and_direction_matters() -> None:
+    torch.manual_seed(0)
+    model = GraphRanker(in_dim=8, hidden=16, layers=3, dropout=0.0).eval()
+    graphs = random_graphs(np.random.default_rng(1).normal(size=(20, 8)), 12, seed=3)
+    assert graphs[0]["node_features"].shape[0] == 1 and graphs[0]["edge_index"].shape == (2, 0)
+    assert any(
+        len({tuple(e) for e in g["edge_index"].T}) < g["edge_index"].shape[1] for g in graphs
+    ), "some graph has a duplicate edge"
+    assert any((g["edge_index"][0] == g["edge_index"][1]).any() for g in graphs), "self-loop"
+    for g in graphs:
+        with torch.inference_mode():
+            scores = model(**{k: torch.from_numpy(v) for k, v in g.items()})
+        assert scores.shape == (len(g["readout_index"]),) and torch.isfinite(scores).all()
+
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        model.direction_weight.copy_(torch.tensor([1.0, 0.0]))  # messages only along edges
+        forward = model(x, torch.tensor([[0], [1]]), torch.tensor([0]), torch.tensor([0, 1]))
+        backward = model(x, torch.tensor([[0], [1]]), torch.tensor([1]), torch.tensor([0, 1]))
+    assert not torch.allclose(forward, backward)
+
+
+def test_collate_offsets_each_candidate_graph() -> None:
+    def cand(n: int, label: float) -> dict:
+        return {
+            "node_features": [[float(i)] for i in range(n)],
+            "edge_index": [[1, 0]],
+            "edge_directions": [0],
+            "label": label,
+        }
+
+    inputs, counts, labels = collate([{"candidates": [cand(2, 1.0), cand(3, 0.0)]}])
+    assert counts == [2]
+    assert inputs["edge_index"].tolist() == [[1, 3], [0, 2]]
+    assert inputs["readout_index"].tolist() == [0, 2]
+    assert labels.tolist() == [1.0, 0.0]
+
+
+def test_tiny_gnn_build(built_tiny) -> None:
+    cfg, results = built_tiny
+    validation = load_jsonl(Path(cfg.paths.datasets) / "gnn/validation.jsonl")
+    assert len(validation) == results["build_graphs"]["validation"]["queries"] > 0
+    for q in validation:
+        assert all(c["label"] in (0.0, 1.0) for c in q["candidates"])
+    metrics = results["train_gnn"]
+    assert set(metrics["validation"]) == {"ndcg@10", "mrr"}
+    assert "ndcg@10" in metrics["baseline_embedding_similarity"]
+
+    report = results["export_gnn"]
+    assert report["fp32"]["passed"] and report["fp32"]["random_graphs"] >= 50
+    assert report["fp32"]["max_abs_diff"] <= 1e-4 and report["fp32"]["identical_rankings"] == 1.0
+    shapes = {t["name"]: t["shape"] for t in report["signature"]["inputs"]}
+    assert shapes["edge_index"] == [2, "edges"] and shapes["node_features"][0] == "nodes"
+    onnx = Path(cfg.paths.artifacts) / "gnn" / cfg.gnn.version / "onnx"
+    assert (onnx / "gnn_ranker.onnx").is_file()
+    if report["int8"]["kept"]:
+        assert (onnx / "gnn_ranker.int8.onnx").is_file()
+    else:
+        assert not (onnx / "gnn_ranker.int8.onnx").exists()
+        assert "ranking" in report["quantization"]["skipped"]
