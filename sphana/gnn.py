@@ -196,6 +196,7 @@ def build(
     query_vecs = dict(zip(queries, vectors[len(ids) + len(entity_texts) :], strict=True))
 
     report: dict[str, Any] = {}
+    written: dict[str, list[dict[str, Any]]] = {}
     for name, qs in splits.items():
         in_validation = name == "validation"
         pool = [
@@ -223,8 +224,14 @@ def build(
             if not relevant & set(chosen):
                 positives_missing += 1
                 if name == "train":  # a list without a positive teaches nothing
-                    best = min((p for p in relevant if p in rank_of), key=rank_of.__getitem__)
-                    chosen.append(best)
+                    pooled = [p for p in relevant if p in rank_of]
+                    if not pooled:
+                        raise InputError(
+                            emb / "held_out.jsonl",
+                            f"question {qid}: none of its relevant passages is in "
+                            f"{ingest_dir / 'chunks.jsonl'}; rerun build_datasets",
+                        )
+                    chosen.append(min(pooled, key=rank_of.__getitem__))
             candidates = [
                 candidate_graph(
                     q["query"],
@@ -240,7 +247,7 @@ def build(
             ]
             records.append({"query_id": qid, "query": q["query"], "candidates": candidates})
         check_records(records, "gnn", out_dir / f"{name}.jsonl")
-        write_jsonl(out_dir / f"{name}.jsonl", records)
+        written[name] = records
         report[name] = {
             "queries": len(records),
             "candidates": sum(len(r["candidates"]) for r in records),
@@ -248,6 +255,9 @@ def build(
             "edges": sum(len(c["edge_index"]) for r in records for c in r["candidates"]),
             "queries_without_positive_in_top_k": positives_missing,
         }
+    with atomic_dir(out_dir) as tmp:  # both splits or neither
+        for name, records in written.items():
+            write_jsonl(tmp / f"{name}.jsonl", records)
     report["feature_dim"] = len(passage_vecs[0]) + EXTRA_FEATURES
     return report
 
