@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -374,27 +375,36 @@ def ranking_metrics(
 def similarity_baseline(queries: list[dict[str, Any]]) -> dict[str, float]:
     """The same candidates ranked by embedding cosine alone (the passage node's feature)."""
     scores = [np.array([c["node_features"][0][COSINE] for c in q["candidates"]]) for q in queries]
-    return ranking_metrics(scores, [_labels(q) for q in queries])
+    return ranking_metrics(scores, [candidate_labels(q) for q in queries])
 
 
-def _labels(q: dict[str, Any]) -> np.ndarray:
+def candidate_labels(q: dict[str, Any]) -> np.ndarray:
     return np.array([c["label"] for c in q["candidates"]], dtype=np.float64)
+
+
+def batched_scores(
+    score: Callable[[dict[str, torch.Tensor]], np.ndarray],
+    queries: list[dict[str, Any]],
+    batch: int = 64,
+) -> list[np.ndarray]:
+    """Each query's candidate scores, ``score`` run on the collated inputs of ``batch`` queries
+    at a time (PyTorch or an ONNX Runtime session)."""
+    out: list[np.ndarray] = []
+    for i in range(0, len(queries), batch):
+        inputs, counts, _ = collate(queries[i : i + batch])
+        out.extend(np.split(score(inputs), np.cumsum(counts)[:-1]))
+    return out
 
 
 @torch.inference_mode()
 def score_queries(
-    model: nn.Module,
-    queries: list[dict[str, Any]],
-    device: torch.device | str = "cpu",
-    batch: int = 64,
+    model: nn.Module, queries: list[dict[str, Any]], device: torch.device | str = "cpu"
 ) -> list[np.ndarray]:
     model.eval()
-    out: list[np.ndarray] = []
-    for i in range(0, len(queries), batch):
-        inputs, counts, _ = collate(queries[i : i + batch])
-        scores = model(**{k: v.to(device) for k, v in inputs.items()}).float().cpu().numpy()
-        out.extend(np.split(scores, np.cumsum(counts)[:-1]))
-    return out
+    return batched_scores(
+        lambda inputs: model(**{k: v.to(device) for k, v in inputs.items()}).float().cpu().numpy(),
+        queries,
+    )
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -448,7 +458,7 @@ def train(
     train_queries, validation = load_split(datasets_dir)
     feature_dim = train_queries[0]["candidates"][0]["node_features"].shape[1]
     model = GraphRanker(feature_dim, cfg.hidden, cfg.layers, cfg.dropout)
-    validation_labels = [_labels(q) for q in validation]
+    validation_labels = [candidate_labels(q) for q in validation]
 
     def loss(m: nn.Module, batch: list[dict[str, Any]], dev: torch.device) -> torch.Tensor:
         inputs, counts, labels = collate(batch)

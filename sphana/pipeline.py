@@ -58,12 +58,11 @@ def train(cfg: SphanaConfig, component: str) -> dict[str, Any]:
         Path(cfg.paths.datasets) / component,
         component_dir(cfg, component, "pytorch"),
     )
-    if metrics and "predictions" in metrics:
-        # one row per validation example: what `dvc plots` draws as the confusion matrix
-        write_json_atomic(
-            metrics_file(cfg, f"train_{component}_confusion"), metrics.pop("predictions")
-        )
     if metrics:
+        if "predictions" in metrics:
+            # one row per validation example: what `dvc plots` draws as the confusion matrix
+            predictions = metrics.pop("predictions")
+            write_json_atomic(metrics_file(cfg, f"train_{component}_confusion"), predictions)
         write_json_atomic(metrics_file(cfg, f"train_{component}"), metrics)
     return metrics
 

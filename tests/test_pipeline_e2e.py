@@ -26,6 +26,16 @@ ALL_STAGES = [
     "manifest",
     "package",
 ]
+# what a change to the embedding model reruns: its export, and the graph ranker built on it
+EMBEDDING_CHAIN = [
+    "train_embedding",
+    "export_embedding",
+    "build_graphs",
+    "train_gnn",
+    "export_gnn",
+    "manifest",
+    "package",
+]
 # (upstream, downstream) stage pairs of dvc.yaml: DVC must run the first before the second
 ORDER = [
     ("ingest", "build_datasets"),
@@ -166,18 +176,7 @@ def test_second_repro_runs_nothing(repo: Path) -> None:
 
 def test_training_param_experiment_reruns_exactly_the_model_chain(repo: Path) -> None:
     proc = dvc("exp", "run", "-S", "embedding.lr=0.002", cwd=repo)
-    assert_ran(
-        proc,
-        [
-            "train_embedding",
-            "export_embedding",
-            "build_graphs",
-            "train_gnn",
-            "export_gnn",
-            "manifest",
-            "package",
-        ],
-    )
+    assert_ran(proc, EMBEDDING_CHAIN)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["embedding"]["lr"] == 0.002
     shown = dvc("exp", "show", "--json", cwd=repo).stdout
@@ -215,20 +214,7 @@ def test_chunking_param_reruns_from_ingest(repo: Path) -> None:
     proc = dvc("exp", "run", "-S", "ingest.chunk_tokens=64", cwd=repo)
     # relations.jsonl does not depend on chunking: the relation chain stops at build_datasets;
     # the graph ranker's candidates are passages, so its chain reruns
-    assert_ran(
-        proc,
-        [
-            "ingest",
-            "build_datasets",
-            "train_embedding",
-            "export_embedding",
-            "build_graphs",
-            "train_gnn",
-            "export_gnn",
-            "manifest",
-            "package",
-        ],
-    )
+    assert_ran(proc, ["ingest", "build_datasets", *EMBEDDING_CHAIN])
 
 
 def test_editing_a_data_file_is_detected(repo: Path) -> None:

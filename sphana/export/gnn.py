@@ -21,6 +21,8 @@ from sphana.errors import ParityError
 from sphana.export import OnnxSpec, export_onnx, quantize, register, session, signature
 from sphana.gnn import (
     META_FILE,
+    batched_scores,
+    candidate_labels,
     collate,
     load_split,
     load_trained,
@@ -72,13 +74,10 @@ def random_graphs(rows: np.ndarray, count: int, seed: int) -> list[dict[str, np.
     return graphs
 
 
-def _ort_scores(sess: Any, queries: list[dict[str, Any]], batch: int = 64) -> list[np.ndarray]:
-    out: list[np.ndarray] = []
-    for i in range(0, len(queries), batch):
-        inputs, counts, _ = collate(queries[i : i + batch])
-        scores = sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
-        out.extend(np.split(scores, np.cumsum(counts)[:-1]))
-    return out
+def _ort_scores(sess: Any, queries: list[dict[str, Any]]) -> list[np.ndarray]:
+    return batched_scores(
+        lambda x: sess.run(None, {k: v.numpy() for k, v in x.items()})[0], queries
+    )
 
 
 def _same_rankings(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -105,7 +104,7 @@ def run(
     """
     model, meta = load_trained(pytorch_dir)
     _, validation = load_split(datasets_dir)
-    labels = [np.array([c["label"] for c in q["candidates"]]) for q in validation]
+    labels = [candidate_labels(q) for q in validation]
     example, _, _ = collate(validation[:2])  # nodes, edges and candidates all differ and are > 1
     rows = example["node_features"].numpy()
 
