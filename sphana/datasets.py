@@ -11,7 +11,8 @@ Embedding pairs (``datasets/embedding/``):
   passage that contains the evidence.
 - ``validation_corpus.jsonl``: every passage of the validation documents, the retrieval pool.
 - ``held_out.jsonl``: a share (``dataset.held_out_fraction``) of the training gold questions,
-  one record per query like ``validation.jsonl``, that the embedding never trains on: the graph
+  one record per query like ``validation.jsonl``, that the embedding never trains on (sampled so
+  that none shares a relevant passage with a question it trains on): the graph
   ranker trains on them, so it learns from first-stage scores as good as on unseen questions
   (stacking on out-of-fold predictions) rather than from scores the encoder has memorised.
 
@@ -96,34 +97,57 @@ def _gold_questions(path: Path, chunks_by_doc: dict[str, list[dict[str, Any]]]) 
     return questions
 
 
+def linked_groups(items: Iterable[str], links: Iterable[list[str]]) -> list[list[str]]:
+    """``items`` grouped so that the items of every link end up in one group (union-find);
+    each group sorted, groups in sorted order."""
+    parent = {i: i for i in items}
+
+    def find(i: str) -> str:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for link in links:
+        for other in link[1:]:
+            parent[find(other)] = find(link[0])
+    groups: dict[str, list[str]] = defaultdict(list)
+    for i in sorted(parent):
+        groups[find(i)].append(i)
+    return sorted(groups.values())
+
+
+def sample_groups(groups: list[list[str]], fraction: float, seed: int) -> set[str]:
+    """Whole groups, in a seeded random order, until they hold ``fraction`` of all items."""
+    ordered = list(groups)
+    random.Random(seed).shuffle(ordered)
+    target = fraction * sum(len(g) for g in groups)
+    taken: set[str] = set()
+    for group in ordered:
+        if len(taken) >= target:
+            break
+        taken.update(group)
+    return taken
+
+
 def split_documents(
     doc_ids: Iterable[str], questions: list[dict], cfg: DatasetConfig
 ) -> dict[str, str]:
     """Assign each document to ``train`` or ``validation``; question-linked docs stay together."""
-    parent = {d: d for d in doc_ids}
+    groups = linked_groups(doc_ids, ([r["doc_id"] for r in q["relevant"]] for q in questions))
+    validation = sample_groups(groups, cfg.validation_fraction, cfg.seed)
+    return {d: "validation" if d in validation else "train" for g in groups for d in g}
 
-    def find(d: str) -> str:
-        while parent[d] != d:
-            parent[d] = parent[parent[d]]
-            d = parent[d]
-        return d
 
+def held_out_questions(questions: list[dict], fraction: float, seed: int) -> set[str]:
+    """A ``fraction`` of ``questions`` (their ids) such that no held-out question shares a
+    relevant passage with a question that is not held out."""
+    by_chunk: dict[str, list[str]] = defaultdict(list)
     for q in questions:
-        docs = [r["doc_id"] for r in q["relevant"]]
-        for other in docs[1:]:
-            parent[find(other)] = find(docs[0])
-    groups: dict[str, list[str]] = defaultdict(list)
-    for d in sorted(parent):
-        groups[find(d)].append(d)
-    ordered = sorted(groups.values())
-    random.Random(cfg.seed).shuffle(ordered)
-    target = cfg.validation_fraction * len(parent)
-    split, n_val = {}, 0
-    for group in ordered:
-        name = "validation" if n_val < target else "train"
-        n_val += len(group) if name == "validation" else 0
-        split.update(dict.fromkeys(group, name))
-    return split
+        for cid in sorted({cid for r in q["relevant"] for cid in r["chunk_ids"]}):
+            by_chunk[cid].append(q["id"])
+    groups = linked_groups((q["id"] for q in questions), by_chunk.values())
+    return sample_groups(groups, fraction, seed)
 
 
 @dataclass
@@ -163,8 +187,11 @@ def write_embedding(corpus: Corpus, cfg: DatasetConfig, out_dir: Path) -> dict[s
     by_id = {c["id"]: c for c in chunks}
     rng = random.Random(cfg.seed)
 
-    train_questions = [q["id"] for q in questions if split[q["relevant"][0]["doc_id"]] == "train"]
-    held_out = set(rng.sample(train_questions, round(cfg.held_out_fraction * len(train_questions))))
+    held_out = held_out_questions(
+        [q for q in questions if split[q["relevant"][0]["doc_id"]] == "train"],
+        cfg.held_out_fraction,
+        cfg.seed,
+    )
     records: dict[str, list[dict[str, Any]]] = {"train": [], "validation": [], "held_out": []}
     covered: set[str] = set()
     for q in questions:
@@ -261,16 +288,8 @@ def build_relation(relations_file: Path, split: dict[str, str], out_dir: Path) -
                 f"document {r['doc_id']!r} is not in chunks.jsonl; rerun ingest",
                 lineno,
             )
-        offset = r["sentence"]["start"]
         records[name].append(
-            {
-                "id": r["id"],
-                "doc_id": r["doc_id"],
-                "text": r["sentence"]["text"],
-                "entity1": _shift(r["e1"], offset),
-                "entity2": _shift(r["e2"], offset),
-                "label": r["label"],
-            }
+            {"id": r["id"], "doc_id": r["doc_id"], **pair_example(r), "label": r["label"]}
         )
     if not records["train"] or not records["validation"]:
         raise InputError(
@@ -293,8 +312,17 @@ def build_relation(relations_file: Path, split: dict[str, str], out_dir: Path) -
     }
 
 
-def _shift(entity: dict[str, Any], offset: int) -> dict[str, Any]:
-    return {**entity, "start": entity["start"] - offset, "end": entity["end"] - offset}
+def pair_example(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``relations.jsonl`` candidate pair as the classifier reads it: its sentence as ``text``,
+    ``entity1``/``entity2`` with offsets relative to the sentence."""
+    offset = row["sentence"]["start"]
+    return {
+        "text": row["sentence"]["text"],
+        **{
+            key: {**e, "start": e["start"] - offset, "end": e["end"] - offset}
+            for key, e in (("entity1", row["e1"]), ("entity2", row["e2"]))
+        },
+    }
 
 
 def _write(path: Path, records: list[dict[str, Any]], kind: str) -> None:

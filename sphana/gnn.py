@@ -7,9 +7,11 @@ out from embedding training, ``held_out.jsonl``; validation), the candidates are
 non-relevant passages of the documents that hold the answer (the usual confusers). Each candidate
 is a small graph:
 
-- node 0: the passage, node 1: the query, nodes 2…: the entities mentioned in the passage (from
-  ``relations.jsonl``), those also named in the query first, at most ``max_entities``, then one
-  node per relation the passage states between two of them (its label, e.g. "works at");
+- node 0: the passage, node 1: the query, nodes 2…: the entities the parser found in the
+  passage (the detected candidate pairs of ``relations.jsonl``), those also named in the query
+  first, at most ``max_entities``, then one node per relation the trained relation extractor finds
+  in the passage between two of them (its label, e.g. "works at"); gold relation labels are never
+  used, so training sees the graphs a deployed system builds;
 - edges (``edge_index`` as ``[src, dst]`` pairs) query→passage, passage→entity, query→entity
   (for an entity named in the query), subject→relation→object; every edge also appears reversed
   with ``edge_directions`` 1 (0 = as stated);
@@ -63,28 +65,64 @@ class Passage:
     relations: list[tuple[str, str, str]]  # (subject, object, label) of stated relations
 
 
-def passages_with_entities(chunks_file: Path, relations_file: Path) -> dict[str, Passage]:
-    """Every ingested passage with the entities and relations that ``relations.jsonl`` places
-    inside it (by document, section and character span)."""
-    by_section: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
-    for _, r in read_jsonl(relations_file):
-        by_section[(r["doc_id"], r["section_index"])].append(r)
+Relation = tuple[dict[str, Any], dict[str, Any], str]  # (subject, object, label) entity spans
+
+
+def detected_pairs(relations_file: Path) -> list[dict[str, Any]]:
+    """The candidate pairs of ``relations.jsonl`` whose entities the parser found: all a deployed
+    system sees (gold pairs it missed, ``detected: false``, exist only for training)."""
+    return [r for _, r in read_jsonl(relations_file) if r["detected"]]
+
+
+def passages_with_entities(
+    chunks_file: Path, pairs: list[dict[str, Any]], relations: list[Relation | None]
+) -> dict[str, Passage]:
+    """Every ingested passage with the entities of the candidate ``pairs`` inside it (by
+    document, section and character span) and the ``relations`` extracted from those pairs
+    (:func:`sphana.relation.extract`, one per pair) whose subject and object both lie inside it."""
+    by_section: dict[tuple[str, int], list[tuple[dict[str, Any], Relation | None]]] = defaultdict(
+        list
+    )
+    for pair, relation in zip(pairs, relations, strict=True):
+        by_section[(pair["doc_id"], pair["section_index"])].append((pair, relation))
     passages = {}
     for _, c in read_jsonl(chunks_file):
+
+        def inside(e: dict[str, Any], c: dict[str, Any] = c) -> bool:
+            return c["start"] <= e["start"] and e["end"] <= c["end"]
+
         entities: dict[str, None] = {}
-        relations: dict[tuple[str, str, str], None] = {}
-        for r in by_section.get((c["doc_id"], c["section_index"]), []):
-            inside = [
-                e for e in (r["e1"], r["e2"]) if c["start"] <= e["start"] and e["end"] <= c["end"]
-            ]
-            for e in sorted(inside, key=lambda e: e["start"]):
+        stated: dict[tuple[str, str, str], None] = {}
+        for pair, relation in by_section.get((c["doc_id"], c["section_index"]), []):
+            for e in sorted(filter(inside, (pair["e1"], pair["e2"])), key=lambda e: e["start"]):
                 entities.setdefault(e["text"])
-            if len(inside) == 2 and r["label"] not in (None, "no_relation"):
-                relations.setdefault((r["e1"]["text"], r["e2"]["text"], r["label"]))
-        passages[c["id"]] = Passage(
-            c["id"], c["doc_id"], c["text"], list(entities), list(relations)
-        )
+            if relation is not None and inside(relation[0]) and inside(relation[1]):
+                stated.setdefault((relation[0]["text"], relation[1]["text"], relation[2]))
+        passages[c["id"]] = Passage(c["id"], c["doc_id"], c["text"], list(entities), list(stated))
     return passages
+
+
+def extraction_agreement(pairs: list[dict[str, Any]], relations: list[Relation | None]) -> dict:
+    """How often the extracted relation of a gold-labelled pair is its gold relation (label and
+    direction; ``no_relation`` = none extracted)."""
+    from sphana.relation import NO_RELATION
+
+    labelled = [(p, r) for p, r in zip(pairs, relations, strict=True) if p["label"] is not None]
+
+    def key(p: dict[str, Any]) -> tuple[int, int]:
+        return (p["start"], p["end"])
+
+    agree = sum(
+        (r is None)
+        if p["label"] == NO_RELATION
+        else r is not None
+        and (key(r[0]), key(r[1]), r[2]) == (key(p["e1"]), key(p["e2"]), p["label"])
+        for p, r in labelled
+    )
+    return {
+        "gold_pairs": len(labelled),
+        "agreement": round(agree / len(labelled), 4) if labelled else None,
+    }
 
 
 def named_in(query: str, entity: str) -> bool:
@@ -143,17 +181,29 @@ def candidate_graph(
 def build(
     cfg: GraphConfig,
     embedding_dir: Path,
+    relation_dir: Path,
     datasets_dir: Path,
     ingest_dir: Path,
     out_dir: Path,
     batch_size: int = 64,
 ) -> dict[str, Any]:
-    """Write ``gnn/{train,validation}.jsonl`` (one query with its candidates per line)."""
+    """Write ``gnn/{train,validation}.jsonl`` (one query with its candidates per line).
+
+    The graphs hold what a deployed system knows: the parser's entities and the relations the
+    trained extractor (``relation_dir``) finds between them, never the gold relation labels.
+    """
+    from sphana import relation
     from sphana.contracts import check_records
     from sphana.embedding import ENCODER_FILE, encode, load_trained
     from sphana.io import write_jsonl
 
-    passages = passages_with_entities(ingest_dir / "chunks.jsonl", ingest_dir / "relations.jsonl")
+    pairs = detected_pairs(ingest_dir / "relations.jsonl")
+    extractor, extractor_tokenizer, meta = relation.load_trained(relation_dir)
+    extracted = relation.extract(
+        extractor, extractor_tokenizer, meta["labels"], pairs, batch_size, meta["max_seq_length"]
+    )
+    del extractor
+    passages = passages_with_entities(ingest_dir / "chunks.jsonl", pairs, extracted)
     emb = datasets_dir / "embedding"
     validation_docs = {c["doc_id"] for c in load_jsonl(emb / "validation_corpus.jsonl")}
     # train on the questions the embedding never trained on (see sphana.datasets): on them its
@@ -260,6 +310,11 @@ def build(
         for name, records in written.items():
             write_jsonl(tmp / f"{name}.jsonl", records)
     report["feature_dim"] = len(passage_vecs[0]) + EXTRA_FEATURES
+    report["relations"] = {
+        "candidate_pairs": len(pairs),
+        "extracted": sum(r is not None for r in extracted),
+        **extraction_agreement(pairs, extracted),
+    }
     return report
 
 

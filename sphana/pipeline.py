@@ -88,6 +88,7 @@ def build_graphs(cfg: SphanaConfig) -> dict[str, Any]:
     report = gnn.build(
         cfg.gnn.graph,
         component_dir(cfg, "embedding", "pytorch"),
+        component_dir(cfg, "relation", "pytorch"),
         Path(cfg.paths.datasets),
         Path(cfg.paths.ingest),
         Path(cfg.paths.datasets) / "gnn",

@@ -31,6 +31,7 @@ from sphana.io import atomic_dir, load_jsonl, write_json_atomic
 MARKERS = ("[E1]", "[/E1]", "[E2]", "[/E2]")
 HEAD_FILE = "head.safetensors"  # the classification layer, beside the transformer's weights
 META_FILE = "relation.json"  # labels, markers, pooling, max_seq_length
+NO_RELATION = "no_relation"  # the gold label of a pair that states no relation
 
 
 def mark(text: str, e1: dict[str, Any], e2: dict[str, Any]) -> str:
@@ -167,6 +168,58 @@ def predict_logits(
         features = tokenize(tokenizer, examples[i : i + batch_size], max_length)
         out.append(model(**{k: v.to(device) for k, v in features.items()}).float().cpu().numpy())
     return np.concatenate(out)
+
+
+@torch.inference_mode()
+def extract(
+    model: RelationClassifier,
+    tokenizer: Any,
+    labels: list[str],
+    pairs: list[dict[str, Any]],
+    batch_size: int,
+    max_length: int,
+) -> list[tuple[dict[str, Any], dict[str, Any], str] | None]:
+    """The relation each candidate pair (``relations.jsonl`` rows) states, as the deployed
+    extractor would find it: ``(subject, object, label)`` or ``None``.
+
+    A candidate pair is unordered (entities in text order) while the classifier reads ``entity1``
+    as the subject, so both orders are scored; the more probable of the two predicted relations
+    wins, and a pair whose both orders are predicted ``no_relation`` states none.
+    """
+    from sphana.datasets import pair_example
+
+    examples = [pair_example(p) for p in pairs]
+    swapped = [{**x, "entity1": x["entity2"], "entity2": x["entity1"]} for x in examples]
+    probs = torch.softmax(
+        torch.from_numpy(
+            predict_logits(model, tokenizer, examples + swapped, batch_size, max_length)
+        ),
+        dim=-1,
+    ).numpy()
+    found: list[tuple[dict[str, Any], dict[str, Any], str] | None] = []
+    for p, forward, backward in zip(pairs, probs[: len(pairs)], probs[len(pairs) :], strict=True):
+        choice = orient(forward, backward, labels)
+        if choice is None:
+            found.append(None)
+        else:
+            reverse, label = choice
+            found.append((p["e2"], p["e1"], label) if reverse else (p["e1"], p["e2"], label))
+    return found
+
+
+def orient(forward: np.ndarray, backward: np.ndarray, labels: list[str]) -> tuple[bool, str] | None:
+    """Given label probabilities for a pair read in text order (``forward``) and reversed:
+    ``(reversed, label)`` of the more probable predicted relation (forward on a tie), or ``None``
+    when both orders predict ``no_relation``."""
+    options = [
+        (float(probs.max()), reverse, labels[int(probs.argmax())])
+        for reverse, probs in ((False, forward), (True, backward))
+    ]
+    options = [o for o in options if o[2] != NO_RELATION]
+    if not options:
+        return None
+    _, reverse, label = max(options, key=lambda o: o[0])
+    return reverse, label
 
 
 # --- metrics and baselines -----------------------------------------------------------------------

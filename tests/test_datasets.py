@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from sphana.config import DatasetConfig
-from sphana.datasets import build_embedding, split_documents
+from sphana.datasets import build_embedding, linked_groups, sample_groups, split_documents
 from sphana.errors import InputError
 
 
@@ -100,21 +100,29 @@ def test_split_is_by_document_and_never_leaks(corpus: tuple[Path, Path], tmp_pat
 
 def test_held_out_questions_are_never_trained_on(corpus: tuple[Path, Path], tmp_path: Path) -> None:
     chunks_file, questions = corpus
+    # second questions about the passages of the first ten: each pair is held out together
+    rows = read(questions)
+    rows += [{**q, "id": f"{q['id']}b", "question": f"Again: {q['question']}"} for q in rows[:10]]
+    write_jsonl(questions, rows)
     cfg = DatasetConfig(validation_fraction=0.25, held_out_fraction=0.5)
     report = build_embedding(chunks_file, questions, cfg, tmp_path / "o")
     train, val = read(tmp_path / "o/train.jsonl"), read(tmp_path / "o/validation.jsonl")
     held_out = read(tmp_path / "o/held_out.jsonl")
     trained = {r["query_id"] for r in train if r["kind"] == "gold"}
-    # half of the training questions, one record each, gold only, from training documents
+    # half of the training questions (whole passage groups), one record each, gold only
     assert len(held_out) == len({r["query_id"] for r in held_out}) == report["pairs"]["held_out"]
-    assert len(held_out) == round(0.5 * (len(held_out) + len(trained)))
+    target = 0.5 * (len(held_out) + len(trained))
+    assert target <= len(held_out) < target + 2  # groups of at most 2 questions
+    assert any(q.endswith("b") for q in trained) and any(
+        r["query_id"].endswith("b") for r in held_out
+    )
     assert {r["kind"] for r in held_out} == {"gold"}
     assert not {r["query_id"] for r in held_out} & (trained | {r["query_id"] for r in val})
     val_docs = {r["doc_id"] for r in read(tmp_path / "o/validation_corpus.jsonl")}
     assert not {r["doc_id"] for r in held_out} & val_docs
-    # nor do their passages come back as self-supervised pairs
+    # nor do their passages come back as self-supervised pairs or as another question's positives
     held_passages = {p for r in held_out for p in r["relevant_ids"]}
-    assert not held_passages & {r["positive_id"] for r in train}
+    assert not held_passages & {p for r in train for p in [r["positive_id"], *r["relevant_ids"]]}
 
     build_embedding(chunks_file, questions, DatasetConfig(held_out_fraction=0.0), tmp_path / "z")
     assert read(tmp_path / "z/held_out.jsonl") == []
@@ -197,6 +205,15 @@ def test_without_gold_validation_is_self_supervised(
     build_embedding(chunks_file, None, DatasetConfig(), tmp_path / "o")
     val = read(tmp_path / "o/validation.jsonl")
     assert val and {r["kind"] for r in val} <= {"heading", "sentence"}
+
+
+def test_linked_groups_and_sample_groups() -> None:
+    groups = linked_groups("abcdef", [["a", "c"], ["c", "e"], ["b"]])
+    assert groups == [["a", "c", "e"], ["b"], ["d"], ["f"]]
+    taken = sample_groups(groups, 0.5, seed=0)
+    assert len(taken) >= 3 and all(set(g) <= taken or not set(g) & taken for g in groups)
+    assert sample_groups(groups, 0.0, seed=0) == set()
+    assert sample_groups(groups, 0.5, seed=0) == taken  # seeded
 
 
 def test_split_documents_fraction() -> None:

@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from sphana.export.gnn import random_graphs
+from sphana.export.gnn import random_graphs, same_rankings
 from sphana.gnn import (
     EXTRA_FEATURES,
     GraphRanker,
     Passage,
     candidate_graph,
     collate,
+    detected_pairs,
+    extraction_agreement,
     listnet_loss,
     passages_with_entities,
     ranking_metrics,
@@ -77,34 +79,42 @@ def test_candidate_subgraph_by_hand() -> None:
     assert graph["label"] == 1.0 and graph["id"] == "p#0"
 
 
-def test_passages_collect_the_entities_inside_their_span(tmp_path: Path) -> None:
+def test_passages_hold_detected_entities_and_extracted_relations(tmp_path: Path) -> None:
     chunks = [
         {"id": "d#0", "doc_id": "d", "section_index": 0, "start": 0, "end": 30, "text": "a"},
         {"id": "d#1", "doc_id": "d", "section_index": 0, "start": 20, "end": 60, "text": "b"},
     ]
-    relations = [
+    ann, lab, town = (
+        {"text": "Ann", "start": 2, "end": 5},
+        {"text": "Lab", "start": 25, "end": 28},
+        {"text": "Town", "start": 40, "end": 44},
+    )
+    where = {"doc_id": "d", "section_index": 0}
+    rows = [
+        {**where, "e1": ann, "e2": lab, "label": "no_relation", "detected": True},
+        {**where, "e1": lab, "e2": town, "label": None, "detected": True},
+        # a gold pair the parser missed: a deployed system never sees "Bo"
         {
-            "doc_id": "d",
-            "section_index": 0,
-            "e1": {"text": "Ann", "start": 2, "end": 5},
-            "e2": {"text": "Lab", "start": 25, "end": 28},
-            "label": "works_at",
-        },
-        {
-            "doc_id": "d",
-            "section_index": 0,
-            "e1": {"text": "Lab", "start": 25, "end": 28},
-            "e2": {"text": "Town", "start": 40, "end": 44},
-            "label": None,
+            **where,
+            "e1": {"text": "Bo", "start": 8, "end": 10},
+            "e2": lab,
+            "label": "founded",
+            "detected": False,
         },
     ]
-    for name, rows in (("chunks.jsonl", chunks), ("relations.jsonl", relations)):
-        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    passages = passages_with_entities(tmp_path / "chunks.jsonl", tmp_path / "relations.jsonl")
+    for name, records in (("chunks.jsonl", chunks), ("relations.jsonl", rows)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    pairs = detected_pairs(tmp_path / "relations.jsonl")
+    assert [p["e2"]["text"] for p in pairs] == ["Lab", "Town"]
+    # the extractor's view, not gold: Lab -> Ann (against the gold no_relation), nothing for Town
+    extracted = [(lab, ann, "works_at"), None]
+    passages = passages_with_entities(tmp_path / "chunks.jsonl", pairs, extracted)
     assert passages["d#0"].entities == ["Ann", "Lab"]
-    assert passages["d#0"].relations == [("Ann", "Lab", "works_at")]
+    assert passages["d#0"].relations == [("Lab", "Ann", "works_at")]
     assert passages["d#1"].entities == ["Lab", "Town"]
-    assert passages["d#1"].relations == []  # unlabelled candidate: no relation edge
+    assert passages["d#1"].relations == []  # Ann lies outside d#1: no relation edge
+    assert extraction_agreement(pairs, extracted) == {"gold_pairs": 1, "agreement": 0.0}
+    assert extraction_agreement(pairs, [None, None])["agreement"] == 1.0
 
 
 def test_listnet_against_a_hand_computation() -> None:
@@ -177,6 +187,19 @@ def test_collate_offsets_each_candidate_graph() -> None:
     assert labels.tolist() == [1.0, 0.0]
 
 
+def test_same_rankings_ignores_order_among_near_ties() -> None:
+    reference = [np.array([0.9, 0.5, 0.5 + 1e-7, 0.1]), np.array([0.3, 0.2])]
+    assert (
+        same_rankings(
+            reference, [np.array([0.9, 0.5 + 1e-7, 0.5, 0.1]), np.array([0.3, 0.2])], 1e-4
+        )
+        == 1
+    )
+    swapped = [np.array([0.5, 0.9, 0.5, 0.1]), np.array([0.3, 0.2])]
+    assert same_rankings(reference, swapped, 1e-4) == 0.5
+    assert same_rankings(reference, [reference[0], np.array([0.2, 0.2])], 1e-4) == 0.5
+
+
 def test_tiny_gnn_build(built_tiny) -> None:
     cfg, results = built_tiny
     validation = load_jsonl(Path(cfg.paths.datasets) / "gnn/validation.jsonl")
@@ -186,6 +209,9 @@ def test_tiny_gnn_build(built_tiny) -> None:
     metrics = results["train_gnn"]
     assert set(metrics["validation"]) == {"ndcg@10", "mrr"}
     assert "ndcg@10" in metrics["baseline_embedding_similarity"]
+    relations = results["build_graphs"]["relations"]
+    assert relations["candidate_pairs"] > relations["gold_pairs"] > 0
+    assert 0 <= relations["agreement"] <= 1
 
     report = results["export_gnn"]
     assert report["fp32"]["passed"] and report["fp32"]["random_graphs"] >= 50

@@ -13,7 +13,14 @@ from conftest import REPO
 from sphana import runtime as rt
 from sphana.config import ClassWeighting, Device, RuntimeConfig
 from sphana.io import load_jsonl
-from sphana.relation import MARKERS, add_markers, baselines, class_weights, classification_metrics
+from sphana.relation import (
+    MARKERS,
+    add_markers,
+    baselines,
+    class_weights,
+    classification_metrics,
+    orient,
+)
 from sphana.relation import mark as mark_entities
 
 TEXT = "The Halvard Lab hired Edda Marrowby in 1979."
@@ -72,6 +79,23 @@ def test_classification_metrics_by_hand() -> None:
     assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3, abs=1e-6)
     assert m["accuracy"] == pytest.approx(0.6)
     assert m["confusion"] == [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_orient_takes_the_more_probable_direction() -> None:
+    labels = ["founded", "no_relation", "works_at"]
+    none = np.array([0.1, 0.8, 0.1])
+    assert orient(none, none, labels) is None
+    assert orient(np.array([0.1, 0.3, 0.6]), none, labels) == (False, "works_at")
+    assert orient(none, np.array([0.7, 0.2, 0.1]), labels) == (True, "founded")
+    # both orders state a relation: the more confident one wins, text order on a tie
+    assert orient(np.array([0.5, 0.1, 0.4]), np.array([0.1, 0.0, 0.9]), labels) == (
+        True,
+        "works_at",
+    )
+    assert orient(np.array([0.6, 0.0, 0.4]), np.array([0.0, 0.4, 0.6]), labels) == (
+        False,
+        "founded",
+    )
 
 
 def test_class_weights() -> None:
