@@ -169,6 +169,27 @@ def architecture(model: nn.Module) -> str:
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
 
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with every shared tensor once (tied input/output embeddings): safetensors
+    refuses aliases. :func:`_load_weights` restores the ties."""
+    seen: set[int] = set()
+    weights = {}
+    for name, value in model.state_dict().items():
+        if value.data_ptr() not in seen:
+            seen.add(value.data_ptr())
+            weights[name] = value.detach().cpu().contiguous()
+    return weights
+
+
+def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load what :func:`_weights` saved: an alias reads the tensor saved under its first name."""
+    first: dict[int, str] = {}
+    state = model.state_dict()
+    for name, value in state.items():
+        first.setdefault(value.data_ptr(), name)
+    model.load_state_dict({name: weights[first[v.data_ptr()]] for name, v in state.items()})
+
+
 def _write_checkpoint(
     directory: Path,
     step: int,
@@ -182,8 +203,7 @@ def _write_checkpoint(
 
     final = directory / f"{CHECKPOINT_PREFIX}{step:07d}"
     with atomic_dir(final) as tmp:
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / "model.safetensors"))
+        save_file(_weights(model), str(tmp / "model.safetensors"))
         torch.save(
             {
                 "optimizer": optimizer.state_dict(),
@@ -210,8 +230,7 @@ def _write_best(directory: Path, model: nn.Module) -> str:
     from safetensors.torch import save_file
 
     with atomic_dir(directory / BEST_DIR) as tmp:
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / "model.safetensors"))
+        save_file(_weights(model), str(tmp / "model.safetensors"))
     return sha256_file(directory / BEST_DIR / "model.safetensors")
 
 
@@ -433,7 +452,7 @@ def fit(
     if runtime.resume == Resume.auto:
         loaded = _agree_on_checkpoint(ckpt_dir, fingerprint)
         if loaded is not None:
-            model.load_state_dict(loaded["model"])
+            _load_weights(model, loaded["model"])
             optimizer.load_state_dict(loaded["optim"]["optimizer"])
             scheduler.load_state_dict(loaded["optim"]["scheduler"])
             if scaler is not None and loaded["optim"]["scaler"] is not None:
@@ -546,7 +565,7 @@ def fit(
     if best is not None and me == 0:
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(str(ckpt_dir / BEST_DIR / "model.safetensors")))
+        _load_weights(model, load_file(str(ckpt_dir / BEST_DIR / "model.safetensors")))
     model.eval()
     return FitResult(
         model=model,

@@ -142,6 +142,39 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path: Path, ca
     assert "does not match its sha256" in capsys.readouterr().err
 
 
+class Tied(nn.Module):
+    """Input and output share one weight, as a causal LM ties its embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 4, bias=False)
+        self.out = nn.Linear(4, 4, bias=False)
+        self.out.weight = self.inp.weight
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.out(torch.relu(self.inp(x))))
+
+
+def test_tied_weights_checkpoint_resume_and_best_epoch(tmp_path: Path) -> None:
+    job, runtime = tiny_job(tmp_path, epochs=2)
+    torch.manual_seed(0)
+    job.model = Tied()
+    job.evaluate = lambda m: {"score": -float(m.head.bias)}
+    job.select_metric = "score"
+    result = fit(tmp_path, job, runtime)  # checkpoints and the best epoch hold the tie once
+    assert result.model.out.weight is result.model.inp.weight
+    first = {k: v.clone() for k, v in result.model.state_dict().items()}
+
+    job.epochs = 3  # resumes from the last checkpoint of the 2-epoch run
+    torch.manual_seed(1)
+    job.model = Tied()
+    resumed = fit(tmp_path, job, runtime)
+    assert resumed.resumed_from is not None
+    assert resumed.model.out.weight is resumed.model.inp.weight
+    assert not torch.equal(resumed.model.inp.weight, first["inp.weight"])  # trained on
+
+
 class Payload:
     def __reduce__(self):
         return (os.system, ("echo pwned > /dev/null",))

@@ -8,6 +8,7 @@ and fails the build: it is never only a warning.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,11 @@ def export_onnx(
         if name in spec.input_names
     }
     args = tuple(example[name] for name in spec.input_names)
+    shapes = [dynamic_shapes.get(name) for name in spec.input_names]
+    params = inspect.signature(module.forward).parameters.values()
+    if any(p.kind == p.VAR_POSITIONAL for p in params):  # forward(a, b, *rest)
+        fixed = len(params) - 1  # torch.export wants the shapes of *rest as one tuple
+        shapes = [*shapes[:fixed], tuple(shapes[fixed:])]
     module.eval()
     import onnx
 
@@ -78,7 +84,7 @@ def export_onnx(
             str(tmp),
             input_names=list(spec.input_names),
             output_names=list(spec.output_names),
-            dynamic_shapes=dynamic_shapes,
+            dynamic_shapes=tuple(shapes),
             opset_version=opset,
             dynamo=True,
             external_data=False,
@@ -160,17 +166,21 @@ def parity_batch(ordered: list[Any], size: int) -> list[Any]:
     )
 
 
-def check_parity(component: str, fp32: dict[str, Any], failures: list[str], preset: Quantization):
-    """Raise :class:`~sphana.errors.ParityError` if the fp32 check or any of ``failures`` (INT8
-    gates, already worded) failed; the message names every missed gate and its key."""
+def fp32_failures(fp32: dict[str, Any]) -> list[str]:
+    """The fp32 max-abs-diff gate, worded as :func:`check_parity` expects (empty if it passed)."""
+    if fp32["passed"]:
+        return []
+    return [
+        f"fp32 max abs diff {fp32['max_abs_diff']:.3g} > "
+        f"export.parity.fp32_max_abs_diff={fp32['threshold']}"
+    ]
+
+
+def check_parity(component: str, failures: list[str], preset: Quantization) -> None:
+    """Raise :class:`~sphana.errors.ParityError` if any gate failed: ``failures`` are the missed
+    gates, each worded with its measured value and its key."""
     from sphana.errors import ParityError
 
-    if not fp32["passed"]:
-        failures = [
-            f"fp32 max abs diff {fp32['max_abs_diff']:.3g} > "
-            f"export.parity.fp32_max_abs_diff={fp32['threshold']}",
-            *failures,
-        ]
     if failures:
         raise ParityError(
             f"{component} export failed its parity gate (nothing was written): "

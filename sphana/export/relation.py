@@ -16,6 +16,7 @@ from sphana.export import (
     TOKENIZER_FILES,
     check_parity,
     export_onnx,
+    fp32_failures,
     parity_batch,
     quantize,
     session,
@@ -168,7 +169,7 @@ def run(
                 f"{torch_scores['macro_f1']:.4f} < export.parity.int8_min_f1_retention="
                 f"{p.int8_min_f1_retention}"
             )
-        check_parity("relation", fp32, failures, cfg.quantization)
+        check_parity("relation", [*fp32_failures(fp32), *failures], cfg.quantization)
     return report
 
 
