@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sphana.config import EmbeddingConfig, PathsConfig, RuntimeConfig, to_plain
+from sphana.config import EmbeddingConfig, PathsConfig, RuntimeConfig
 from sphana.errors import InputError
 from sphana.io import atomic_dir, load_jsonl, write_json_atomic, write_text_atomic
 
@@ -198,23 +198,13 @@ def training_job(
     """The runtime job that fine-tunes ``encoder`` on ``pairs`` as ``cfg`` says."""
     from sphana import runtime as rt
 
-    fingerprint = {
-        k: v
-        for k, v in to_plain(cfg).items()
-        if k not in ("version", "eval_batch_size", "gate_metric", "metric_threshold")
-    }
-    return rt.Job(
-        name="embedding",
+    return rt.Job.for_component(
+        "embedding",
+        cfg,
+        ignore=("eval_batch_size", "gate_metric", "metric_threshold"),
         model=encoder,
         examples=pairs,
         loss=pair_loss(tokenizer, cfg),
-        batch_size=cfg.batch_size,
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup_ratio=cfg.warmup_ratio,
-        grad_clip=cfg.grad_clip,
-        fingerprint=fingerprint,
         data_files=data_files,
         min_batch=2,
     )
@@ -279,20 +269,7 @@ def train(
         metrics = {
             "base": base_metrics,
             "fine_tuned": tuned_metrics,
-            "train": {
-                "pairs": len(pairs),
-                "steps": result.steps,
-                "epochs": cfg.epochs,
-                "final_loss": result.history[-1]["loss"] if result.history else None,
-                "precision": runtime.precision.value,
-                "world_size": rt.world_size(),
-                "seconds": round(result.seconds, 2),
-                "samples_per_s": round(result.samples / result.seconds, 2)
-                if result.seconds
-                else None,
-                "checkpoint_seconds": round(result.checkpoint_seconds, 3),
-                "resumed_from_step": result.resumed_from,
-            },
+            "train": {"pairs": len(pairs), "epochs": cfg.epochs, **rt.summary(result, runtime)},
             "validation": {
                 "queries": len(validation.queries),
                 "corpus": len(validation.corpus_ids),

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sphana.config import GnnConfig, GraphConfig, PathsConfig, RuntimeConfig, to_plain
+from sphana.config import GnnConfig, GraphConfig, PathsConfig, RuntimeConfig
 from sphana.errors import InputError
 from sphana.io import atomic_dir, load_jsonl, read_jsonl, write_json_atomic
 
@@ -526,25 +526,16 @@ def train(
     def evaluate(m: nn.Module) -> dict[str, float]:
         return ranking_metrics(score_queries(m, validation, device), validation_labels)
 
-    fingerprint = {
-        k: v for k, v in to_plain(cfg).items() if k not in ("version", "metric_threshold", "graph")
-    }
-    job = rt.Job(
-        name="gnn",
+    job = rt.Job.for_component(
+        "gnn",
+        cfg,
+        ignore=("metric_threshold", "graph"),
         model=model,
         examples=train_queries,
         loss=loss,
-        batch_size=cfg.batch_size,
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup_ratio=cfg.warmup_ratio,
-        grad_clip=cfg.grad_clip,
-        fingerprint=fingerprint,
         data_files=[datasets_dir / "train.jsonl", datasets_dir / "validation.jsonl"],
         evaluate=evaluate,
         select_metric="ndcg@10",
-        patience=cfg.patience,
     )
     result = rt.fit_stage(job, runtime, device, paths)
     metrics: dict[str, Any] = {}
@@ -567,14 +558,7 @@ def train(
             "train": {
                 "queries": len(train_queries),
                 "validation_queries": len(validation),
-                "steps": result.steps,
-                "epochs_run": len(result.evaluations),
-                "best_epoch": result.best_epoch,
-                "stopped_early": result.stopped_early,
-                "epoch_ndcg@10": [e["ndcg@10"] for e in result.evaluations],
-                "final_loss": result.history[-1]["loss"] if result.history else None,
-                "seconds": round(result.seconds, 2),
-                "resumed_from_step": result.resumed_from,
+                **rt.summary(result, runtime, "ndcg@10"),
             },
         }
     rt.teardown()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sphana.config import ClassWeighting, PathsConfig, RelationConfig, RuntimeConfig, to_plain
+from sphana.config import ClassWeighting, PathsConfig, RelationConfig, RuntimeConfig
 from sphana.errors import InputError
 from sphana.io import atomic_dir, load_jsonl, write_json_atomic
 
@@ -376,23 +376,13 @@ def train(
         )
         return {"macro_f1": scores["macro_f1"], "accuracy": scores["accuracy"]}
 
-    fingerprint = {
-        k: v
-        for k, v in to_plain(cfg).items()
-        if k not in ("version", "eval_batch_size", "metric_threshold")
-    }
-    job = rt.Job(
-        name="relation",
+    job = rt.Job.for_component(
+        "relation",
+        cfg,
+        ignore=("eval_batch_size", "metric_threshold"),
         model=model,
         examples=train_examples,
         loss=loss,
-        batch_size=cfg.batch_size,
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup_ratio=cfg.warmup_ratio,
-        grad_clip=cfg.grad_clip,
-        fingerprint=fingerprint,
         data_files=[
             datasets_dir / "train.jsonl",
             datasets_dir / "validation.jsonl",
@@ -400,7 +390,6 @@ def train(
         ],
         evaluate=evaluate,
         select_metric="macro_f1",
-        patience=cfg.patience,
     )
     result = rt.fit_stage(job, runtime, device, paths)
     metrics: dict[str, Any] = {}
@@ -433,20 +422,8 @@ def train(
             "train": {
                 "examples": len(train_examples),
                 "validation_examples": len(validation),
-                "steps": result.steps,
-                "epochs_run": len(result.evaluations),
-                "best_epoch": result.best_epoch,
-                "stopped_early": result.stopped_early,
-                "epoch_macro_f1": [e["macro_f1"] for e in result.evaluations],
                 "class_weighting": cfg.class_weighting.value,
-                "final_loss": result.history[-1]["loss"] if result.history else None,
-                "precision": runtime.precision.value,
-                "world_size": rt.world_size(),
-                "seconds": round(result.seconds, 2),
-                "samples_per_s": round(result.samples / result.seconds, 2)
-                if result.seconds
-                else None,
-                "resumed_from_step": result.resumed_from,
+                **rt.summary(result, runtime, "macro_f1"),
             },
         }
     rt.teardown()

@@ -86,6 +86,23 @@ class Job:
     select_metric: str | None = None
     patience: int = 0
 
+    @classmethod
+    def for_component(cls, name: str, cfg: Any, ignore: tuple[str, ...] = (), **fields: Any) -> Job:
+        """A job for component ``name`` whose optimisation settings are the same-named fields of
+        its config ``cfg`` (``batch_size``, ``epochs``, ``lr``, ``weight_decay``,
+        ``warmup_ratio``, ``grad_clip``, ``patience``) and whose fingerprint is every field of
+        ``cfg`` but ``version`` and ``ignore`` (the ones that do not change training)."""
+        from sphana.config import to_plain
+
+        settings = ("batch_size", "epochs", "lr", "weight_decay", "warmup_ratio", "grad_clip")
+        return cls(
+            name=name,
+            **{k: getattr(cfg, k) for k in settings},
+            patience=getattr(cfg, "patience", 0),
+            fingerprint={k: v for k, v in to_plain(cfg).items() if k not in ("version", *ignore)},
+            **fields,
+        )
+
 
 @dataclass
 class FitResult:
@@ -700,6 +717,31 @@ def _log_step(live: Any, record: dict[str, Any]) -> None:
     for key in ("loss", "lr", "samples_per_s"):
         live.log_metric(f"train/{key}", record[key])
     live.next_step()
+
+
+def summary(result: FitResult, runtime: RuntimeConfig, metric: str | None = None) -> dict:
+    """What every train stage reports about its run (its ``train`` metrics); with ``metric``
+    (the job's ``select_metric``), the per-epoch validation figures and early stopping too."""
+    out: dict[str, Any] = {
+        "steps": result.steps,
+        "final_loss": result.history[-1]["loss"] if result.history else None,
+        "precision": runtime.precision.value,
+        "world_size": world_size(),
+        "seconds": round(result.seconds, 2),
+        "samples_per_s": round(result.samples / result.seconds, 2) if result.seconds else None,
+        "checkpoint_seconds": round(result.checkpoint_seconds, 3),
+        "resumed_from_step": result.resumed_from,
+    }
+    if metric is not None:
+        out.update(
+            {
+                "epochs_run": len(result.evaluations),
+                "best_epoch": result.best_epoch,
+                "stopped_early": result.stopped_early,
+                f"epoch_{metric}": [e[metric] for e in result.evaluations],
+            }
+        )
+    return out
 
 
 def check_gate(
