@@ -32,13 +32,14 @@ lint: $(STAMP)
 
 ## Figures of the built models (after `make run`): embedding latency and sizes, INT8 recipes,
 ## training throughput of the runtime against a plain loop, entity parsing throughput, graph
-## ranker latency.
+## ranker latency, generator decode speed (KV cache vs none).
 bench: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/embedding_latency.py --threads 2
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/quantization_presets.py
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/runtime_overhead.py
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/ingest_throughput.py
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/gnn_latency.py --candidates 20
+	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/llm_decode.py --new-tokens 64
 
 clean:
 	rm -rf target .dvc/cache .dvc/tmp

@@ -292,6 +292,71 @@ class GnnConfig:
 
 
 @dataclass
+class LlmTokenizerConfig:
+    """The byte-level BPE trained on the training split (when ``llm.base_model`` is null)."""
+
+    vocab_size: int = 4096  # including the 256 byte tokens and the special tokens
+    min_frequency: int = 2  # a pair merges only if seen this often
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 260 or self.min_frequency < 1:
+            raise ValueError(
+                "llm.tokenizer.vocab_size must be >= 260 (256 bytes + special tokens) and "
+                "llm.tokenizer.min_frequency >= 1"
+            )
+
+
+@dataclass
+class LlmModelConfig:
+    """The Qwen2 architecture built from scratch when ``llm.base_model`` is null."""
+
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2  # grouped-query attention: heads share key/value heads
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if min(self.hidden_size, self.intermediate_size, self.layers, self.heads) < 1:
+            raise ValueError("llm.model sizes must be >= 1")
+        if self.hidden_size % self.heads or self.kv_heads < 1 or self.heads % self.kv_heads:
+            raise ValueError(
+                "llm.model.hidden_size must be divisible by llm.model.heads, and heads by "
+                "llm.model.kv_heads"
+            )
+
+
+@dataclass
+class LlmConfig:
+    version: str = "0.1.0"  # semver of the llm artifact
+    base_model: str | None = None  # local Qwen2 checkpoint dir to fine-tune; null = llm.model
+    tokenizer: LlmTokenizerConfig = field(default_factory=LlmTokenizerConfig)
+    model: LlmModelConfig = field(default_factory=LlmModelConfig)
+    max_seq_length: int = 256  # tokens per example (a long prompt is cut at its start)
+    max_train_examples: int = 0  # 0 = all
+    epochs: int = 8  # at most: early stopping on validation loss
+    patience: int = 2  # epochs without a lower validation loss before stopping; 0 = never
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    sample_prompts: int = 3  # validation prompts decoded (greedy) and logged every epoch
+    sample_tokens: int = 32  # new tokens per logged sample
+    max_perplexity: float | None = None  # fail above this validation perplexity; null = no gate
+
+    def __post_init__(self) -> None:
+        _check_semver("llm.version", self.version)
+        if self.max_seq_length < 8 or self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("llm.max_seq_length must be >= 8, llm.epochs and llm.batch_size >= 1")
+        if self.lr <= 0 or self.patience < 0 or self.sample_prompts < 0:
+            raise ValueError("llm.lr must be > 0, llm.patience and llm.sample_prompts >= 0")
+
+
+@dataclass
 class ParityConfig:
     fp32_max_abs_diff: float = 1e-4  # ONNX fp32 vs PyTorch, every output element
     int8_min_mean_cosine: float = 0.99  # ONNX INT8 vs PyTorch embeddings
@@ -301,6 +366,10 @@ class ParityConfig:
     int8_min_argmax_agreement: float = 0.995  # relation: INT8 vs PyTorch predicted labels
     int8_min_f1_retention: float = 0.98  # relation: INT8 macro-F1 / PyTorch macro-F1
     random_graphs: int = 64  # gnn: random graphs (duplicate edges, self-loops, ...) compared
+    llm_max_abs_diff: float = 1e-3  # llm: fp32 logits vs PyTorch, prefill and every cached step
+    llm_prompts: int = 20  # llm: validation prompts decoded greedily by PyTorch and ONNX
+    llm_new_tokens: int = 32  # llm: new tokens per prompt
+    int8_min_token_agreement: float = 0.5  # llm: INT8 greedy tokens equal to PyTorch's
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1 or self.max_texts < 1:
@@ -325,7 +394,7 @@ class ExportConfig:
 class ReleaseConfig:
     version: str = "0.1.0"  # version of the release bundle (manifest `version`)
     name: str = "sphana"
-    components: list[str] = field(default_factory=lambda: ["embedding", "relation", "gnn"])
+    components: list[str] = field(default_factory=lambda: ["embedding", "relation", "gnn", "llm"])
     min_onnxruntime: str = "1.17"  # written to system_requirements for consumers
 
     def __post_init__(self) -> None:
@@ -335,7 +404,7 @@ class ReleaseConfig:
             raise ValueError(f"release.components: unknown {unknown}; known: {list(COMPONENTS)}")
 
 
-COMPONENTS = ("embedding", "relation", "gnn")
+COMPONENTS = ("embedding", "relation", "gnn", "llm")
 
 
 @dataclass
@@ -347,6 +416,7 @@ class SphanaConfig:
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     relation: RelationConfig = field(default_factory=RelationConfig)
     gnn: GnnConfig = field(default_factory=GnnConfig)
+    llm: LlmConfig = field(default_factory=LlmConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
 

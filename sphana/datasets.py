@@ -19,7 +19,12 @@ Embedding pairs (``datasets/embedding/``):
 Relation examples (``datasets/relation/``): ``{train,validation}.jsonl`` with ``{"id", "doc_id",
 "text" (the sentence), "entity1"/"entity2": {"text", "start", "end", "type"}, "label"}`` (offsets
 index ``text``; ``entity1`` is the subject) from the labelled pairs of ``relations.jsonl``, and
-``labels.json`` (the sorted label set). Every file is checked against its JSON Schema
+``labels.json`` (the sorted label set).
+
+Generator examples (``datasets/llm/``): ``{train,validation}.jsonl`` with ``{"id", "doc_id",
+"kind", "prompt", "text"}``: every passage (``kind: passage``, empty prompt), and for each gold
+question with an ``answer`` a chat example (``kind: qa``): "Context: <its first relevant
+passage>\nQuestion: <question>" -> the answer. Every file is checked against its JSON Schema
 (:mod:`sphana.contracts`) before it is written.
 
 Documents are split, never pairs, with one split for every component: documents that share a
@@ -93,7 +98,12 @@ def _gold_questions(path: Path, chunks_by_doc: dict[str, list[dict[str, Any]]]) 
                     )
                 containing = [best["id"]]
             resolved.append({"doc_id": rel["doc_id"], "chunk_ids": containing})
-        questions.append({"id": q["id"], "question": q["question"], "relevant": resolved})
+        answer = q.get("answer")
+        if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+            raise InputError(path, "field 'answer' must be a non-empty string when given", lineno)
+        questions.append(
+            {"id": q["id"], "question": q["question"], "answer": answer, "relevant": resolved}
+        )
     return questions
 
 
@@ -325,6 +335,53 @@ def pair_example(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def build_llm(corpus: Corpus, out_dir: Path) -> dict[str, Any]:
+    """Write llm train/validation examples: every passage (language modelling) and, for each gold
+    question with an ``answer``, a chat example: the question with its first relevant passage as
+    context -> the answer. Split by the shared document split; returns the report."""
+    by_id = {c["id"]: c for c in corpus.chunks}
+    records: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
+    for c in corpus.chunks:
+        records[corpus.split[c["doc_id"]]].append(
+            {
+                "id": c["id"],
+                "doc_id": c["doc_id"],
+                "kind": "passage",
+                "prompt": "",
+                "text": c["text"],
+            }
+        )
+    without_answer = 0
+    for q in corpus.questions:
+        if q["answer"] is None:
+            without_answer += 1
+            continue
+        context = by_id[q["relevant"][0]["chunk_ids"][0]]
+        records[corpus.split[context["doc_id"]]].append(
+            {
+                "id": q["id"],
+                "doc_id": context["doc_id"],
+                "kind": "qa",
+                "prompt": qa_prompt(context["text"], q["question"]),
+                "text": q["answer"],
+            }
+        )
+    for name, rs in records.items():
+        _write(out_dir / f"{name}.jsonl", rs, "llm")
+    return {
+        "examples": {
+            name: {k: sum(r["kind"] == k for r in rs) for k in ("passage", "qa")}
+            for name, rs in records.items()
+        },
+        "questions_without_answer": without_answer,
+    }
+
+
+def qa_prompt(context: str, question: str) -> str:
+    """The user turn of a question-answer example (the generator answers from the context)."""
+    return f"Context: {context}\nQuestion: {question}"
+
+
 def _write(path: Path, records: list[dict[str, Any]], kind: str) -> None:
     """Check ``records`` against the ``kind`` schema, then write them (atomically)."""
     from sphana import contracts
@@ -346,6 +403,7 @@ def run(
         "relation": build_relation(
             ingest_dir / "relations.jsonl", corpus.split, out_dir / "relation"
         ),
+        "llm": build_llm(corpus, out_dir / "llm"),
     }
     write_json_atomic(report_file, report)
     return report

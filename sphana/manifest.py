@@ -29,6 +29,7 @@ COMPONENT_STAGES = {
         "train_gnn",
         "export_gnn",
     ],
+    "llm": ["ingest", "build_datasets", "train_llm", "export_llm"],
 }
 
 

@@ -112,6 +112,13 @@ def _component_metrics(component: str, train: dict[str, Any], report: dict[str, 
             "onnx_fp32_validation": report["fp32"]["metrics"],
             "onnx_int8_validation": report["int8"]["metrics"] if report["int8"]["kept"] else None,
         }
+    if component == "llm":
+        return {
+            "validation": train["validation"],
+            "onnx_fp32_validation": report["fp32"]["metrics"],
+            "onnx_int8_validation": report["int8"]["metrics"],
+            "int8_token_agreement": report["int8"]["token_agreement"],
+        }
     return {
         "validation": {k: train["validation"][k] for k in ("macro_f1", "accuracy")},
         "per_class": train["validation"]["per_class"],
@@ -175,6 +182,8 @@ STAGES = {
     "build_graphs": build_graphs,
     "train_gnn": partial(train, component="gnn"),
     "export_gnn": partial(export, component="gnn"),
+    "train_llm": partial(train, component="llm"),
+    "export_llm": partial(export, component="llm"),
     "manifest": manifest,
     "package": package,
 }

@@ -19,6 +19,7 @@ GROUPS = (
     "embedding",
     "relation",
     "gnn",
+    "llm",
     "export",
     "release",
 )
@@ -113,6 +114,8 @@ def built_tiny(tmp_path_factory: pytest.TempPathFactory):
         "build_graphs",
         "train_gnn",
         "export_gnn",
+        "train_llm",
+        "export_llm",
     ):
         results[name] = pipeline.STAGES[name](cfg)
     return cfg, results

@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 
 from sphana.config import DatasetConfig
-from sphana.datasets import build_embedding, linked_groups, sample_groups, split_documents
+from sphana.datasets import (
+    build_embedding,
+    build_llm,
+    linked_groups,
+    load_corpus,
+    sample_groups,
+    split_documents,
+)
 from sphana.errors import InputError
 
 
@@ -180,6 +187,15 @@ def test_deterministic(corpus: tuple[Path, Path], tmp_path: Path) -> None:
             "outside section",
         ),
         ({"id": "q1", "question": "", "relevant": []}, "field 'question'"),
+        (
+            {
+                "id": "q1",
+                "question": "Who?",
+                "answer": 7,
+                "relevant": [{"doc_id": "doc00", "section": "Intro", "start": 0, "end": 5}],
+            },
+            "field 'answer'",
+        ),
     ],
 )
 def test_bad_gold_names_file_and_line(
@@ -205,6 +221,26 @@ def test_without_gold_validation_is_self_supervised(
     build_embedding(chunks_file, None, DatasetConfig(), tmp_path / "o")
     val = read(tmp_path / "o/validation.jsonl")
     assert val and {r["kind"] for r in val} <= {"heading", "sentence"}
+
+
+def test_llm_examples_follow_the_document_split(corpus: tuple[Path, Path], tmp_path: Path) -> None:
+    chunks_file, questions = corpus
+    rows = read(questions)
+    rows[0]["answer"] = "It opens with a sentence."
+    write_jsonl(questions, rows)
+    corpus_ = load_corpus(chunks_file, questions, DatasetConfig(validation_fraction=0.25))
+    report = build_llm(corpus_, tmp_path / "llm")
+    examples = {name: read(tmp_path / f"llm/{name}.jsonl") for name in ("train", "validation")}
+    for name, records in examples.items():
+        assert all(corpus_.split[r["doc_id"]] == name for r in records)
+    passages = sum(r["kind"] == "passage" for rs in examples.values() for r in rs)
+    assert passages == len(corpus_.chunks)  # every passage, once
+    (qa,) = [r for rs in examples.values() for r in rs if r["kind"] == "qa"]
+    assert qa["text"] == "It opens with a sentence." and qa["id"] == "q0"
+    assert qa["prompt"].startswith("Context: Doc 0 opens") and qa["prompt"].endswith(
+        "Question: What does doc 0 open with?"
+    )
+    assert report["questions_without_answer"] == len(rows) - 1  # counted, not silently dropped
 
 
 def test_linked_groups_and_sample_groups() -> None:

@@ -23,6 +23,8 @@ ALL_STAGES = [
     "build_graphs",
     "train_gnn",
     "export_gnn",
+    "train_llm",
+    "export_llm",
     "manifest",
     "package",
 ]
@@ -50,6 +52,9 @@ ORDER = [
     ("export_embedding", "manifest"),
     ("export_relation", "manifest"),
     ("export_gnn", "manifest"),
+    ("build_datasets", "train_llm"),
+    ("train_llm", "export_llm"),
+    ("export_llm", "manifest"),
     ("manifest", "package"),
 ]
 
@@ -223,11 +228,26 @@ def test_gnn_params_rerun_only_the_gnn_chain(repo: Path) -> None:
     sphana("verify", "target/manifests/latest.json", "--lock", "dvc.lock", cwd=repo)
 
 
+def test_llm_params_rerun_only_the_llm_chain(repo: Path) -> None:
+    base = ["-S", "embedding.lr=0.002", "-S", "relation.dropout=0.2", "-S", "gnn.hidden=8"]
+    base += ["-S", "gnn.graph.top_k=3"]  # the previous experiments
+    proc = dvc("exp", "run", *base, "-S", "llm.lr=0.002", cwd=repo)
+    assert ran(proc) == ["train_llm", "export_llm", "manifest", "package"]
+    manifest = json.loads((repo / "target/manifests/latest.json").read_text())
+    llm = manifest["components"]["llm"]
+    names = [t["name"] for t in llm["signature"]["inputs"]]
+    assert names[:4] == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key"]
+    assert [t["name"] for t in llm["signature"]["outputs"]][:2] == ["logits", "present.0.key"]
+    assert llm["model_config"]["quantized"] and llm["path"].endswith("llm_generator.int8.onnx")
+    assert llm["parity"]["fp32"]["identical_generations"] == 1.0
+    sphana("verify", "target/manifests/latest.json", "--lock", "dvc.lock", cwd=repo)
+
+
 def test_chunking_param_reruns_from_ingest(repo: Path) -> None:
     proc = dvc("exp", "run", "-S", "ingest.chunk_tokens=64", cwd=repo)
     # relations.jsonl does not depend on chunking: the relation chain stops at build_datasets;
-    # the graph ranker's candidates are passages, so its chain reruns
-    assert_ran(proc, ["ingest", "build_datasets", *EMBEDDING_CHAIN])
+    # the graph ranker's candidates and the generator's examples are passages: theirs rerun
+    assert_ran(proc, ["ingest", "build_datasets", *EMBEDDING_CHAIN, "train_llm", "export_llm"])
 
 
 def test_editing_a_data_file_is_detected(repo: Path) -> None:

@@ -1,0 +1,273 @@
+"""Export of the generator: ``llm_generator.onnx`` with the KV cache as inputs and outputs, its
+INT8 sibling, the tokenizer, and the parity gates that decide whether the export lands.
+
+Signature: ``input_ids``, ``attention_mask`` (past + new tokens), ``position_ids`` and
+``past_key_values.<layer>.{key,value}`` (``[batch, kv_heads, past_sequence, head_dim]``; length 0
+on the prefill) -> ``logits`` ``[batch, sequence, vocab]`` and ``present.<layer>.{key,value}``
+(past + new), every batch and length axis dynamic.
+
+Gates (``export.parity``): fp32 logits within ``llm_max_abs_diff`` of PyTorch on a left-padded
+prefill and on every cached step after it; greedy decoding of ``llm_prompts`` validation prompts x
+``llm_new_tokens`` tokens identical between PyTorch and ONNX fp32 (:mod:`sphana.generation`
+drives both); INT8 greedy tokens equal to PyTorch's for at least ``int8_min_token_agreement`` of
+the positions. Validation perplexity is reported for PyTorch, fp32 and INT8.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sphana.config import ExportConfig, LlmConfig
+from sphana.export import (
+    OnnxSpec,
+    check_parity,
+    export_onnx,
+    quantize,
+    register,
+    session,
+    signature,
+)
+from sphana.generation import (
+    INPUTS,
+    ONNX_FILE,
+    empty_cache,
+    generate_ids,
+    ort_step,
+    pad,
+    past_names,
+    positions,
+    present_names,
+)
+from sphana.io import atomic_dir, write_json_atomic
+from sphana.llm import (
+    META_FILE,
+    cache_shape,
+    collate,
+    encode,
+    load_split,
+    load_trained,
+    perplexity,
+    sample_prompts,
+    save_tokenizer,
+    torch_step,
+)
+
+CACHED_STEPS = 8  # cached decoding steps compared logit by logit after the prefill
+
+
+def spec(layers: int) -> OnnxSpec:
+    past = past_names(layers)
+    axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch", 1: "sequence"},
+        **{name: {0: "batch", 2: "past_sequence"} for name in past},
+        **{name: {0: "batch", 2: "total_sequence"} for name in present_names(layers)},
+    }
+    return register(
+        OnnxSpec("llm", ONNX_FILE, (*INPUTS, *past), ("logits", *present_names(layers)), axes)
+    )
+
+
+def _max_diff(got: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
+    """Max abs logit difference over the real (unpadded) positions."""
+    return float(np.max(np.abs(got - ref)[mask.astype(bool)]))
+
+
+def cached_parity(torch_fn: Any, ort_fn: Any, prompts: list[list[int]], info: dict) -> list[dict]:
+    """Logit differences on a left-padded prefill (empty past) and on CACHED_STEPS steps after
+    it, each backend reading its own cache; the next token is PyTorch's greedy choice."""
+    ids, mask = pad(prompts, info["pad_token_id"], side="left")
+    empty = empty_cache(len(prompts), (info["layers"], info["kv_heads"], info["head_dim"]))
+    pos = positions(mask)
+    (ref, ref_past), (got, got_past) = (f(ids, mask, pos, empty) for f in (torch_fn, ort_fn))
+    checks = [
+        {
+            "step": "prefill",
+            "sequence": int(ids.shape[1]),
+            "max_abs_diff": _max_diff(got, ref, mask),
+        }
+    ]
+    for k in range(CACHED_STEPS):
+        token = ref[:, -1].argmax(-1)[:, None]
+        mask = np.concatenate([mask, np.ones_like(token)], axis=1)
+        pos = pos[:, -1:] + 1
+        ref, ref_past = torch_fn(token, mask, pos, ref_past)
+        got, got_past = ort_fn(token, mask, pos, got_past)
+        checks.append(
+            {
+                "step": k + 1,
+                "past": int(ref_past[0].shape[2]) - 1,
+                "max_abs_diff": float(np.max(np.abs(got - ref))),
+            }
+        )
+    return checks
+
+
+def ort_perplexity(sess: Any, examples: list[dict], info: dict, batch: int = 16) -> dict:
+    """Validation loss and perplexity of an ONNX file (full sequences, empty past)."""
+    shape = (info["layers"], info["kv_heads"], info["head_dim"])
+    step = ort_step(sess)
+    total, tokens = 0.0, 0
+    for i in range(0, len(examples), batch):
+        x = {
+            k: v.numpy() for k, v in collate(examples[i : i + batch], info["pad_token_id"]).items()
+        }
+        empty = empty_cache(len(x["input_ids"]), shape)
+        logits, _ = step(x["input_ids"], x["attention_mask"], x["position_ids"], empty)
+        logits = logits[:, :-1].astype(np.float64)
+        labels = x["labels"][:, 1:]
+        keep = labels != -100
+        top = logits.max(-1, keepdims=True)
+        log_z = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+        picked = np.take_along_axis(logits, np.where(keep, labels, 0)[..., None], -1)[..., 0]
+        total += float(((log_z - picked) * keep).sum())
+        tokens += int(keep.sum())
+    return perplexity(total, tokens)
+
+
+def token_agreement(reference: list[list[int]], other: list[list[int]]) -> float:
+    """Share of reference positions where ``other`` generated the same token."""
+    same = sum(
+        sum(a == b for a, b in zip(r, o, strict=False))
+        for r, o in zip(reference, other, strict=True)
+    )
+    return same / max(sum(len(r) for r in reference), 1)
+
+
+def run(
+    llm_cfg: LlmConfig,
+    cfg: ExportConfig,
+    pytorch_dir: Path,
+    datasets_dir: Path,
+    onnx_dir: Path,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Export, quantize and gate. ``onnx_dir`` is written whole, and only if every gate passes.
+
+    Raises:
+        ParityError: naming the gate, the measured value and the threshold.
+    """
+    from sphana.llm import CachedLM, evaluate
+
+    model, tokenizer, info = load_trained(pytorch_dir)
+    _, validation_records = load_split(datasets_dir)
+    validation = encode(tokenizer, validation_records, info["max_seq_length"])
+    shape = cache_shape(model.config)
+    onnx_spec = spec(info["layers"])
+    p = cfg.parity
+    prompts = [
+        tokenizer(t, add_special_tokens=False)["input_ids"]
+        for t in sample_prompts(validation_records, p.llm_prompts)
+    ]
+    if not prompts:
+        from sphana.errors import InputError
+
+        raise InputError(
+            datasets_dir / "validation.jsonl",
+            "no question-answer examples to decode for the generation parity gate; add gold "
+            "questions with answers (data/gold/questions.jsonl)",
+        )
+
+    # distinct sizes on every dynamic axis: torch.export specializes an axis traced at 0 or 1
+    batch, sequence, past = 2, 3, 4
+    layers, kv_heads, head_dim = shape
+    generator = torch.Generator().manual_seed(0)
+    example = {
+        "input_ids": torch.randint(0, info["vocab_size"], (batch, sequence), generator=generator),
+        "attention_mask": torch.ones(batch, past + sequence, dtype=torch.int64),
+        "position_ids": torch.arange(past, past + sequence).expand(batch, sequence).contiguous(),
+        **{
+            name: torch.randn(batch, kv_heads, past, head_dim, generator=generator)
+            for name in past_names(layers)
+        },
+    }
+    torch_fn = torch_step(model)
+    decode = {"eos_ids": info["eos_token_ids"], "pad_id": info["pad_token_id"]}
+    with atomic_dir(onnx_dir) as tmp:
+        fp32_path, int8_path = tmp / onnx_spec.file_name, tmp / onnx_spec.int8_file_name
+        export_onnx(CachedLM(model), example, onnx_spec, fp32_path, cfg.opset)
+        quantization = quantize(fp32_path, int8_path, cfg.quantization)
+        save_tokenizer(tokenizer, tmp)
+        write_json_atomic(tmp / META_FILE, info)
+
+        fp32_fn = ort_step(session(fp32_path, threads))
+        checks = cached_parity(torch_fn, fp32_fn, prompts[:4], info)
+        worst = float(np.max([c["max_abs_diff"] for c in checks]))  # NaN never passes
+        reference = generate_ids(torch_fn, prompts, p.llm_new_tokens, shape, **decode)
+        fp32_tokens = generate_ids(fp32_fn, prompts, p.llm_new_tokens, shape, **decode)
+        int8_tokens = generate_ids(
+            ort_step(session(int8_path, threads)), prompts, p.llm_new_tokens, shape, **decode
+        )
+        identical = float(np.mean([a == b for a, b in zip(reference, fp32_tokens, strict=True)]))
+        agreement = token_agreement(reference, int8_tokens)
+        fp32 = {
+            "max_abs_diff": worst,
+            "threshold": p.llm_max_abs_diff,
+            "checks": checks,
+            "prompts": len(prompts),
+            "new_tokens": p.llm_new_tokens,
+            "identical_generations": identical,
+            "metrics": ort_perplexity(session(fp32_path, threads), validation, info),
+            "passed": bool(np.isfinite(worst) and worst <= p.llm_max_abs_diff) and identical == 1,
+        }
+        int8 = {
+            "token_agreement": round(agreement, 6),
+            "min_token_agreement": p.int8_min_token_agreement,
+            "identical_generations": float(
+                np.mean([a == b for a, b in zip(reference, int8_tokens, strict=True)])
+            ),
+            "metrics": ort_perplexity(session(int8_path, threads), validation, info),
+            "passed": agreement >= p.int8_min_token_agreement,
+        }
+        report = {
+            "fp32": fp32,
+            "int8": int8,
+            "pytorch": {"metrics": evaluate(model, validation, info["pad_token_id"], 16)},
+            "samples": [
+                {
+                    "prompt": tokenizer.decode(q),
+                    "pytorch": tokenizer.decode(r),
+                    "onnx_int8": tokenizer.decode(i),
+                }
+                for q, r, i in list(zip(prompts, reference, int8_tokens, strict=True))[:3]
+            ],
+            "quantization": quantization,
+            "signature": signature(fp32_path),
+            "files": {"fp32": onnx_spec.file_name, "int8": onnx_spec.int8_file_name},
+            "sizes": {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size},
+            "model_config": {
+                **{k: v for k, v in info.items() if k != "chat_template"},
+                "chat_template": info["chat_template"],
+                "base_model": llm_cfg.base_model,
+                "inputs": list(onnx_spec.input_names),
+                "outputs": list(onnx_spec.output_names),
+                "cache": "past_key_values.<i>.{key,value} [batch, kv_heads, past_sequence, "
+                "head_dim]; length 0 on the prefill; feed present.* back as the next past",
+                "tokenizer": "tokenizer.json",
+                "opset": cfg.opset,
+            },
+        }
+        failures = []
+        if not worst <= p.llm_max_abs_diff:
+            failures.append(
+                f"fp32 max abs logit diff {worst:.3g} (prefill and {CACHED_STEPS} cached steps) > "
+                f"export.parity.llm_max_abs_diff={p.llm_max_abs_diff}"
+            )
+        if identical < 1:
+            failures.append(
+                f"fp32 greedy generations identical to PyTorch for {identical:.0%} of "
+                f"{len(prompts)} prompts (must be 100%)"
+            )
+        if not int8["passed"]:
+            failures.append(
+                f"INT8 greedy token agreement {agreement:.2%} < "
+                f"export.parity.int8_min_token_agreement={p.int8_min_token_agreement}"
+            )
+        check_parity("llm", failures, cfg.quantization)
+    return report

@@ -1,0 +1,257 @@
+"""The generator: tokenizer, examples and masks, KV cache, decoding, export parity."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, run
+
+from sphana.config import LlmConfig, LlmModelConfig
+from sphana.errors import ConfigError
+from sphana.generation import (
+    EOS_TEXT,
+    IM_END,
+    OnnxGenerator,
+    Sampling,
+    chat_prompt,
+    generate_ids,
+    pad,
+    positions,
+)
+from sphana.llm import (
+    IGNORE,
+    build_model,
+    cache_shape,
+    collate,
+    encode,
+    save_tokenizer,
+    torch_step,
+    train_tokenizer,
+)
+
+TEXTS = [
+    "Edda Marrowby founded the Tidal Acoustics Symposium in 1981.",
+    "The Halvard Lab is located in Brineholt, on the coast of Ostravel.",
+    "Zoë Ólafsdóttir recorded whale songs near Kraków with a hydrophone.",
+] * 20
+UNICODE = "Zoë Ólafsdóttir — 東京, naïve café 🙂\ttabs\nand  double spaces"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TEXTS, vocab_size=400, min_frequency=2)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    cfg = LlmConfig(
+        model=LlmModelConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            layers=2,
+            heads=4,
+            kv_heads=2,
+            max_position_embeddings=128,
+        )
+    )
+    return build_model(cfg, tokenizer).eval()
+
+
+def test_tokenizer_round_trips_unicode_and_saves_every_file(tokenizer, tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    ids = tokenizer(UNICODE, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == UNICODE  # byte-level: any text, exactly
+    for token in (EOS_TEXT, IM_END, "<|im_start|>"):
+        assert len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1
+    save_tokenizer(tokenizer, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        assert (tmp_path / name).is_file(), name
+    raw = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))  # what a consumer loads
+    assert raw.encode(UNICODE, add_special_tokens=False).ids == ids
+    reloaded = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    messages = [{"role": "user", "content": "Where?"}]
+    rendered = reloaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == chat_prompt("Where?")
+    assert len(json.loads((tmp_path / "vocab.json").read_text())) == len(tokenizer) <= 400
+
+
+def test_tokenizer_is_trained_on_the_given_texts_only() -> None:
+    a = train_tokenizer(TEXTS, vocab_size=400, min_frequency=2)
+    b = train_tokenizer([*TEXTS, "Quixotic zephyrs quixotic zephyrs"] * 3, 400, 2)
+    assert a.get_vocab() == train_tokenizer(TEXTS, 400, 2).get_vocab()  # deterministic
+    assert a.get_vocab() != b.get_vocab()
+
+
+def test_examples_mask_the_prompt_and_the_padding(tokenizer) -> None:
+    qa = {"kind": "qa", "prompt": "Who founded it?", "text": "Edda Marrowby"}
+    passage = {"kind": "passage", "prompt": "", "text": "The Halvard Lab."}
+    ex_qa, ex_passage = encode(tokenizer, [qa, passage], max_length=64)
+    n_prompt = len(tokenizer(chat_prompt(qa["prompt"]), add_special_tokens=False)["input_ids"])
+    assert ex_qa["labels"][:n_prompt] == [IGNORE] * n_prompt
+    answer = tokenizer.decode(ex_qa["labels"][n_prompt:])
+    assert answer == "Edda Marrowby" + IM_END
+    assert ex_passage["labels"] == ex_passage["input_ids"]
+    assert tokenizer.decode(ex_passage["input_ids"]) == "The Halvard Lab." + EOS_TEXT
+    # a long prompt loses its start, never the answer
+    (cut,) = encode(tokenizer, [{**qa, "prompt": "word " * 200}], max_length=32)
+    assert len(cut["input_ids"]) == 32
+    assert tokenizer.decode([t for t in cut["labels"] if t != IGNORE]) == "Edda Marrowby" + IM_END
+
+    batch = collate([ex_qa, ex_passage], pad_id=tokenizer.pad_token_id)
+    short = len(ex_passage["input_ids"])
+    assert batch["attention_mask"][1].tolist() == [1] * short + [0] * (
+        len(ex_qa["input_ids"]) - short
+    )
+    assert (batch["labels"][1, short:] == IGNORE).all()
+
+
+def test_left_and_right_padding_give_the_same_logits(tokenizer, model) -> None:
+    seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS[:3]]
+    outputs = {}
+    for side in ("left", "right"):
+        ids, mask = pad(seqs, tokenizer.pad_token_id, side)
+        with torch.inference_mode():
+            logits = model(
+                input_ids=torch.from_numpy(ids),
+                attention_mask=torch.from_numpy(mask),
+                position_ids=torch.from_numpy(positions(mask)),
+            ).logits.numpy()
+        outputs[side] = [row[m.astype(bool)] for row, m in zip(logits, mask, strict=True)]
+    for left, right in zip(outputs["left"], outputs["right"], strict=True):
+        np.testing.assert_allclose(left, right, atol=1e-5)
+
+
+def test_cache_and_no_cache_decode_the_same(tokenizer, model) -> None:
+    step = torch_step(model)
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS[:3]]
+    prompts[1] = prompts[1][:4]  # different lengths: left padding in the batch
+    args = (step, prompts, 12, cache_shape(model.config), [-1], tokenizer.pad_token_id)
+    cached = generate_ids(*args, use_cache=True)
+    recomputed = generate_ids(*args, use_cache=False)
+    assert cached == recomputed and all(len(c) == 12 for c in cached)
+    # one prompt alone decodes as it does inside the padded batch
+    assert generate_ids(step, prompts[1:2], 12, *args[3:]) == cached[1:2]
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(tokenizer, model) -> None:
+    step = torch_step(model)
+    prompts = [tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"]]
+    args = (step, prompts, 10, cache_shape(model.config), [-1], tokenizer.pad_token_id)
+    greedy = generate_ids(*args)
+    sampled = generate_ids(*args, Sampling(top_k=50, top_p=0.9, temperature=1.5, seed=3))
+    assert generate_ids(*args, Sampling(top_k=50, top_p=0.9, temperature=1.5, seed=3)) == sampled
+    assert sampled != greedy  # a random-weight model's distribution is flat: sampling wanders
+    assert generate_ids(*args, Sampling(top_k=0, top_p=1e-9, seed=5)) == greedy  # nucleus of 1
+    with pytest.raises(ValueError, match="top_p"):
+        Sampling(top_p=0.0)
+
+
+def test_generation_stops_at_an_end_token(tokenizer, model) -> None:
+    step = torch_step(model)
+    prompts = [tokenizer(TEXTS[1], add_special_tokens=False)["input_ids"]]
+    shape = cache_shape(model.config)
+    free = generate_ids(step, prompts, 8, shape, [-1], tokenizer.pad_token_id)[0]
+    stopped = generate_ids(step, prompts, 8, shape, [free[3]], tokenizer.pad_token_id)[0]
+    assert stopped == free[: free.index(free[3])]
+
+
+def test_tiny_llm_build(built_tiny) -> None:
+    cfg, results = built_tiny
+    datasets = Path(cfg.paths.datasets) / "llm"
+    train = [json.loads(x) for x in (datasets / "train.jsonl").read_text().splitlines()]
+    validation = [json.loads(x) for x in (datasets / "validation.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in train} == {"passage", "qa"}
+    assert not {r["doc_id"] for r in train} & {r["doc_id"] for r in validation}
+
+    metrics = results["train_llm"]
+    assert metrics["validation"]["perplexity"] > 1 and metrics["samples"]
+    assert 0 <= metrics["validation"]["answer_exact_match"] <= 1
+    report = results["export_llm"]
+    fp32 = report["fp32"]
+    assert fp32["max_abs_diff"] <= cfg.export.parity.llm_max_abs_diff
+    assert fp32["identical_generations"] == 1.0 and fp32["prompts"] == cfg.export.parity.llm_prompts
+    assert [c["step"] for c in fp32["checks"]][:2] == ["prefill", 1]
+    assert 0 <= report["int8"]["token_agreement"] <= 1
+    for name in ("pytorch", "fp32", "int8"):
+        ppl = (
+            report[name]["metrics"]["perplexity"]
+            if name == "pytorch"
+            else report[name]["metrics"]["perplexity"]
+        )
+        assert np.isfinite(ppl)
+    assert report["fp32"]["metrics"]["perplexity"] == pytest.approx(
+        report["pytorch"]["metrics"]["perplexity"], rel=1e-3
+    )
+    shapes = {t["name"]: t["shape"] for t in report["signature"]["inputs"]}
+    assert shapes["attention_mask"] == ["batch", "total_sequence"]
+    assert shapes["past_key_values.0.key"][0] == "batch"
+    assert shapes["past_key_values.0.key"][2] == "past_sequence"
+
+    onnx_dir = Path(cfg.paths.artifacts) / "llm" / cfg.llm.version / "onnx"
+    # the tokenizer training and export used is the tokenizer.json consumers load
+    from tokenizers import Tokenizer
+
+    from sphana.llm import load_trained
+
+    _, trained, _ = load_trained(onnx_dir.parent / "pytorch")
+    raw = Tokenizer.from_file(str(onnx_dir / "tokenizer.json"))
+    for r in validation[:50]:
+        text = r["prompt"] + r["text"]
+        assert (
+            trained(text, add_special_tokens=False)["input_ids"]
+            == raw.encode(text, add_special_tokens=False).ids
+        )
+    generator = OnnxGenerator(onnx_dir)
+    prompt = chat_prompt(validation[[r["kind"] for r in validation].index("qa")]["prompt"])
+    text = generator.generate([prompt], max_new_tokens=8)[0]
+    int8 = OnnxGenerator(onnx_dir, "llm_generator.int8.onnx")
+    assert isinstance(text, str) and isinstance(int8.generate([prompt], 8)[0], str)
+    assert generator.generate([prompt], 8, use_cache=False) == [text]
+
+
+def test_onnx_generation_needs_no_torch(built_tiny) -> None:
+    """What a consumer runs: ONNX Runtime, tokenizers and numpy only."""
+    cfg, results = built_tiny
+    onnx_dir = Path(cfg.paths.artifacts) / "llm" / cfg.llm.version / "onnx"
+    prompt = results["export_llm"]["samples"][0]["prompt"]
+    code = (
+        "import sys, json; from pathlib import Path\n"
+        "from sphana.generation import OnnxGenerator, Sampling\n"
+        f"gen = OnnxGenerator(Path({str(onnx_dir)!r}))\n"
+        f"greedy = gen.generate([{prompt!r}], 8)\n"
+        f"sampled = gen.generate([{prompt!r}], 8, Sampling(top_k=20, top_p=0.9, seed=1))\n"
+        "print(json.dumps([greedy, sampled, 'torch' in sys.modules]))\n"
+    )
+    greedy, sampled, torch_loaded = json.loads(run([sys.executable, "-c", code], cwd=REPO).stdout)
+    assert torch_loaded is False
+    generator = OnnxGenerator(onnx_dir)
+    assert greedy == generator.generate([prompt], 8)
+    assert sampled == generator.generate([prompt], 8, Sampling(top_k=20, top_p=0.9, seed=1))
+
+
+def test_fine_tunes_a_local_qwen2_checkpoint(built_tiny, tokenizer, model, tmp_path: Path) -> None:
+    """llm.base_model: a local checkpoint (weights + its own tokenizer) is loaded, never a hub."""
+    from sphana import llm as llm_lib
+
+    cfg, _ = built_tiny
+    base = tmp_path / "qwen2-base"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    llm_cfg = LlmConfig(base_model=str(base), epochs=1, max_train_examples=16, sample_prompts=1)
+    out = tmp_path / "pytorch"
+    metrics = llm_lib.train(llm_cfg, cfg.runtime, cfg.paths, Path(cfg.paths.datasets) / "llm", out)
+    tuned, tuned_tokenizer, info = llm_lib.load_trained(out)
+    assert tuned_tokenizer.get_vocab() == tokenizer.get_vocab()  # its own, not a new one
+    assert info["base_model"] == str(base) and metrics["train"]["parameters"] == sum(
+        p.numel() for p in model.parameters()
+    )
+    with pytest.raises(ConfigError, match="llm.base_model"):
+        llm_lib.load_tokenizer(LlmConfig(base_model=str(tmp_path / "missing")), [])
