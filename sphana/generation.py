@@ -96,7 +96,8 @@ def _pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> n
             order = order[: sampling.top_k]
         probs = np.exp(row[order] - row[order[0]])
         probs /= probs.sum()
-        keep = int(np.searchsorted(np.cumsum(probs), sampling.top_p) + 1)  # smallest nucleus
+        # the smallest nucleus holding top_p (all of it when rounding leaves the sum under 1)
+        keep = min(int(np.searchsorted(np.cumsum(probs), sampling.top_p)) + 1, len(order))
         probs = probs[:keep] / probs[:keep].sum()
         out[i] = order[rng.choice(keep, p=probs)]
     return out
@@ -116,7 +117,9 @@ def generate_ids(
 
     ``cache_shape`` is ``(layers, kv_heads, head_dim)``.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
+    if not prompts:
+        return []
+    if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     batch = len(prompts)
     ids, mask = pad(prompts, pad_id, side="left")

@@ -223,7 +223,9 @@ def load_tokenizer(cfg: LlmConfig, texts: list[str]) -> Any:
                 "point it at a local Qwen2 checkpoint (config.json, model.safetensors, "
                 "tokenizer.json) or set it to null"
             )
-        return read_tokenizer(path)
+        tokenizer = read_tokenizer(path)
+        tokenizer.chat_template = CHAT_TEMPLATE  # the format it is fine-tuned on (no system turn)
+        return tokenizer
     return train_tokenizer(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
 
 
@@ -369,7 +371,12 @@ def answer_exact_match(
     qa = [r for r in records if r["kind"] == "qa"]
     if not qa:
         return None
-    answers = greedy(step, tokenizer, info, [chat_prompt(r["prompt"]) for r in qa], tokens)
+    prompts = [chat_prompt(r["prompt"]) for r in qa]
+    answers = [  # in batches: a prefill returns [batch, sequence, vocab] logits
+        a
+        for i in range(0, len(prompts), 16)
+        for a in greedy(step, tokenizer, info, prompts[i : i + 16], tokens)
+    ]
     texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
     return round(
         sum(t.strip() == r["text"].strip() for t, r in zip(texts, qa, strict=True)) / len(qa), 4

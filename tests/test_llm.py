@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from sphana.generation import (
     positions,
 )
 from sphana.llm import (
+    CHAT_TEMPLATE,
     IGNORE,
     build_model,
     cache_shape,
@@ -150,6 +152,9 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tokenizer, model) -> None:
     assert generate_ids(*args, Sampling(top_k=50, top_p=0.9, temperature=1.5, seed=3)) == sampled
     assert sampled != greedy  # a random-weight model's distribution is flat: sampling wanders
     assert generate_ids(*args, Sampling(top_k=0, top_p=1e-9, seed=5)) == greedy  # nucleus of 1
+    for top_k in (0, 50):  # top_p=1.0: the whole (top-k) distribution, whatever the rounding
+        assert len(generate_ids(*args, Sampling(top_k=top_k, seed=2))[0]) == 10
+    assert generate_ids(*args[:1], [], *args[2:]) == []
     with pytest.raises(ValueError, match="top_p"):
         Sampling(top_p=0.0)
 
@@ -244,12 +249,15 @@ def test_fine_tunes_a_local_qwen2_checkpoint(built_tiny, tokenizer, model, tmp_p
     cfg, _ = built_tiny
     base = tmp_path / "qwen2-base"
     model.save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    own = copy.deepcopy(tokenizer)
+    own.chat_template = "{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}" + CHAT_TEMPLATE
+    own.save_pretrained(base)
     llm_cfg = LlmConfig(base_model=str(base), epochs=1, max_train_examples=16, sample_prompts=1)
     out = tmp_path / "pytorch"
     metrics = llm_lib.train(llm_cfg, cfg.runtime, cfg.paths, Path(cfg.paths.datasets) / "llm", out)
     tuned, tuned_tokenizer, info = llm_lib.load_trained(out)
     assert tuned_tokenizer.get_vocab() == tokenizer.get_vocab()  # its own, not a new one
+    assert tuned_tokenizer.chat_template == CHAT_TEMPLATE  # the format it was fine-tuned on
     assert info["base_model"] == str(base) and metrics["train"]["parameters"] == sum(
         p.numel() for p in model.parameters()
     )

@@ -109,7 +109,7 @@ def cached_parity(torch_fn: Any, ort_fn: Any, prompts: list[list[int]], info: di
     return checks
 
 
-def ort_perplexity(sess: Any, examples: list[dict], info: dict, batch: int = 16) -> dict:
+def ort_perplexity(sess: Any, examples: list[dict], info: dict, batch: int = 8) -> dict:
     """Validation loss and perplexity of an ONNX file (full sequences, empty past)."""
     shape = (info["layers"], info["kv_heads"], info["head_dim"])
     step = ort_step(sess)
@@ -120,14 +120,14 @@ def ort_perplexity(sess: Any, examples: list[dict], info: dict, batch: int = 16)
         }
         empty = empty_cache(len(x["input_ids"]), shape)
         logits, _ = step(x["input_ids"], x["attention_mask"], x["position_ids"], empty)
-        logits = logits[:, :-1].astype(np.float64)
         labels = x["labels"][:, 1:]
         keep = labels != -100
-        top = logits.max(-1, keepdims=True)
-        log_z = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
-        picked = np.take_along_axis(logits, np.where(keep, labels, 0)[..., None], -1)[..., 0]
-        total += float(((log_z - picked) * keep).sum())
-        tokens += int(keep.sum())
+        rows = logits[:, :-1][keep]  # [labelled tokens, vocab]: padding and prompts dropped
+        picked = rows[np.arange(len(rows)), labels[keep]].astype(np.float64)
+        top = rows.max(-1, keepdims=True)
+        log_z = np.log(np.exp(rows - top).sum(-1, dtype=np.float64)) + top[:, 0]
+        total += float((log_z - picked).sum())
+        tokens += len(rows)
     return perplexity(total, tokens)
 
 
