@@ -52,7 +52,8 @@ def text_model_spec(component: str, file_name: str, output: str) -> OnnxSpec:
 def export_onnx(
     module: Any, example: dict[str, Any], spec: OnnxSpec, path: Path, opset: int
 ) -> None:
-    """Export ``module`` (called with ``example`` as keyword inputs) to one self-contained file.
+    """Export ``module`` (called with ``example``'s tensors as positional inputs, in
+    ``spec.input_names`` order) to one self-contained file.
 
     Dynamic axes that share a label (e.g. ``batch``) are one symbolic dimension.
     """
@@ -61,15 +62,11 @@ def export_onnx(
     from sphana.io import atomic_path
 
     dims: dict[str, Any] = {}
-    dynamic_shapes = {
-        name: {
-            axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes.items()
-        }
-        for name, axes in spec.dynamic_axes.items()
-        if name in spec.input_names
-    }
     args = tuple(example[name] for name in spec.input_names)
-    shapes = [dynamic_shapes.get(name) for name in spec.input_names]
+    shapes: list[Any] = [
+        {a: dims.setdefault(label, torch.export.Dim(label)) for a, label in axes.items()} or None
+        for axes in (spec.dynamic_axes.get(name, {}) for name in spec.input_names)
+    ]
     params = inspect.signature(module.forward).parameters.values()
     if any(p.kind == p.VAR_POSITIONAL for p in params):  # forward(a, b, *rest)
         fixed = len(params) - 1  # torch.export wants the shapes of *rest as one tuple

@@ -79,11 +79,13 @@ def _max_diff(got: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
     return float(np.max(np.abs(got - ref)[mask.astype(bool)]))
 
 
-def cached_parity(torch_fn: Any, ort_fn: Any, prompts: list[list[int]], info: dict) -> list[dict]:
+def cached_parity(
+    torch_fn: Any, ort_fn: Any, prompts: list[list[int]], shape: tuple[int, int, int], pad_id: int
+) -> list[dict]:
     """Logit differences on a left-padded prefill (empty past) and on CACHED_STEPS steps after
     it, each backend reading its own cache; the next token is PyTorch's greedy choice."""
-    ids, mask = pad(prompts, info["pad_token_id"], side="left")
-    empty = empty_cache(len(prompts), (info["layers"], info["kv_heads"], info["head_dim"]))
+    ids, mask = pad(prompts, pad_id, side="left")
+    empty = empty_cache(len(prompts), shape)
     pos = positions(mask)
     (ref, ref_past), (got, got_past) = (f(ids, mask, pos, empty) for f in (torch_fn, ort_fn))
     checks = [
@@ -109,15 +111,14 @@ def cached_parity(torch_fn: Any, ort_fn: Any, prompts: list[list[int]], info: di
     return checks
 
 
-def ort_perplexity(sess: Any, examples: list[dict], info: dict, batch: int = 8) -> dict:
-    """Validation loss and perplexity of an ONNX file (full sequences, empty past)."""
-    shape = (info["layers"], info["kv_heads"], info["head_dim"])
-    step = ort_step(sess)
+def ort_perplexity(
+    step: Any, examples: list[dict], shape: tuple[int, int, int], pad_id: int, batch: int = 8
+) -> dict:
+    """Validation loss and perplexity through an ONNX step function (full sequences, empty
+    past)."""
     total, tokens = 0.0, 0
     for i in range(0, len(examples), batch):
-        x = {
-            k: v.numpy() for k, v in collate(examples[i : i + batch], info["pad_token_id"]).items()
-        }
+        x = {k: v.numpy() for k, v in collate(examples[i : i + batch], pad_id).items()}
         empty = empty_cache(len(x["input_ids"]), shape)
         logits, _ = step(x["input_ids"], x["attention_mask"], x["position_ids"], empty)
         labels = x["labels"][:, 1:]
@@ -197,13 +198,12 @@ def run(
         write_json_atomic(tmp / META_FILE, info)
 
         fp32_fn = ort_step(session(fp32_path, threads))
-        checks = cached_parity(torch_fn, fp32_fn, prompts[:4], info)
+        int8_fn = ort_step(session(int8_path, threads))
+        checks = cached_parity(torch_fn, fp32_fn, prompts[:4], shape, info["pad_token_id"])
         worst = float(np.max([c["max_abs_diff"] for c in checks]))  # NaN never passes
         reference = generate_ids(torch_fn, prompts, p.llm_new_tokens, shape, **decode)
         fp32_tokens = generate_ids(fp32_fn, prompts, p.llm_new_tokens, shape, **decode)
-        int8_tokens = generate_ids(
-            ort_step(session(int8_path, threads)), prompts, p.llm_new_tokens, shape, **decode
-        )
+        int8_tokens = generate_ids(int8_fn, prompts, p.llm_new_tokens, shape, **decode)
         identical = float(np.mean([a == b for a, b in zip(reference, fp32_tokens, strict=True)]))
         agreement = token_agreement(reference, int8_tokens)
         fp32 = {
@@ -213,7 +213,7 @@ def run(
             "prompts": len(prompts),
             "new_tokens": p.llm_new_tokens,
             "identical_generations": identical,
-            "metrics": ort_perplexity(session(fp32_path, threads), validation, info),
+            "metrics": ort_perplexity(fp32_fn, validation, shape, info["pad_token_id"]),
             "passed": bool(np.isfinite(worst) and worst <= p.llm_max_abs_diff) and identical == 1,
         }
         int8 = {
@@ -222,7 +222,7 @@ def run(
             "identical_generations": float(
                 np.mean([a == b for a, b in zip(reference, int8_tokens, strict=True)])
             ),
-            "metrics": ort_perplexity(session(int8_path, threads), validation, info),
+            "metrics": ort_perplexity(int8_fn, validation, shape, info["pad_token_id"]),
             "passed": agreement >= p.int8_min_token_agreement,
         }
         report = {
@@ -242,9 +242,7 @@ def run(
             "files": {"fp32": onnx_spec.file_name, "int8": onnx_spec.int8_file_name},
             "sizes": {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size},
             "model_config": {
-                **{k: v for k, v in info.items() if k != "chat_template"},
-                "chat_template": info["chat_template"],
-                "base_model": llm_cfg.base_model,
+                **info,  # layers, heads, special ids, chat template, base model
                 "inputs": list(onnx_spec.input_names),
                 "outputs": list(onnx_spec.output_names),
                 "cache": "past_key_values.<i>.{key,value} [batch, kv_heads, past_sequence, "
