@@ -79,6 +79,7 @@ class PathsConfig:
     artifacts: str = "target/artifacts"  # <component>/<version>/{pytorch,onnx}/
     metrics: str = "target/metrics"  # <stage>.json for `dvc metrics`
     manifests: str = "target/manifests"  # latest.json + latest.tar.gz
+    bundles: str = "target/bundles"  # <component>/: manifest.json + its files (registry paths)
     checkpoints: str = "target/checkpoints"  # <component>/step-N/ (not a DVC output: survives)
     live: str = "target/dvclive"  # <stage>/ DVCLive step metrics for `dvc plots`
     profiles: str = "target/profiles"  # <component>/trace.json when runtime.profile_steps > 0

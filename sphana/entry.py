@@ -64,6 +64,7 @@ def _summary(result: Any) -> str:
     if not isinstance(result, dict):
         return ""
     keys = ("documents", "chunks", "embedding", "fine_tuned", "fp32", "version", "members")
+    keys += ("bundles",)
     parts = []
     for key in keys:
         if key in result:

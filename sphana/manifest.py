@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import json
+import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sphana.errors import InputError, VerifyError
-from sphana.io import atomic_path, sha256_file, write_json_atomic
+from sphana.io import atomic_dir, atomic_path, dumps_json, sha256_file, write_json_atomic
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "manifest.schema.json"
 MANIFEST_NAME = "manifest.json"  # name inside a tarball / bundle directory
@@ -211,6 +212,44 @@ def package(manifest_file: Path, artifacts_root: Path, tarball: Path) -> list[st
             with open(path, "rb") as f:
                 tar.addfile(info(name, path.stat().st_size), f)
     return [name for name, _ in members]
+
+
+def excerpt(manifest: dict[str, Any], component: str) -> dict[str, Any]:
+    """The manifest of one component: its entry, its opset, and the provenance of its stages."""
+    entry = manifest["components"][component]
+    stages = manifest["provenance"]["stages"]
+    return {
+        **manifest,
+        "components": {component: entry},
+        "system_requirements": {
+            **manifest["system_requirements"],
+            "opset": entry["model_config"]["opset"],
+        },
+        "provenance": {
+            **manifest["provenance"],
+            "stages": {s: stages[s] for s in COMPONENT_STAGES[component] if s in stages},
+        },
+    }
+
+
+def write_bundles(manifest_file: Path, artifacts_root: Path, out_dir: Path) -> list[str]:
+    """``out_dir/<component>/``: ``manifest.json`` (the component's excerpt) and its files, at
+    the paths the manifest names, for each component; what a deployer of one component fetches
+    (the registry's artifact paths). Written whole or not at all. Returns the components."""
+    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    problems = check_files(manifest, artifacts_root)
+    if problems:
+        raise VerifyError(f"{manifest_file}: refusing to bundle:\n  " + "\n  ".join(problems))
+    with atomic_dir(out_dir) as tmp:
+        for component, entry in manifest["components"].items():
+            bundle = tmp / component
+            for f in entry["files"]:
+                (bundle / f["path"]).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(artifacts_root / f["path"], bundle / f["path"])
+            (bundle / MANIFEST_NAME).write_text(
+                dumps_json(excerpt(manifest, component)), encoding="utf-8"
+            )
+    return sorted(manifest["components"])
 
 
 def check_files(manifest: dict[str, Any], root: Path) -> list[str]:

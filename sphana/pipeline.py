@@ -166,10 +166,12 @@ def package(cfg: SphanaConfig) -> dict[str, Any]:
             f"{manifest_file}: version {version} != release.version "
             f"{cfg.release.version}; rerun the manifest stage"
         )
+    artifacts = Path(cfg.paths.artifacts)
     members = manifest_lib.package(
-        manifest_file, Path(cfg.paths.artifacts), Path(cfg.paths.manifests) / "latest.tar.gz"
+        manifest_file, artifacts, Path(cfg.paths.manifests) / "latest.tar.gz"
     )
-    return {"members": members}
+    bundles = manifest_lib.write_bundles(manifest_file, artifacts, Path(cfg.paths.bundles))
+    return {"members": members, "bundles": bundles}
 
 
 STAGES = {

@@ -37,6 +37,7 @@ def tiny_config(tmp_path: Path, *overrides: str):
         "artifacts",
         "metrics",
         "manifests",
+        "bundles",
         "checkpoints",
         "live",
         "profiles",
