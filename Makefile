@@ -32,7 +32,7 @@ lint: $(STAMP)
 
 ## Figures of the built models (after `make run`): embedding latency and sizes, INT8 recipes,
 ## training throughput of the runtime against a plain loop, entity parsing throughput, graph
-## ranker latency, generator decode speed (KV cache vs none).
+## ranker latency, generator decode speed (KV cache vs none), registry listing and S3 push/pull.
 bench: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/embedding_latency.py --threads 2
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/quantization_presets.py
@@ -40,6 +40,8 @@ bench: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/ingest_throughput.py
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/gnn_latency.py --candidates 20
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/llm_decode.py --new-tokens 64
+	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/registry_list.py --versions 50
+	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/remote_transfer.py
 
 clean:
 	rm -rf target .dvc/cache .dvc/tmp

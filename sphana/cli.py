@@ -4,6 +4,8 @@
 - ``verify``: check a manifest, bundle directory or .tar.gz against its files.
 - ``validate FILE --type KIND``: check a data file against its contract (JSON Schema + checks).
 - ``stats FILE [--json]``: record count, label/kind counts and text lengths of a JSON Lines file.
+- ``artifacts list|register|promote|rollback|diff|bundle|parity-samples``: the model registry
+  (git tags in GTO's format over the ``artifacts:`` of dvc.yaml; see sphana/registry.py).
 """
 
 from __future__ import annotations
@@ -113,6 +115,127 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def cmd_artifacts_list(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from sphana import registry
+
+    rows = registry.listing(Path(args.repo), args.names or None)
+    if args.json:
+        _print_json(rows)
+        return 0
+    table = Table(title_justify="left", title="registered versions (newest first)")
+    for column in ("artifact", "version", "stages", "commit", "registered", "key metrics"):
+        table.add_column(column)
+    missing = False
+    for row in rows:
+        if row["metrics"] is None:
+            missing = True
+            metrics = "[dim]manifest not in the DVC cache[/]"
+        else:
+            metrics = ", ".join(f"{k} {v:.4g}" for k, v in row["metrics"].items())
+        version = f"{row['version']} [bold](latest)[/]" if row["latest"] else row["version"]
+        table.add_row(
+            row["name"],
+            version,
+            ", ".join(row["stages"]),
+            row["commit"][:8],
+            row["created_at"][:19].replace("T", " "),
+            metrics,
+        )
+    out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    out.print(table if rows else "no registered versions (sphana artifacts register NAME VERSION)")
+    if missing:
+        out.print("fetch the missing manifests with `dvc fetch manifest --all-tags`")
+    return 0
+
+
+def cmd_artifacts_register(args: argparse.Namespace) -> int:
+    from sphana import registry
+
+    tag = registry.register(Path(args.repo), args.name, args.version)
+    console.print(
+        f"[green]registered[/] {tag}: share it with `git push origin {tag}` and the files with "
+        "`dvc push`"
+    )
+    return 0
+
+
+def cmd_artifacts_promote(args: argparse.Namespace) -> int:
+    from sphana import registry
+
+    before, now = registry.promote(Path(args.repo), args.name, args.version, args.stage)
+    console.print(
+        f"[green]{args.name}[/] {args.stage}: {before or 'none'} -> {now} "
+        "(`git push --tags` to publish)"
+    )
+    return 0
+
+
+def cmd_artifacts_rollback(args: argparse.Namespace) -> int:
+    from sphana import registry
+
+    before, now = registry.rollback(Path(args.repo), args.name, args.stage)
+    console.print(
+        f"[green]{args.name}[/] {args.stage} rolled back: {before} -> {now} "
+        "(`git push --tags` to publish)"
+    )
+    return 0
+
+
+def cmd_artifacts_diff(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from sphana import registry
+
+    result = registry.diff(Path(args.repo), args.name, args.old, args.new)
+    if args.json:
+        _print_json(result)
+        return 0
+    out = Console(highlight=False)
+    old, new = result["versions"]
+    for facet in ("params", "data", "metrics", "files"):
+        changed, same = result[facet]["changed"], result[facet]["same"]
+        table = Table(title=f"{facet}: {len(changed)} changed, {same} same", title_justify="left")
+        for column in (facet[:-1] if facet != "data" else "output", old, new):
+            table.add_column(column)
+        for key, (a, b) in changed.items():
+            table.add_row(escape(key), escape(str(a)), escape(str(b)))
+        out.print(table if changed else table.title)
+    return 0
+
+
+def cmd_artifacts_bundle(args: argparse.Namespace) -> int:
+    from sphana import registry
+
+    result = registry.bundle(Path(args.repo), args.name, args.version, Path(args.out))
+    console.print(
+        f"[green]OK[/] {args.out}: {args.name} {result['version']}, {result['files']} files "
+        "verified against its manifest"
+    )
+    return 0
+
+
+def cmd_artifacts_parity_samples(args: argparse.Namespace) -> int:
+    from sphana import registry
+    from sphana.io import write_json_atomic
+
+    samples = registry.parity_samples(Path(args.repo), args.name, args.version)
+    if args.output == "-":
+        _print_json(samples)
+    else:
+        write_json_atomic(args.output, samples)
+        cases = len(samples["cases"])
+        console.print(
+            f"[green]wrote[/] {args.output}: {cases} case(s) for {', '.join(samples['models'])}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sphana", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +265,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file", help="JSON Lines file")
     s.add_argument("--json", action="store_true", help="print the statistics as JSON")
     s.set_defaults(func=cmd_stats)
+
+    a = sub.add_parser(
+        "artifacts", help="model registry: versions and stages as git tags (GTO format)"
+    )
+    a.add_argument("--repo", default=".", help="repository root (default: .)")
+    verbs = a.add_subparsers(dest="verb", required=True)
+    p = verbs.add_parser("list", help="versions, stages and key metrics of each artifact")
+    p.add_argument("names", nargs="*", help="artifacts of dvc.yaml (default: all)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_artifacts_list)
+    p = verbs.add_parser("register", help="tag HEAD as NAME@vVERSION once its files verify")
+    p.add_argument("name")
+    p.add_argument("version", help="semantic version, e.g. 0.2.0")
+    p.set_defaults(func=cmd_artifacts_register)
+    p = verbs.add_parser("promote", help="assign a stage (e.g. prod) to a version")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--stage", required=True)
+    p.set_defaults(func=cmd_artifacts_promote)
+    p = verbs.add_parser("rollback", help="give a stage back to the version that held it before")
+    p.add_argument("name")
+    p.add_argument("--stage", required=True)
+    p.set_defaults(func=cmd_artifacts_rollback)
+    p = verbs.add_parser("diff", help="params, data hashes, metrics and checksums of 2 versions")
+    p.add_argument("name")
+    p.add_argument("old")
+    p.add_argument("new")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_artifacts_diff)
+    p = verbs.add_parser("bundle", help="a verified, portable copy of a version in a new dir")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("out", help="directory to create")
+    p.set_defaults(func=cmd_artifacts_bundle)
+    p = verbs.add_parser(
+        "parity-samples", help="inputs and ONNX Runtime outputs for another runtime to replay"
+    )
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("-o", "--output", default="-", help="JSON file (default: stdout)")
+    p.set_defaults(func=cmd_artifacts_parity_samples)
     return parser
 
 

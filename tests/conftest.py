@@ -120,3 +120,25 @@ def built_tiny(tmp_path_factory: pytest.TempPathFactory):
     ):
         results[name] = pipeline.STAGES[name](cfg)
     return cfg, results
+
+
+@pytest.fixture(scope="session")
+def dvc_built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A copy of this repository set to the tiny configs, committed and built by `dvc repro`:
+    (path, DVC's output). Modules take their own copy (:func:`copy_built`)."""
+    repo = copy_repo(tmp_path_factory.mktemp("dvc_built"))
+    config = repo / "conf/config.yaml"
+    text = config.read_text(encoding="utf-8")
+    for group in GROUPS:
+        text = text.replace(f"  - {group}: default", f"  - {group}: tiny")
+    config.write_text(text, encoding="utf-8")
+    sphana("params", cwd=repo)
+    commit_all(repo, "tiny configuration")
+    proc = dvc("repro", cwd=repo)
+    return repo, proc.stdout + proc.stderr
+
+
+def copy_built(built: Path, dest: Path) -> Path:
+    """A copy of a built repository (git history, DVC cache and outputs) at ``dest``."""
+    shutil.copytree(built, dest, symlinks=True)
+    return dest

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import GROUPS, commit_all, copy_repo, dvc, run, sphana
+from conftest import copy_built, dvc, run, sphana
 
 ALL_STAGES = [
     "ingest",
@@ -60,8 +60,9 @@ ORDER = [
 
 
 def ran(proc) -> list[str]:
-    """Stages DVC ran, in order (from its 'Running stage' lines)."""
-    return re.findall(r"Running stage '([^']+)'", proc.stdout + proc.stderr)
+    """Stages DVC ran, in order (from its 'Running stage' lines of a process or its output)."""
+    output = proc if isinstance(proc, str) else proc.stdout + proc.stderr
+    return re.findall(r"Running stage '([^']+)'", output)
 
 
 def assert_ran(proc, expected: list[str]) -> None:
@@ -76,18 +77,10 @@ def assert_ran(proc, expected: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = copy_repo(tmp_path_factory.mktemp("repo"))
-    config = repo / "conf/config.yaml"
-    text = config.read_text(encoding="utf-8")
-    for group in GROUPS:
-        text = text.replace(f"  - {group}: default", f"  - {group}: tiny")
-    config.write_text(text, encoding="utf-8")
-    sphana("params", cwd=repo)
-    commit_all(repo, "tiny configuration")
-    proc = dvc("repro", cwd=repo)
-    assert_ran(proc, ALL_STAGES)
-    return repo
+def repo(dvc_built: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    built, output = dvc_built
+    assert_ran(output, ALL_STAGES)
+    return copy_built(built, tmp_path_factory.mktemp("e2e") / "repo")
 
 
 def test_repro_builds_every_artifact(repo: Path) -> None:
@@ -150,6 +143,13 @@ def test_manifest_matches_files_and_dvc_lock(repo: Path) -> None:
     assert manifest["provenance"]["git_commit"]
     sphana("verify", "target/manifests/latest.json", "--lock", "dvc.lock", cwd=repo)
     sphana("verify", "target/manifests/latest.tar.gz", cwd=repo)
+    # each component's bundle (the registry's artifact) verifies alone, against its excerpt
+    for name, entry in manifest["components"].items():
+        bundle = repo / "target/bundles" / name
+        sphana("verify", str(bundle), cwd=repo)
+        inside = json.loads((bundle / "manifest.json").read_text())
+        assert list(inside["components"]) == [name] and inside["components"][name] == entry
+        assert set(inside["provenance"]["stages"]) <= set(manifest["provenance"]["stages"])
 
 
 def test_verify_rejects_a_tampered_bundle(repo: Path, tmp_path: Path) -> None:
@@ -210,11 +210,14 @@ def test_relation_param_experiment_reruns_only_the_relation_chain(repo: Path) ->
     assert prov["params"]["relation"]["dropout"] == 0.2
 
 
-def test_gnn_params_rerun_only_the_gnn_chain(repo: Path) -> None:
+def test_gnn_and_llm_params_rerun_only_their_chains(repo: Path) -> None:
     base = ["-S", "embedding.lr=0.002", "-S", "relation.dropout=0.2"]  # the previous experiment
-    proc = dvc("exp", "run", *base, "-S", "gnn.hidden=8", cwd=repo)
-    assert ran(proc) == ["train_gnn", "export_gnn", "manifest", "package"]
-    proc = dvc("exp", "run", *base, "-S", "gnn.hidden=8", "-S", "gnn.graph.top_k=3", cwd=repo)
+    # two independent chains in one experiment: a model param of each reruns its training and
+    # export only (the graph ranker's graphs stay)
+    proc = dvc("exp", "run", *base, "-S", "gnn.hidden=8", "-S", "llm.lr=0.002", cwd=repo)
+    assert_ran(proc, ["train_gnn", "export_gnn", "train_llm", "export_llm", "manifest", "package"])
+    base += ["-S", "gnn.hidden=8", "-S", "llm.lr=0.002"]
+    proc = dvc("exp", "run", *base, "-S", "gnn.graph.top_k=3", cwd=repo)
     assert ran(proc) == ["build_graphs", "train_gnn", "export_gnn", "manifest", "package"]
     manifest = json.loads((repo / "target/manifests/latest.json").read_text())
     gnn = manifest["components"]["gnn"]
@@ -225,21 +228,13 @@ def test_gnn_params_rerun_only_the_gnn_chain(repo: Path) -> None:
         "readout_index",
     ]
     assert gnn["model_config"]["quantized"] == gnn["path"].endswith(".int8.onnx")
-    sphana("verify", "target/manifests/latest.json", "--lock", "dvc.lock", cwd=repo)
-
-
-def test_llm_params_rerun_only_the_llm_chain(repo: Path) -> None:
-    base = ["-S", "embedding.lr=0.002", "-S", "relation.dropout=0.2", "-S", "gnn.hidden=8"]
-    base += ["-S", "gnn.graph.top_k=3"]  # the previous experiments
-    proc = dvc("exp", "run", *base, "-S", "llm.lr=0.002", cwd=repo)
-    assert ran(proc) == ["train_llm", "export_llm", "manifest", "package"]
-    manifest = json.loads((repo / "target/manifests/latest.json").read_text())
     llm = manifest["components"]["llm"]
     names = [t["name"] for t in llm["signature"]["inputs"]]
     assert names[:4] == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key"]
     assert [t["name"] for t in llm["signature"]["outputs"]][:2] == ["logits", "present.0.key"]
     assert llm["model_config"]["quantized"] and llm["path"].endswith("llm_generator.int8.onnx")
     assert llm["parity"]["fp32"]["identical_generations"] == 1.0
+    assert manifest["provenance"]["stages"]["train_llm"]["params"]["llm"]["lr"] == 0.002
     sphana("verify", "target/manifests/latest.json", "--lock", "dvc.lock", cwd=repo)
 
 

@@ -1,0 +1,553 @@
+"""Model registry: versions and stages of the ``artifacts:`` of ``dvc.yaml`` as git tags in GTO's
+format (``<name>@v<semver>`` registers a version, ``<name>#<stage>#<n>`` assigns a stage,
+``<name>#<stage>!#<n>`` unassigns it), written through the GTO library.
+
+A stage holds one version at a time, the one ``dvc artifacts get --stage`` downloads: the target
+of the newest tag that names the stage. ``promote`` unassigns the stage from the version holding
+it and then assigns it, one second later, so GTO (``gto show``) and DVC agree on the holder;
+``rollback`` does the same back to the version that held the stage before.
+
+A component version's content is its bundle directory (``paths.bundles/<name>``: the manifest
+excerpt and the component's files); ``release`` is the tarball. Both are DVC outputs: their
+bytes come from the DVC cache or the DVC remote, the manifest of a version is found through that
+version's ``dvc.lock``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sphana.errors import SphanaError, VerifyError
+
+RELEASE = "release"  # the artifact of the whole tarball; the others are components
+# the figure `list` shows per component: (metrics section, key), read from each version's manifest
+KEY_METRICS = {
+    "embedding": ("validation", "recall@5"),
+    "relation": ("validation", "macro_f1"),
+    "gnn": ("validation", "ndcg@10"),
+    "llm": ("validation", "perplexity"),
+}
+
+
+class RegistryError(SphanaError):
+    """A registry command that cannot be done as asked (and what to do instead)."""
+
+
+@dataclass
+class Version:
+    name: str
+    version: str  # "v1.2.3"
+    commit: str
+    created_at: str
+    stages: list[str] = field(default_factory=list)  # the stages this version holds now
+    latest: bool = False  # the highest version of its artifact
+
+
+def normalize(version: str) -> str:
+    """``1.2.3`` or ``v1.2.3`` -> ``v1.2.3``; anything else is refused."""
+    import semver
+
+    bare = version[1:] if version.startswith("v") else version
+    if not semver.Version.is_valid(bare):
+        raise RegistryError(
+            f"{version!r} is not a semantic version (MAJOR.MINOR.PATCH, e.g. 0.2.0)"
+        )
+    return f"v{bare}"
+
+
+def _git(root: Path, *args: str) -> str:
+    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RegistryError(f"git {' '.join(args)} failed in {root}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+@functools.cache
+def declared(root: Path) -> dict[str, dict[str, Any]]:
+    """The ``artifacts:`` of ``dvc.yaml`` (name -> path, type, desc, labels; paths unresolved)."""
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        raise RegistryError(f"{dvc_yaml}: not found; run sphana from the repository root")
+    return (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("artifacts") or {}
+
+
+def _check_name(root: Path, name: str) -> None:
+    names = declared(root)
+    if name not in names:
+        raise RegistryError(
+            f"{name!r} is not an artifact of {root / 'dvc.yaml'} (artifacts: {', '.join(names)})"
+        )
+
+
+@contextmanager
+def _gto(root: Path) -> Iterator[Any]:
+    """GTO's registry: what writes the tags."""
+    from gto.registry import GitRegistry
+
+    with GitRegistry.from_url(str(root)) as reg:
+        yield reg
+
+
+# GTO's tag names (gto.constants.tag_re) for the artifacts of a top-level dvc.yaml; read here
+# with one `git for-each-ref` because GTO's own reader takes ~1 s for 50 versions.
+TAG = re.compile(
+    r"^(?P<name>[a-z0-9_/-]+)"
+    r"(?:@(?P<version>v\d+\.\d+\.\d+[0-9A-Za-z.+-]*)|#(?P<stage>[a-z0-9_/-]+))"
+    r"(?P<cancel>!?)(?:#\d+)?$"
+)
+
+
+@dataclass(frozen=True)
+class Tag:
+    tag: str
+    name: str
+    commit: str  # the tagged commit
+    time: int  # tagger time, seconds: what DVC orders a stage's tags by
+    version: str | None  # a (de)registration tag
+    stage: str | None  # an (un)assignment tag
+    cancel: bool  # deregistration or unassignment
+
+    @property
+    def order(self) -> tuple[int, str]:
+        return self.time, self.tag
+
+
+@dataclass
+class History:
+    """The tags of one artifact, oldest first."""
+
+    name: str
+    tags: list[Tag]
+
+    def registered(self) -> dict[str, Tag]:
+        """version -> its registration tag, for the versions not deregistered since."""
+        newest: dict[str, Tag] = {}
+        for t in self.tags:
+            if t.version:
+                newest[t.version] = t
+        return {v: t for v, t in newest.items() if not t.cancel}
+
+    def version_at(self, commit: str) -> str | None:
+        return next((v for v, t in self.registered().items() if t.commit == commit), None)
+
+    def holders(self) -> dict[str, str]:
+        """stage -> the version holding it, as ``dvc artifacts get --stage`` resolves it: the
+        commit of the newest tag naming the stage (an assignment or not)."""
+        newest = {t.stage: t for t in self.tags if t.stage}
+        return {stage: self.version_at(t.commit) or t.commit[:8] for stage, t in newest.items()}
+
+    def active(self, stage: str) -> list[str]:
+        """Versions whose last event for ``stage`` is an assignment (what GTO shows)."""
+        last: dict[str, Tag] = {}
+        for t in self.tags:
+            if t.stage == stage:
+                last[self.version_at(t.commit) or t.commit] = t
+        return [version for version, t in last.items() if not t.cancel]
+
+    def assignments(self, stage: str) -> list[tuple[tuple[int, str], str]]:
+        return [
+            (t.order, self.version_at(t.commit) or t.commit)
+            for t in self.tags
+            if t.stage == stage and not t.cancel
+        ]
+
+
+def histories(root: Path) -> dict[str, History]:
+    """Every artifact's annotated GTO tags (GTO and DVC ignore lightweight tags)."""
+    fields = "%(objecttype) %(taggerdate:unix) %(*objectname) %(refname:strip=2)"
+    out: dict[str, History] = {}
+    for line in _git(root, "for-each-ref", "refs/tags", f"--format={fields}").splitlines():
+        kind, when, commit, tag = line.split(" ", 3)
+        match = TAG.match(tag)
+        if kind != "tag" or not match:
+            continue
+        name = match["name"]
+        out.setdefault(name, History(name, [])).tags.append(
+            Tag(
+                tag,
+                name,
+                commit,
+                int(when),
+                match["version"],
+                match["stage"],
+                match["cancel"] == "!",
+            )
+        )
+    for history in out.values():
+        history.tags.sort(key=lambda t: t.order)
+    return out
+
+
+def _semver_key(version: str) -> Any:
+    import semver
+
+    return semver.Version.parse(version[1:])
+
+
+def versions(root: Path, name: str, history: History | None = None) -> list[Version]:
+    """Registered versions of ``name``, highest first."""
+    if history is None:
+        history = histories(root).get(name, History(name, []))
+    holders = history.holders()
+    registered = history.registered()
+    ordered = sorted(registered, key=_semver_key, reverse=True)
+    return [
+        Version(
+            name=name,
+            version=version,
+            commit=registered[version].commit,
+            created_at=dt.datetime.fromtimestamp(
+                registered[version].time, dt.timezone.utc
+            ).isoformat(),
+            stages=sorted(s for s, holder in holders.items() if holder == version),
+            latest=i == 0,
+        )
+        for i, version in enumerate(ordered)
+    ]
+
+
+def find(root: Path, name: str, version: str) -> Version:
+    version = normalize(version)
+    for v in versions(root, name):
+        if v.version == version:
+            return v
+    raise RegistryError(
+        f"{name} {version} is not registered (`sphana artifacts list {name}` shows its versions)"
+    )
+
+
+def _wait_past_newest_tag(root: Path, name: str) -> None:
+    """Tag times have a resolution of one second and DVC orders a stage's tags by time: a new
+    tag must be strictly newer than every tag of the artifact."""
+    out = _git(root, "for-each-ref", "--format=%(taggerdate:unix)", f"refs/tags/{name}[@#]*")
+    newest = max((int(t) for t in out.split() if t.strip()), default=0)
+    while time.time() < newest + 1:
+        time.sleep(0.05)
+
+
+# --- reading a version's files ------------------------------------------------------------
+
+
+def _manifest_out(root: Path, commit: str) -> tuple[str, str]:
+    """(path, md5) of the manifest stage's output in ``commit``'s dvc.lock. Parses only the
+    lines of that stage's ``outs`` where it can: a whole dvc.lock takes ~40 ms to parse, and
+    `list` reads one per version."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    text = _git(root, "show", f"{commit}:dvc.lock")
+    lines = text.splitlines(keepends=True)
+    try:  # dvc.lock as DVC lays it out: "  manifest:" ... "    outs:" then deeper lines
+        start = lines.index("    outs:\n", lines.index("  manifest:\n"))
+        end = next(
+            (
+                i
+                for i in range(start + 1, len(lines))
+                if not lines[i].startswith(("    -", "     "))
+            ),
+            None,
+        )
+        outs = yaml.load("".join(lines[start:end]), Loader=loader)["outs"]
+    except (ValueError, KeyError, TypeError, yaml.YAMLError):
+        stages = (yaml.load(text, Loader=loader) or {}).get("stages", {})
+        outs = (stages.get("manifest") or {}).get("outs")
+    if not outs:
+        raise RegistryError(f"dvc.lock of commit {commit[:8]} has no manifest stage output")
+    (out,) = outs
+    return out["path"], out["md5"]
+
+
+@functools.cache
+def _cache_dir(root: Path) -> Path:
+    """DVC's local cache (``cache.dir`` of .dvc/config.local or .dvc/config, relative to .dvc/;
+    default .dvc/cache), read without importing DVC."""
+    import configparser
+
+    for name in ("config.local", "config"):
+        config = configparser.ConfigParser()
+        config.read(root / ".dvc" / name)
+        if config.has_option("cache", "dir"):
+            return (root / ".dvc" / config.get("cache", "dir")).resolve()
+    return root / ".dvc" / "cache"
+
+
+def _cache_path(root: Path, md5: str) -> Path:
+    return _cache_dir(root.resolve()) / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def manifest_at(root: Path, commit: str, fetch: bool = True) -> dict[str, Any] | None:
+    """The release manifest built at ``commit``: from the DVC cache, else (``fetch``) through
+    DVC from the remote; ``None`` when it is in neither place that was looked at."""
+    path, md5 = _manifest_out(root, commit)
+    cached = _cache_path(root, md5)
+    if cached.is_file():
+        return json.loads(cached.read_text(encoding="utf-8"))
+    if not fetch:
+        return None
+    from dvc.api import DVCFileSystem
+
+    try:
+        text = DVCFileSystem(str(root), rev=commit).read_text(path, encoding="utf-8")
+    except Exception as e:  # DVC's errors for a missing remote or object vary
+        raise RegistryError(
+            f"the manifest of commit {commit[:8]} ({path}) is neither in the DVC cache nor "
+            f"on the remote ({e}); run `dvc push` where it was built"
+        ) from None
+    return json.loads(text)
+
+
+def _component_manifest(root: Path, v: Version, fetch: bool = True) -> dict[str, Any] | None:
+    from sphana.manifest import excerpt
+
+    manifest = manifest_at(root, v.commit, fetch)
+    if manifest is None or v.name == RELEASE:
+        return manifest
+    if v.name not in manifest["components"]:
+        raise RegistryError(f"{v.name} {v.version}: its release manifest has no {v.name}")
+    return excerpt(manifest, v.name)
+
+
+def key_metrics(manifest: dict[str, Any] | None) -> dict[str, float]:
+    if manifest is None:
+        return {}
+    out = {}
+    for component, entry in manifest["components"].items():
+        section, key = KEY_METRICS[component]
+        value = (entry["metrics"].get(section) or {}).get(key)
+        if value is not None:
+            out[f"{component} {key}"] = value
+    return out
+
+
+def listing(root: Path, names: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every version of every artifact (or of ``names``) with its stages and key metrics (from
+    the manifests in the local DVC cache; ``metrics`` is ``None`` where it is not there)."""
+    tagged = histories(root)
+    rows = []
+    for name in names or list(declared(root)):
+        _check_name(root, name)
+        for v in versions(root, name, tagged.get(name, History(name, []))):
+            manifest = _component_manifest(root, v, fetch=False)
+            rows.append({**v.__dict__, "metrics": key_metrics(manifest) if manifest else None})
+    return rows
+
+
+# --- writing tags ---------------------------------------------------------------------------
+
+
+def _verify_head(root: Path, name: str) -> None:
+    """What ``register`` checks before tagging HEAD: the built files are the ones HEAD's
+    dvc.lock records, and they match their manifest."""
+    import hashlib
+
+    from sphana import manifest as manifest_lib
+
+    lock_file = root / "dvc.lock"
+    path, md5 = _manifest_out(root, "HEAD")
+    manifest_file = root / path
+    if not manifest_file.is_file():
+        raise VerifyError(f"{manifest_file}: not built; run `dvc repro` (or `dvc pull`)")
+    if hashlib.md5(manifest_file.read_bytes()).hexdigest() != md5:
+        raise VerifyError(
+            f"{manifest_file} is not the manifest HEAD's dvc.lock records; "
+            "run `dvc checkout` or `dvc repro`, then commit dvc.lock"
+        )
+    params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))["paths"]
+    manifest_lib.verify(manifest_file, root=root / params["artifacts"], lock_file=lock_file)
+    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    if name == RELEASE:
+        tarball = root / params["manifests"] / "latest.tar.gz"
+        manifest_lib.verify(tarball)
+        return
+    if name not in manifest["components"]:
+        raise VerifyError(f"{manifest_file}: no component {name} (release.components)")
+    bundle = root / params["bundles"] / name
+    manifest_lib.verify(bundle)
+    inside = json.loads((bundle / manifest_lib.MANIFEST_NAME).read_text(encoding="utf-8"))
+    if inside != manifest_lib.excerpt(manifest, name):
+        raise VerifyError(f"{bundle}: its manifest is not {manifest_file}'s; run `dvc repro`")
+
+
+def register(root: Path, name: str, version: str) -> str:
+    """Tag HEAD as ``name@<version>``. Refuses a dirty tree, a non-semver or existing version,
+    a commit that already has a version of ``name``, and files that do not verify."""
+    from gto.exceptions import GTOException
+
+    _check_name(root, name)
+    version = normalize(version)
+    if _git(root, "status", "--porcelain", "--untracked-files=no").strip():
+        raise RegistryError(
+            "the working tree has uncommitted changes: a version is a commit; "
+            "commit (dvc.lock included) or stash them first"
+        )
+    existing = {v.version: v for v in versions(root, name)}
+    if version in existing:
+        raise RegistryError(
+            f"{name} {version} already exists (commit {existing[version].commit[:8]}); "
+            "versions are immutable: pick a new one"
+        )
+    try:
+        _verify_head(root, name)
+    except VerifyError as e:
+        raise RegistryError(f"refusing to register {name} {version}: {e}") from None
+    _wait_past_newest_tag(root, name)
+    try:
+        with _gto(root) as reg:
+            reg.register(name=name, rev="HEAD", version=version, simple=True)
+    except GTOException as e:
+        raise RegistryError(f"refusing to register {name} {version}: {e}") from None
+    return f"{name}@{version}"
+
+
+def _move_stage(root: Path, name: str, stage: str, version: str, verb: str) -> str:
+    """Unassign ``stage`` from the versions that hold it, then assign it to ``version``, each
+    tag newer than the last: GTO and ``dvc artifacts get --stage`` then agree on the holder."""
+    from gto.exceptions import GTOException
+
+    history = histories(root)[name]
+    try:
+        with _gto(root) as reg:
+            for other in history.active(stage):
+                if other != version:
+                    _wait_past_newest_tag(root, name)
+                    reg.unassign(
+                        name=name, stage=stage, version=other, message=f"{verb}: {version}"
+                    )
+            _wait_past_newest_tag(root, name)
+            reg.assign(name=name, stage=stage, version=version, message=f"{verb}: {version}")
+    except GTOException as e:
+        raise RegistryError(f"cannot {verb} {name} {version} to {stage}: {e}") from None
+    return histories(root)[name].holders()[stage]
+
+
+def promote(root: Path, name: str, version: str, stage: str) -> tuple[str | None, str]:
+    """Assign ``stage`` to ``version``: (the version that held it, the one that holds it now)."""
+    _check_name(root, name)
+    target = find(root, name, version)
+    before = histories(root)[name].holders().get(stage)
+    if before == target.version:
+        raise RegistryError(f"{name} {target.version} already holds {stage}")
+    return before, _move_stage(root, name, stage, target.version, "promote")
+
+
+def rollback(root: Path, name: str, stage: str) -> tuple[str, str]:
+    """Give ``stage`` back to the version assigned to it before the current holder's
+    assignment (twice in a row goes back and forth, like ``kubectl rollout undo``)."""
+    _check_name(root, name)
+    history = histories(root).get(name, History(name, []))
+    current = history.holders().get(stage)
+    if current is None:
+        raise RegistryError(f"no version of {name} holds {stage}: nothing to roll back")
+    assignments = history.assignments(stage)
+    since = max(order for order, version in assignments if version == current)
+    earlier = [version for order, version in assignments if order < since and version != current]
+    if not earlier:
+        raise RegistryError(
+            f"{name} {current} is the first version assigned to {stage}: nothing to roll back to"
+        )
+    return current, _move_stage(root, name, stage, earlier[-1], "rollback")
+
+
+# --- a version's content ----------------------------------------------------------------------
+
+
+def bundle(root: Path, name: str, version: str, out: Path) -> dict[str, Any]:
+    """Copy version ``version`` of ``name`` to ``out`` (a new directory) from the DVC cache or
+    remote, and verify it: a component's bundle directory, or ``release``'s tarball inside
+    ``out``. Written whole or not at all."""
+    from dvc.repo import Repo
+
+    from sphana.io import atomic_dir
+    from sphana.manifest import verify
+
+    _check_name(root, name)
+    v = find(root, name, version)
+    if out.exists():
+        raise RegistryError(f"{out}: already exists; give a new directory")
+    with atomic_dir(out) as tmp:
+        target = tmp / "download"
+        with Repo(str(root)) as repo:
+            try:
+                repo.artifacts.download(name, version=v.version, out=str(target))
+            except Exception as e:  # DVC's errors for a missing remote or object vary
+                raise RegistryError(
+                    f"cannot fetch {name} {v.version} (commit {v.commit[:8]}): {e}; "
+                    "is it pushed (`dvc push`) and the remote configured?"
+                ) from None
+        if name == RELEASE:
+            tarball = tmp / "latest.tar.gz"
+            target.rename(tarball)
+            result = verify(tarball)
+        else:
+            for item in target.iterdir():
+                item.rename(tmp / item.name)
+            target.rmdir()
+            result = verify(tmp)
+    return {**result, "manifest": str(out / "manifest.json"), "version": v.version}
+
+
+def parity_samples(root: Path, name: str, version: str) -> dict[str, Any]:
+    """:func:`sphana.samples.build` on the verified bundle of ``name`` ``version``."""
+    from sphana import samples
+
+    if name == RELEASE:
+        raise RegistryError("parity samples are per component: embedding, relation, gnn or llm")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bundle"
+        verified = bundle(root, name, version, out)
+        result = samples.build(out)
+    return {"registry_version": verified["version"], **result}
+
+
+# --- diff -----------------------------------------------------------------------------------
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    if not isinstance(data, dict) or not data:
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _facets(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    stages = manifest["provenance"]["stages"]
+    params: dict[str, Any] = {}
+    for stage in stages.values():
+        params.update(_flat(stage["params"]))
+    data = dict(manifest["provenance"]["data"])
+    for stage in stages.values():  # the md5 of every upstream output (datasets, models)
+        data.update(stage["outs"])
+    metrics, files = {}, {}
+    for component, entry in manifest["components"].items():
+        metrics.update(_flat(entry["metrics"], component))
+        files.update({f["path"]: f["sha256"] for f in entry["files"]})
+    return {"params": params, "data": data, "metrics": metrics, "files": files}
+
+
+def diff(root: Path, name: str, old: str, new: str) -> dict[str, Any]:
+    """Params, data hashes, metrics and file checksums of two versions, side by side:
+    ``{facet: {key: [old, new]}}`` for the keys that differ, and how many are the same."""
+    _check_name(root, name)
+    a, b = find(root, name, old), find(root, name, new)
+    facets_a, facets_b = (_facets(_component_manifest(root, v)) for v in (a, b))
+    out: dict[str, Any] = {"versions": [a.version, b.version], "commits": [a.commit, b.commit]}
+    for facet in ("params", "data", "metrics", "files"):
+        left, right = facets_a[facet], facets_b[facet]
+        keys = sorted(set(left) | set(right))
+        changed = {k: [left.get(k), right.get(k)] for k in keys if left.get(k) != right.get(k)}
+        out[facet] = {"changed": changed, "same": len(keys) - len(changed)}
+    return out

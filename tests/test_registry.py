@@ -1,0 +1,249 @@
+"""Experiments, the model registry and remotes, with real git, DVC, GTO tags and an S3 server
+(moto's, on 127.0.0.1) as the DVC remote. The tests share one repository and run in order: the
+registry's history is the story of one team."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import commit_all, copy_built, dvc, run, sphana
+
+BUCKET = "sphana-remote"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_url():
+    """moto's S3 server on 127.0.0.1 with an empty bucket, and credentials for it; stopped
+    afterwards."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("AWS_ACCESS_KEY_ID", "testing")
+            env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            boto3.client("s3", endpoint_url=url).create_bucket(Bucket=BUCKET)
+            yield url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def repo(dvc_built, s3_url: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built tiny repository with the S3 server as its default DVC remote (committed)."""
+    repo = copy_built(dvc_built[0], tmp_path_factory.mktemp("registry") / "repo")
+    dvc("remote", "add", "-d", "storage", f"s3://{BUCKET}/cache", cwd=repo)
+    dvc("remote", "modify", "storage", "endpointurl", s3_url, cwd=repo)
+    commit_all(repo, "DVC remote on S3")
+    return repo
+
+
+def artifacts(*args: str, cwd: Path, check: bool = True):
+    return sphana("artifacts", *args, cwd=cwd, check=check)
+
+
+def tags(repo: Path) -> list[str]:
+    return run(["git", "tag"], cwd=repo).stdout.split()
+
+
+def gnn_hidden(bundle: Path) -> int:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    return manifest["provenance"]["stages"]["train_gnn"]["params"]["gnn"]["hidden"]
+
+
+def test_register_refuses_what_it_cannot_vouch_for(repo: Path) -> None:
+    proc = artifacts("register", "embedding", "1.0", cwd=repo, check=False)
+    assert proc.returncode == 1 and "not a semantic version" in proc.stderr
+    proc = artifacts("register", "encoder", "0.1.0", cwd=repo, check=False)
+    assert "'encoder' is not an artifact" in proc.stderr and "embedding" in proc.stderr
+
+    readme = repo / "README.md"
+    readme.write_text(readme.read_text() + "\nedited\n")
+    proc = artifacts("register", "embedding", "0.1.0", cwd=repo, check=False)
+    assert proc.returncode == 1 and "uncommitted changes" in proc.stderr
+    run(["git", "checkout", "README.md"], cwd=repo)
+
+    # an ONNX file altered after the build: its manifest no longer verifies
+    onnx = next((repo / "target/artifacts/embedding").glob("*/onnx/embedding.onnx"))
+    onnx.write_bytes(onnx.read_bytes()[:-1] + b"\0")
+    proc = artifacts("register", "embedding", "0.1.0", cwd=repo, check=False)
+    assert proc.returncode == 1
+    assert "refusing to register embedding v0.1.0" in proc.stderr and "sha256" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert tags(repo) == []
+    dvc("checkout", "--force", cwd=repo)
+
+    for name in ("embedding", "gnn", "release"):
+        artifacts("register", name, "0.1.0", cwd=repo)
+    proc = artifacts("register", "gnn", "v0.1.0", cwd=repo, check=False)
+    assert "already exists" in proc.stderr
+    proc = artifacts("register", "gnn", "0.1.1", cwd=repo, check=False)
+    assert "already registered in this commit" in proc.stderr
+    assert sorted(tags(repo)) == ["embedding@v0.1.0", "gnn@v0.1.0", "release@v0.1.0"]
+    # annotated tags: what GTO and `dvc artifacts get` read
+    assert run(["git", "cat-file", "-t", "gnn@v0.1.0"], cwd=repo).stdout.strip() == "tag"
+
+
+def test_push_wipe_the_cache_pull_and_verify(repo: Path) -> None:
+    dvc("push", cwd=repo)
+    shutil.rmtree(repo / ".dvc/cache")
+    shutil.rmtree(repo / "target/bundles")
+    dvc("pull", cwd=repo)
+    sphana("verify", "target/manifests/latest.json", "--lock", "dvc.lock", cwd=repo)
+    for component in ("embedding", "relation", "gnn", "llm"):
+        sphana("verify", f"target/bundles/{component}", cwd=repo)
+
+
+def test_queued_sweep_leaves_the_workspace_alone_until_apply(repo: Path) -> None:
+    manifest = (repo / "target/manifests/latest.json").read_bytes()
+    dvc("exp", "run", "--queue", "-S", "gnn.hidden=8,12", cwd=repo)
+    dvc("queue", "start", "-j", "2", cwd=repo)
+    deadline = time.monotonic() + 900
+    while True:
+        status = dvc("queue", "status", cwd=repo).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    assert status.count("Success") == 2, status + dvc("queue", "logs", "-f", cwd=repo).stdout
+    assert run(["git", "status", "--porcelain"], cwd=repo).stdout == ""
+    assert (repo / "target/manifests/latest.json").read_bytes() == manifest
+
+    shown = json.loads(dvc("exp", "show", "--json", cwd=repo).stdout)
+    exps = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            data = exp["revs"][0]["data"]
+            exps[data["params"]["params.yaml"]["data"]["gnn"]["hidden"]] = exp["name"]
+            metrics = data["metrics"]
+            for stage in ("train_embedding", "train_relation", "train_gnn", "train_llm"):
+                assert f"target/metrics/{stage}.json" in metrics, sorted(metrics)
+    assert sorted(exps) == [8, 12]
+    plots = dvc("plots", "diff", exps[8], exps[12], "--json", cwd=repo).stdout
+    assert exps[8] in plots and exps[12] in plots and "train_gnn" in plots
+
+    dvc("exp", "apply", exps[12], cwd=repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["gnn"]["hidden"] == 12
+    sphana("verify", "target/manifests/latest.json", "--lock", "dvc.lock", cwd=repo)
+    commit_all(repo, "gnn.hidden=12 (experiment applied)")
+    assert ran_nothing(dvc("repro", cwd=repo))
+    artifacts("register", "gnn", "0.2.0", cwd=repo)
+    dvc("push", cwd=repo)
+
+
+def ran_nothing(proc) -> bool:
+    return "Running stage" not in proc.stdout + proc.stderr
+
+
+def test_deployer_gets_the_promoted_version_then_the_previous_after_rollback(
+    repo: Path, tmp_path: Path
+) -> None:
+    artifacts("promote", "gnn", "0.1.0", "--stage", "prod", cwd=repo)
+    proc = artifacts("promote", "gnn", "0.2.0", "--stage", "prod", cwd=repo)
+    assert "v0.1.0 -> v0.2.0" in proc.stderr
+    # the deployer's side: a clone without the DVC cache, files from the S3 remote, no sphana
+    origin = tmp_path / "origin"
+    run(["git", "clone", "-q", str(repo), str(origin)], cwd=tmp_path)
+
+    def deploy(*selector: str) -> Path:
+        out = tmp_path / f"deploy-{len(list(tmp_path.iterdir()))}"
+        dvc("artifacts", "get", str(origin), "gnn", *selector, "-o", str(out), cwd=tmp_path)
+        sphana("verify", str(out), cwd=tmp_path)
+        return out
+
+    assert gnn_hidden(deploy("--stage", "prod")) == 12
+    proc = artifacts("rollback", "gnn", "--stage", "prod", cwd=repo)
+    assert "v0.2.0 -> v0.1.0" in proc.stderr
+    run(["git", "fetch", "-q", "--tags", "--force"], cwd=origin)
+    assert gnn_hidden(deploy("--stage", "prod")) == 16  # conf/gnn/tiny.yaml
+    assert gnn_hidden(deploy("--rev", "v0.2.0")) == 12
+
+    # GTO sees what DVC sees
+    listed = json.loads(artifacts("list", "gnn", "--json", cwd=repo).stdout)
+    assert [(r["version"], r["stages"], r["latest"]) for r in listed] == [
+        ("v0.2.0", [], True),
+        ("v0.1.0", ["prod"], False),
+    ]
+    gto = run([str(Path(sys.executable).parent / "gto"), "show", "gnn", "--json"], cwd=repo)
+    assert "prod" in json.dumps([v for v in json.loads(gto.stdout) if v["version"] == "v0.1.0"])
+
+
+def test_list_diff_bundle_and_parity_samples(repo: Path, tmp_path: Path) -> None:
+    from sphana import samples
+
+    listed = json.loads(artifacts("list", "--json", cwd=repo).stdout)
+    names = {(r["name"], r["version"]) for r in listed}
+    assert names == {
+        ("embedding", "v0.1.0"),
+        ("gnn", "v0.1.0"),
+        ("gnn", "v0.2.0"),
+        ("release", "v0.1.0"),
+    }
+    for row in listed:
+        assert row["metrics"], row
+    release = next(r for r in listed if r["name"] == "release")
+    assert set(release["metrics"]) == {
+        "embedding recall@5",
+        "relation macro_f1",
+        "gnn ndcg@10",
+        "llm perplexity",
+    }
+    assert "v0.2.0 (latest)" in artifacts("list", "gnn", cwd=repo).stdout
+
+    diff = json.loads(artifacts("diff", "gnn", "0.1.0", "0.2.0", "--json", cwd=repo).stdout)
+    assert diff["params"]["changed"]["gnn.hidden"] == [16, 12]
+    assert diff["data"]["same"] > 0 and diff["files"]["changed"] and diff["metrics"]["changed"]
+    assert "embedding.lr" not in diff["params"]["changed"]
+
+    out = tmp_path / "gnn-0.2.0"
+    artifacts("bundle", "gnn", "0.2.0", str(out), cwd=repo)
+    assert gnn_hidden(out) == 12
+    assert (
+        "already exists"
+        in artifacts("bundle", "gnn", "0.2.0", str(out), cwd=repo, check=False).stderr
+    )
+    artifacts("bundle", "release", "0.1.0", str(tmp_path / "release"), cwd=repo)
+    sphana("verify", str(tmp_path / "release/latest.tar.gz"), cwd=repo)
+
+    for name, version in (("gnn", "0.2.0"), ("embedding", "0.1.0")):
+        file = tmp_path / f"{name}.json"
+        artifacts("parity-samples", name, version, "-o", str(file), cwd=repo)
+        result = json.loads(file.read_text())
+        assert result["registry_version"] == f"v{version}" and result["cases"]
+        bundle = tmp_path / f"{name}-bundle"
+        artifacts("bundle", name, version, str(bundle), cwd=repo)
+        assert samples.replay(result, bundle) == []
+        # a runtime that computes something else is caught
+        model = next(iter(result["models"].values()))
+        first = next(iter(model["outputs"][0].values()))
+        first["data"][0] += 1.0
+        assert samples.replay(result, bundle)
+
+
+def test_repro_pull_reuses_a_teammates_build(repo: Path, tmp_path: Path) -> None:
+    clone = tmp_path / "teammate"
+    run(["git", "clone", "-q", str(repo), str(clone)], cwd=tmp_path)
+    proc = dvc("repro", "--pull", cwd=clone)
+    assert ran_nothing(proc), proc.stdout
+    sphana("verify", "target/manifests/latest.json", "--lock", "dvc.lock", cwd=clone)
+    assert os.path.getsize(clone / "target/manifests/latest.tar.gz") > 0
