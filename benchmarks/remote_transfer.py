@@ -68,7 +68,7 @@ def main() -> None:
             count, size = len(stored), sum(o["Size"] for o in stored)
             dvc("cache", "dir", "--local", str(Path(tmp) / "empty-cache"), cwd=clone)
             pull = dvc("pull", "-q", "-j", str(args.jobs), cwd=clone)
-            subprocess.run(
+            verified = subprocess.run(
                 [
                     bin_dir / "sphana",
                     "verify",
@@ -78,8 +78,8 @@ def main() -> None:
                 ],
                 cwd=clone,
                 env=env,
-                check=True,
-                stdout=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
             )
     finally:
         server.stop()
@@ -87,7 +87,7 @@ def main() -> None:
     print(f"S3 remote (moto on 127.0.0.1), dvc -j {args.jobs}: {count} objects, {mb:.0f} MB")
     print(f"  dvc push: {push:.1f} s ({mb / push:.0f} MB/s)")
     print(f"  dvc pull into an empty cache + checkout: {pull:.1f} s ({mb / pull:.0f} MB/s)")
-    print("  sphana verify on the pulled clone: OK")
+    print(f"  sphana verify on the pulled clone: {verified.stderr.strip() or verified.stdout}")
 
 
 if __name__ == "__main__":

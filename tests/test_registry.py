@@ -115,6 +115,10 @@ def test_push_wipe_the_cache_pull_and_verify(repo: Path) -> None:
 
 def test_queued_sweep_leaves_the_workspace_alone_until_apply(repo: Path) -> None:
     manifest = (repo / "target/manifests/latest.json").read_bytes()
+    # a whole config group switched: DVC composes conf/ with it when the experiment is queued
+    dvc("exp", "run", "--queue", "-S", "gnn=default", "--name", "gnn-default", cwd=repo)
+    assert exp_params(repo) == {"gnn-default": 128}  # conf/gnn/default.yaml (tiny: 16)
+    dvc("queue", "remove", "gnn-default", cwd=repo)
     dvc("exp", "run", "--queue", "-S", "gnn.hidden=8,12", cwd=repo)
     dvc("queue", "start", "-j", "2", cwd=repo)
     deadline = time.monotonic() + 900
@@ -128,16 +132,11 @@ def test_queued_sweep_leaves_the_workspace_alone_until_apply(repo: Path) -> None
     assert run(["git", "status", "--porcelain"], cwd=repo).stdout == ""
     assert (repo / "target/manifests/latest.json").read_bytes() == manifest
 
-    shown = json.loads(dvc("exp", "show", "--json", cwd=repo).stdout)
-    exps = {}
-    for baseline in shown:
-        for exp in baseline.get("experiments") or []:
-            data = exp["revs"][0]["data"]
-            exps[data["params"]["params.yaml"]["data"]["gnn"]["hidden"]] = exp["name"]
-            metrics = data["metrics"]
-            for stage in ("train_embedding", "train_relation", "train_gnn", "train_llm"):
-                assert f"target/metrics/{stage}.json" in metrics, sorted(metrics)
+    exps = {hidden: name for name, hidden in exp_params(repo).items()}
     assert sorted(exps) == [8, 12]
+    for data in experiments(repo).values():  # every component's metrics, per experiment
+        for stage in ("train_embedding", "train_relation", "train_gnn", "train_llm"):
+            assert f"target/metrics/{stage}.json" in data["metrics"], sorted(data["metrics"])
     plots = dvc("plots", "diff", exps[8], exps[12], "--json", cwd=repo).stdout
     assert exps[8] in plots and exps[12] in plots and "train_gnn" in plots
 
@@ -149,6 +148,23 @@ def test_queued_sweep_leaves_the_workspace_alone_until_apply(repo: Path) -> None
     assert ran_nothing(dvc("repro", cwd=repo))
     artifacts("register", "gnn", "0.2.0", cwd=repo)
     dvc("push", cwd=repo)
+
+
+def experiments(repo: Path) -> dict[str, dict]:
+    """``dvc exp show``: experiment name -> its data (params, metrics), queued ones included."""
+    shown = json.loads(dvc("exp", "show", "--json", cwd=repo).stdout)
+    return {
+        exp["name"]: exp["revs"][0]["data"]
+        for baseline in shown
+        for exp in baseline.get("experiments") or []
+    }
+
+
+def exp_params(repo: Path) -> dict[str, int]:
+    return {
+        name: data["params"]["params.yaml"]["data"]["gnn"]["hidden"]
+        for name, data in experiments(repo).items()
+    }
 
 
 def ran_nothing(proc) -> bool:
