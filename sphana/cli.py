@@ -135,7 +135,7 @@ def cmd_artifacts_list(args: argparse.Namespace) -> int:
     for row in rows:
         if row["metrics"] is None:
             missing = True
-            metrics = "[dim]manifest not in the DVC cache[/]"
+            metrics = f"[dim]{escape(row['note'])}[/]"
         else:
             metrics = ", ".join(f"{k} {v:.4g}" for k, v in row["metrics"].items())
         version = f"{row['version']} [bold](latest)[/]" if row["latest"] else row["version"]
@@ -150,7 +150,7 @@ def cmd_artifacts_list(args: argparse.Namespace) -> int:
     out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     out.print(table if rows else "no registered versions (sphana artifacts register NAME VERSION)")
     if missing:
-        out.print("fetch the missing manifests with `dvc fetch manifest --all-tags`")
+        out.print("missing manifests: `dvc fetch manifest --all-tags` fetches them")
     return 0
 
 

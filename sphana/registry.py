@@ -101,12 +101,19 @@ def _gto(root: Path) -> Iterator[Any]:
         yield reg
 
 
-# GTO's tag names (gto.constants.tag_re) for the artifacts of a top-level dvc.yaml; read here
-# with one `git for-each-ref` because GTO's own reader takes ~1 s for 50 versions.
+# GTO's tag names (gto.constants.tag_re, for the artifacts of a top-level dvc.yaml), read here
+# with one `git for-each-ref`: GTO's own reader (and its import) takes ~1.5 s for 50 versions.
+_NAME = r"[a-zA-Z0-9](?:[a-zA-Z0-9-/_]*[a-zA-Z0-9])?"
+_NUMBER = r"(?:0|[1-9]\d*)"
+_IDENT = r"(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)"
+_SEMVER = (
+    rf"{_NUMBER}\.{_NUMBER}\.{_NUMBER}(?:-{_IDENT}(?:\.{_IDENT})*)?"
+    r"(?:\+[0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*)?"
+)
 TAG = re.compile(
-    r"^(?P<name>[a-z0-9_/-]+)"
-    r"(?:@(?P<version>v\d+\.\d+\.\d+[0-9A-Za-z.+-]*)|#(?P<stage>[a-z0-9_/-]+))"
-    r"(?P<cancel>!?)(?:#\d+)?$"
+    rf"^(?P<name>{_NAME})"
+    rf"(?:(?:#(?P<stage>{_NAME})|@(?P<version>v{_SEMVER}))(?P<cancel>!?)|@deprecated|@created)"
+    r"(?:#[0-9]+)?$"
 )
 
 
@@ -127,11 +134,13 @@ class Tag:
 
 @dataclass
 class History:
-    """The tags of one artifact, oldest first."""
+    """The tags of one artifact, oldest first. Stages are held by commits (what DVC fetches);
+    a commit's version is its registration, if it has one that was not deregistered."""
 
     name: str
     tags: list[Tag]
 
+    @functools.cached_property
     def registered(self) -> dict[str, Tag]:
         """version -> its registration tag, for the versions not deregistered since."""
         newest: dict[str, Tag] = {}
@@ -140,29 +149,26 @@ class History:
                 newest[t.version] = t
         return {v: t for v, t in newest.items() if not t.cancel}
 
-    def version_at(self, commit: str) -> str | None:
-        return next((v for v, t in self.registered().items() if t.commit == commit), None)
+    @functools.cached_property
+    def versions_at(self) -> dict[str, str]:
+        return {t.commit: v for v, t in self.registered.items()}
+
+    def label(self, commit: str) -> str:
+        return self.versions_at.get(commit, commit[:8])
 
     def holders(self) -> dict[str, str]:
-        """stage -> the version holding it, as ``dvc artifacts get --stage`` resolves it: the
-        commit of the newest tag naming the stage (an assignment or not)."""
-        newest = {t.stage: t for t in self.tags if t.stage}
-        return {stage: self.version_at(t.commit) or t.commit[:8] for stage, t in newest.items()}
+        """stage -> the commit holding it, as ``dvc artifacts get --stage`` resolves it: the
+        target of the newest tag naming the stage (an assignment or not)."""
+        return {t.stage: t.commit for t in self.tags if t.stage}
 
     def active(self, stage: str) -> list[str]:
-        """Versions whose last event for ``stage`` is an assignment (what GTO shows)."""
-        last: dict[str, Tag] = {}
-        for t in self.tags:
-            if t.stage == stage:
-                last[self.version_at(t.commit) or t.commit] = t
-        return [version for version, t in last.items() if not t.cancel]
+        """Commits whose last event for ``stage`` is an assignment (what GTO shows)."""
+        last = {t.commit: t for t in self.tags if t.stage == stage}
+        return [commit for commit, t in last.items() if not t.cancel]
 
     def assignments(self, stage: str) -> list[tuple[tuple[int, str], str]]:
-        return [
-            (t.order, self.version_at(t.commit) or t.commit)
-            for t in self.tags
-            if t.stage == stage and not t.cancel
-        ]
+        """(order, commit) of each assignment of ``stage``, oldest first."""
+        return [(t.order, t.commit) for t in self.tags if t.stage == stage and not t.cancel]
 
 
 def histories(root: Path) -> dict[str, History]:
@@ -202,7 +208,7 @@ def versions(root: Path, name: str, history: History | None = None) -> list[Vers
     if history is None:
         history = histories(root).get(name, History(name, []))
     holders = history.holders()
-    registered = history.registered()
+    registered = history.registered
     ordered = sorted(registered, key=_semver_key, reverse=True)
     return [
         Version(
@@ -212,7 +218,9 @@ def versions(root: Path, name: str, history: History | None = None) -> list[Vers
             created_at=dt.datetime.fromtimestamp(
                 registered[version].time, dt.timezone.utc
             ).isoformat(),
-            stages=sorted(s for s, holder in holders.items() if holder == version),
+            stages=sorted(
+                s for s, commit in holders.items() if commit == registered[version].commit
+            ),
             latest=i == 0,
         )
         for i, version in enumerate(ordered)
@@ -234,6 +242,11 @@ def _wait_past_newest_tag(root: Path, name: str) -> None:
     tag must be strictly newer than every tag of the artifact."""
     out = _git(root, "for-each-ref", "--format=%(taggerdate:unix)", f"refs/tags/{name}[@#]*")
     newest = max((int(t) for t in out.split() if t.strip()), default=0)
+    if newest > time.time() + 5:
+        raise RegistryError(
+            f"a tag of {name} is dated {newest - time.time():.0f} s in the future (clock skew "
+            "between machines?): a new tag would not be the newest; fix the clock and retry"
+        )
     while time.time() < newest + 1:
         time.sleep(0.05)
 
@@ -270,16 +283,12 @@ def _manifest_out(root: Path, commit: str) -> tuple[str, str]:
 
 @functools.cache
 def _cache_dir(root: Path) -> Path:
-    """DVC's local cache (``cache.dir`` of .dvc/config.local or .dvc/config, relative to .dvc/;
-    default .dvc/cache), read without importing DVC."""
-    import configparser
+    """DVC's local cache directory (``cache.dir`` at any config level; default .dvc/cache),
+    from DVC's config alone: opening the repository costs ~0.4 s more."""
+    from dvc.config import Config
 
-    for name in ("config.local", "config"):
-        config = configparser.ConfigParser()
-        config.read(root / ".dvc" / name)
-        if config.has_option("cache", "dir"):
-            return (root / ".dvc" / config.get("cache", "dir")).resolve()
-    return root / ".dvc" / "cache"
+    configured = Config(str(root / ".dvc")).get("cache", {}).get("dir")
+    return Path(configured) if configured else root / ".dvc" / "cache"
 
 
 def _cache_path(root: Path, md5: str) -> Path:
@@ -338,8 +347,13 @@ def listing(root: Path, names: list[str] | None = None) -> list[dict[str, Any]]:
     for name in names or list(declared(root)):
         _check_name(root, name)
         for v in versions(root, name, tagged.get(name, History(name, []))):
-            manifest = _component_manifest(root, v, fetch=False)
-            rows.append({**v.__dict__, "metrics": key_metrics(manifest) if manifest else None})
+            try:
+                manifest = _component_manifest(root, v, fetch=False)
+                note = None if manifest else "manifest not in the DVC cache"
+            except RegistryError as e:  # e.g. a version tagged on a commit without dvc.lock
+                manifest, note = None, str(e)
+            metrics = key_metrics(manifest) if manifest else None
+            rows.append({**v.__dict__, "metrics": metrics, "note": note})
     return rows
 
 
@@ -367,8 +381,14 @@ def _verify_head(root: Path, name: str) -> None:
     manifest_lib.verify(manifest_file, root=root / params["artifacts"], lock_file=lock_file)
     manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     if name == RELEASE:
+        import tarfile
+
         tarball = root / params["manifests"] / "latest.tar.gz"
         manifest_lib.verify(tarball)
+        with tarfile.open(tarball) as tar:
+            inside = json.load(tar.extractfile(manifest_lib.MANIFEST_NAME))
+        if inside != manifest:
+            raise VerifyError(f"{tarball}: its manifest is not {manifest_file}; run `dvc repro`")
         return
     if name not in manifest["components"]:
         raise VerifyError(f"{manifest_file}: no component {name} (release.components)")
@@ -410,53 +430,71 @@ def register(root: Path, name: str, version: str) -> str:
     return f"{name}@{version}"
 
 
-def _move_stage(root: Path, name: str, stage: str, version: str, verb: str) -> str:
-    """Unassign ``stage`` from the versions that hold it, then assign it to ``version``, each
-    tag newer than the last: GTO and ``dvc artifacts get --stage`` then agree on the holder."""
+def _move_stage(root: Path, name: str, stage: str, target: Version, verb: str) -> str:
+    """Unassign ``stage`` from the commits that hold it, then assign it to ``target``, each tag
+    newer than the last: GTO and ``dvc artifacts get --stage`` then agree on the holder."""
     from gto.exceptions import GTOException
 
     history = histories(root)[name]
+    message = f"{verb}: {stage} -> {target.version}"
     try:
         with _gto(root) as reg:
-            for other in history.active(stage):
-                if other != version:
+            for commit in history.active(stage):
+                if commit != target.commit:
                     _wait_past_newest_tag(root, name)
-                    reg.unassign(
-                        name=name, stage=stage, version=other, message=f"{verb}: {version}"
-                    )
+                    reg.unassign(name=name, stage=stage, rev=commit, message=message)
             _wait_past_newest_tag(root, name)
-            reg.assign(name=name, stage=stage, version=version, message=f"{verb}: {version}")
+            # force: GTO may still count the target in the stage (tags not written by sphana)
+            reg.assign(name=name, stage=stage, version=target.version, message=message, force=True)
     except GTOException as e:
-        raise RegistryError(f"cannot {verb} {name} {version} to {stage}: {e}") from None
-    return histories(root)[name].holders()[stage]
+        raise RegistryError(f"{verb} of {name} {target.version} to {stage} failed: {e}") from None
+    history = histories(root)[name]
+    return history.label(history.holders()[stage])
 
 
 def promote(root: Path, name: str, version: str, stage: str) -> tuple[str | None, str]:
     """Assign ``stage`` to ``version``: (the version that held it, the one that holds it now)."""
     _check_name(root, name)
+    _check_stage(stage)
     target = find(root, name, version)
-    before = histories(root)[name].holders().get(stage)
-    if before == target.version:
+    history = histories(root)[name]
+    holder = history.holders().get(stage)
+    if holder == target.commit:
         raise RegistryError(f"{name} {target.version} already holds {stage}")
-    return before, _move_stage(root, name, stage, target.version, "promote")
+    before = history.label(holder) if holder else None
+    return before, _move_stage(root, name, stage, target, "promote")
 
 
 def rollback(root: Path, name: str, stage: str) -> tuple[str, str]:
     """Give ``stage`` back to the version assigned to it before the current holder's
-    assignment (twice in a row goes back and forth, like ``kubectl rollout undo``)."""
+    assignment (twice in a row goes back and forth, like ``kubectl rollout undo``); versions
+    deregistered since are skipped."""
     _check_name(root, name)
     history = histories(root).get(name, History(name, []))
     current = history.holders().get(stage)
     if current is None:
         raise RegistryError(f"no version of {name} holds {stage}: nothing to roll back")
     assignments = history.assignments(stage)
-    since = max(order for order, version in assignments if version == current)
-    earlier = [version for order, version in assignments if order < since and version != current]
+    since = max((order for order, commit in assignments if commit == current), default=None)
+    earlier = [
+        commit
+        for order, commit in assignments
+        if (since is None or order < since) and commit != current and commit in history.versions_at
+    ]
     if not earlier:
         raise RegistryError(
-            f"{name} {current} is the first version assigned to {stage}: nothing to roll back to"
+            f"{name} {history.label(current)} is the first registered version assigned to "
+            f"{stage}: nothing to roll back to"
         )
-    return current, _move_stage(root, name, stage, earlier[-1], "rollback")
+    target = find(root, name, history.versions_at[earlier[-1]])
+    return history.label(current), _move_stage(root, name, stage, target, "rollback")
+
+
+def _check_stage(stage: str) -> None:
+    if not re.fullmatch(_NAME, stage):
+        raise RegistryError(
+            f"{stage!r} is not a stage name GTO accepts (letters, digits, '-', '_', '/')"
+        )
 
 
 # --- a version's content ----------------------------------------------------------------------
@@ -475,16 +513,18 @@ def bundle(root: Path, name: str, version: str, out: Path) -> dict[str, Any]:
     v = find(root, name, version)
     if out.exists():
         raise RegistryError(f"{out}: already exists; give a new directory")
+    if not out.parent.is_dir():
+        raise RegistryError(f"{out.parent}: no such directory")
     with atomic_dir(out) as tmp:
         target = tmp / "download"
-        with Repo(str(root)) as repo:
-            try:
+        try:
+            with Repo(str(root)) as repo:
                 repo.artifacts.download(name, version=v.version, out=str(target))
-            except Exception as e:  # DVC's errors for a missing remote or object vary
-                raise RegistryError(
-                    f"cannot fetch {name} {v.version} (commit {v.commit[:8]}): {e}; "
-                    "is it pushed (`dvc push`) and the remote configured?"
-                ) from None
+        except Exception as e:  # DVC's errors for a missing remote or object vary
+            raise RegistryError(
+                f"cannot fetch {name} {v.version} (commit {v.commit[:8]}): {e}; "
+                "is it pushed (`dvc push`) and the remote configured?"
+            ) from None
         if name == RELEASE:
             tarball = tmp / "latest.tar.gz"
             target.rename(tarball)
@@ -494,7 +534,7 @@ def bundle(root: Path, name: str, version: str, out: Path) -> dict[str, Any]:
                 item.rename(tmp / item.name)
             target.rmdir()
             result = verify(tmp)
-    return {**result, "manifest": str(out / "manifest.json"), "version": v.version}
+    return {**result, "path": str(out), "version": v.version}
 
 
 def parity_samples(root: Path, name: str, version: str) -> dict[str, Any]:

@@ -238,6 +238,7 @@ def test_gnn_and_llm_params_rerun_only_their_chains(repo: Path) -> None:
     sphana("verify", "target/manifests/latest.json", "--lock", "dvc.lock", cwd=repo)
 
 
+@pytest.mark.slow  # ~2.5 min: it reruns nearly the whole pipeline
 def test_chunking_param_reruns_from_ingest(repo: Path) -> None:
     proc = dvc("exp", "run", "-S", "ingest.chunk_tokens=64", cwd=repo)
     # relations.jsonl does not depend on chunking: the relation chain stops at build_datasets;

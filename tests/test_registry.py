@@ -92,13 +92,18 @@ def test_register_refuses_what_it_cannot_vouch_for(repo: Path) -> None:
     assert tags(repo) == []
     dvc("checkout", "--force", cwd=repo)
 
-    for name in ("embedding", "gnn", "release"):
+    for name in ("embedding", "gnn", "llm", "release"):
         artifacts("register", name, "0.1.0", cwd=repo)
     proc = artifacts("register", "gnn", "v0.1.0", cwd=repo, check=False)
     assert "already exists" in proc.stderr
     proc = artifacts("register", "gnn", "0.1.1", cwd=repo, check=False)
     assert "already registered in this commit" in proc.stderr
-    assert sorted(tags(repo)) == ["embedding@v0.1.0", "gnn@v0.1.0", "release@v0.1.0"]
+    assert sorted(tags(repo)) == [
+        "embedding@v0.1.0",
+        "gnn@v0.1.0",
+        "llm@v0.1.0",
+        "release@v0.1.0",
+    ]
     # annotated tags: what GTO and `dvc artifacts get` read
     assert run(["git", "cat-file", "-t", "gnn@v0.1.0"], cwd=repo).stdout.strip() == "tag"
 
@@ -213,6 +218,7 @@ def test_list_diff_bundle_and_parity_samples(repo: Path, tmp_path: Path) -> None
         ("embedding", "v0.1.0"),
         ("gnn", "v0.1.0"),
         ("gnn", "v0.2.0"),
+        ("llm", "v0.1.0"),
         ("release", "v0.1.0"),
     }
     for row in listed:
@@ -241,7 +247,7 @@ def test_list_diff_bundle_and_parity_samples(repo: Path, tmp_path: Path) -> None
     artifacts("bundle", "release", "0.1.0", str(tmp_path / "release"), cwd=repo)
     sphana("verify", str(tmp_path / "release/latest.tar.gz"), cwd=repo)
 
-    for name, version in (("gnn", "0.2.0"), ("embedding", "0.1.0")):
+    for name, version in (("gnn", "0.2.0"), ("embedding", "0.1.0"), ("llm", "0.1.0")):
         file = tmp_path / f"{name}.json"
         artifacts("parity-samples", name, version, "-o", str(file), cwd=repo)
         result = json.loads(file.read_text())
