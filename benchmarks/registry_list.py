@@ -35,13 +35,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
 
-    from dvc.repo import Repo
     from gto import api
+
+    from sphana import registry
 
     root = Path.cwd()
     names = list(yaml.safe_load(Path("dvc.yaml").read_text())["artifacts"])
-    with Repo(".") as repo:
-        cache = repo.cache.local.path.rsplit("/files/", 1)[0]
+    cache = str(registry.cache_dir(Path.cwd()))
     with tempfile.TemporaryDirectory() as tmp:
         clone = Path(tmp) / "clone"
         git("clone", "-q", "--no-tags", str(root), str(clone), cwd=root)

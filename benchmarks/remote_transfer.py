@@ -31,12 +31,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import boto3
-    from dvc.repo import Repo
     from moto.server import ThreadedMotoServer
 
+    from sphana import registry
+
     root = Path.cwd()
-    with Repo(".") as repo:
-        cache = repo.cache.local.path.rsplit("/files/", 1)[0]
+    cache = str(registry.cache_dir(Path.cwd()))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

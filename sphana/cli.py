@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -39,10 +40,9 @@ def _default_root(manifest_file: Path) -> Path | None:
     """For a manifest inside a repository, the files live under params' paths.artifacts."""
     params = Path("params.yaml")
     if manifest_file.parent.name == "manifests" and params.is_file():
-        import yaml
+        from sphana.config import read_paths
 
-        artifacts = (yaml.safe_load(params.read_text(encoding="utf-8")) or {}).get("paths", {})
-        return Path(artifacts.get("artifacts", "target/artifacts"))
+        return Path(read_paths(params).artifacts)
     return None
 
 
@@ -89,7 +89,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     result = stats(Path(args.file))
     if args.json:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
+        _print_json(result)
         return 0
     from rich.table import Table
 
@@ -116,7 +116,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _print_json(data: object) -> None:
-    print(json.dumps(data, indent=2, ensure_ascii=False))
+    from sphana.io import dumps_json
+
+    print(dumps_json(data), end="")
 
 
 def cmd_artifacts_list(args: argparse.Namespace) -> int:
@@ -271,41 +273,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--repo", default=".", help="repository root (default: .)")
     verbs = a.add_subparsers(dest="verb", required=True)
-    p = verbs.add_parser("list", help="versions, stages and key metrics of each artifact")
+
+    def verb(name: str, func: Any, help: str, *positional: str) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=help)
+        for arg in positional:
+            p.add_argument(arg)
+        p.set_defaults(func=func)
+        return p
+
+    p = verb("list", cmd_artifacts_list, "versions, stages and key metrics of each artifact")
     p.add_argument("names", nargs="*", help="artifacts of dvc.yaml (default: all)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_artifacts_list)
-    p = verbs.add_parser("register", help="tag HEAD as NAME@vVERSION once its files verify")
-    p.add_argument("name")
-    p.add_argument("version", help="semantic version, e.g. 0.2.0")
-    p.set_defaults(func=cmd_artifacts_register)
-    p = verbs.add_parser("promote", help="assign a stage (e.g. prod) to a version")
-    p.add_argument("name")
-    p.add_argument("version")
-    p.add_argument("--stage", required=True)
-    p.set_defaults(func=cmd_artifacts_promote)
-    p = verbs.add_parser("rollback", help="give a stage back to the version that held it before")
-    p.add_argument("name")
-    p.add_argument("--stage", required=True)
-    p.set_defaults(func=cmd_artifacts_rollback)
-    p = verbs.add_parser("diff", help="params, data hashes, metrics and checksums of 2 versions")
-    p.add_argument("name")
-    p.add_argument("old")
-    p.add_argument("new")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_artifacts_diff)
-    p = verbs.add_parser("bundle", help="a verified, portable copy of a version in a new dir")
-    p.add_argument("name")
-    p.add_argument("version")
-    p.add_argument("out", help="directory to create")
-    p.set_defaults(func=cmd_artifacts_bundle)
-    p = verbs.add_parser(
-        "parity-samples", help="inputs and ONNX Runtime outputs for another runtime to replay"
+    p = verb(
+        "register", cmd_artifacts_register, "tag HEAD as NAME@vVERSION once it verifies", "name"
     )
-    p.add_argument("name")
-    p.add_argument("version")
+    p.add_argument("version", help="semantic version, e.g. 0.2.0")
+    p = verb(
+        "promote",
+        cmd_artifacts_promote,
+        "assign a stage (e.g. prod) to a version",
+        "name",
+        "version",
+    )
+    p.add_argument("--stage", required=True)
+    p = verb(
+        "rollback", cmd_artifacts_rollback, "give a stage back to its previous version", "name"
+    )
+    p.add_argument("--stage", required=True)
+    p = verb(
+        "diff",
+        cmd_artifacts_diff,
+        "params, data hashes, metrics, checksums of 2 versions",
+        "name",
+        "old",
+        "new",
+    )
+    p.add_argument("--json", action="store_true")
+    p = verb(
+        "bundle", cmd_artifacts_bundle, "a verified, portable copy of a version", "name", "version"
+    )
+    p.add_argument("out", help="directory to create")
+    p = verb(
+        "parity-samples",
+        cmd_artifacts_parity_samples,
+        "inputs and ONNX Runtime outputs for another runtime to replay",
+        "name",
+        "version",
+    )
     p.add_argument("-o", "--output", default="-", help="JSON file (default: stdout)")
-    p.set_defaults(func=cmd_artifacts_parity_samples)
     return parser
 
 

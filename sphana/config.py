@@ -476,6 +476,14 @@ def compose(config_dir: Path, overrides: list[str] | None = None) -> DictConfig:
     return cfg
 
 
+def read_paths(params_file: Path = Path("params.yaml")) -> PathsConfig:
+    """The ``paths`` section of a composed ``params.yaml`` (outside a stage, e.g. the CLI)."""
+    import yaml
+
+    data = (yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}).get("paths") or {}
+    return PathsConfig(**data)
+
+
 def write_params(config_dir: Path, params_file: Path, overrides: list[str] | None = None) -> str:
     """Compose ``conf/`` and write it to ``params_file`` (atomically). Returns the YAML."""
     from sphana.io import write_text_atomic

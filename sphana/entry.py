@@ -63,8 +63,16 @@ def run(stage: str, params: DictConfig) -> Any:
 def _summary(result: Any) -> str:
     if not isinstance(result, dict):
         return ""
-    keys = ("documents", "chunks", "embedding", "fine_tuned", "fp32", "version", "members")
-    keys += ("bundles",)
+    keys = (
+        "documents",
+        "chunks",
+        "embedding",
+        "fine_tuned",
+        "fp32",
+        "version",
+        "members",
+        "bundles",
+    )
     parts = []
     for key in keys:
         if key in result:

@@ -176,13 +176,20 @@ def write(manifest: dict[str, Any], path: Path) -> None:
     write_json_atomic(path, manifest)
 
 
-def package(manifest_file: Path, artifacts_root: Path, tarball: Path) -> list[str]:
-    """A reproducible ``.tar.gz``: ``manifest.json`` + every listed file, sorted, with fixed
-    owners and timestamps. Verifies every file before packing. Returns the member names."""
+def checked(manifest_file: Path, artifacts_root: Path) -> dict[str, Any]:
+    """The manifest, once every file it lists matches (what packaging starts from)."""
     manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     problems = check_files(manifest, artifacts_root)
     if problems:
         raise VerifyError(f"{manifest_file}: refusing to package:\n  " + "\n  ".join(problems))
+    return manifest
+
+
+def package(
+    manifest: dict[str, Any], manifest_file: Path, artifacts_root: Path, tarball: Path
+) -> list[str]:
+    """A reproducible ``.tar.gz`` of a :func:`checked` manifest: ``manifest.json`` + every listed
+    file, sorted, with fixed owners and timestamps. Returns the member names."""
     members = [(MANIFEST_NAME, manifest_file)] + sorted(
         (f["path"], artifacts_root / f["path"])
         for c in manifest["components"].values()
@@ -232,14 +239,11 @@ def excerpt(manifest: dict[str, Any], component: str) -> dict[str, Any]:
     }
 
 
-def write_bundles(manifest_file: Path, artifacts_root: Path, out_dir: Path) -> list[str]:
-    """``out_dir/<component>/``: ``manifest.json`` (the component's excerpt) and its files, at
-    the paths the manifest names, for each component; what a deployer of one component fetches
-    (the registry's artifact paths). Written whole or not at all. Returns the components."""
-    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-    problems = check_files(manifest, artifacts_root)
-    if problems:
-        raise VerifyError(f"{manifest_file}: refusing to bundle:\n  " + "\n  ".join(problems))
+def write_bundles(manifest: dict[str, Any], artifacts_root: Path, out_dir: Path) -> list[str]:
+    """``out_dir/<component>/`` of a :func:`checked` manifest: ``manifest.json`` (the
+    component's excerpt) and its files, at the paths the manifest names, for each component;
+    what a deployer of one component fetches (the registry's artifact paths). Written whole or
+    not at all. Returns the components."""
     with atomic_dir(out_dir) as tmp:
         for component, entry in manifest["components"].items():
             bundle = tmp / component

@@ -160,17 +160,16 @@ def package(cfg: SphanaConfig) -> dict[str, Any]:
     from sphana.errors import VerifyError
 
     manifest_file = Path(cfg.paths.manifests) / "latest.json"
-    version = json.loads(manifest_file.read_text(encoding="utf-8"))["version"]
-    if version != cfg.release.version:
+    artifacts = Path(cfg.paths.artifacts)
+    manifest = manifest_lib.checked(manifest_file, artifacts)  # every file hashed once
+    if manifest["version"] != cfg.release.version:
         raise VerifyError(
-            f"{manifest_file}: version {version} != release.version "
+            f"{manifest_file}: version {manifest['version']} != release.version "
             f"{cfg.release.version}; rerun the manifest stage"
         )
-    artifacts = Path(cfg.paths.artifacts)
-    members = manifest_lib.package(
-        manifest_file, artifacts, Path(cfg.paths.manifests) / "latest.tar.gz"
-    )
-    bundles = manifest_lib.write_bundles(manifest_file, artifacts, Path(cfg.paths.bundles))
+    tarball = Path(cfg.paths.manifests) / "latest.tar.gz"
+    members = manifest_lib.package(manifest, manifest_file, artifacts, tarball)
+    bundles = manifest_lib.write_bundles(manifest, artifacts, Path(cfg.paths.bundles))
     return {"members": members, "bundles": bundles}
 
 

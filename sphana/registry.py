@@ -120,7 +120,6 @@ TAG = re.compile(
 @dataclass(frozen=True)
 class Tag:
     tag: str
-    name: str
     commit: str  # the tagged commit
     time: int  # tagger time, seconds: what DVC orders a stage's tags by
     version: str | None  # a (de)registration tag
@@ -184,7 +183,6 @@ def histories(root: Path) -> dict[str, History]:
         out.setdefault(name, History(name, [])).tags.append(
             Tag(
                 tag,
-                name,
                 commit,
                 int(when),
                 match["version"],
@@ -197,39 +195,40 @@ def histories(root: Path) -> dict[str, History]:
     return out
 
 
+def history(root: Path, name: str) -> History:
+    return histories(root).get(name, History(name, []))
+
+
 def _semver_key(version: str) -> Any:
     import semver
 
     return semver.Version.parse(version[1:])
 
 
-def versions(root: Path, name: str, history: History | None = None) -> list[Version]:
+def versions(root: Path, name: str, tags: History | None = None) -> list[Version]:
     """Registered versions of ``name``, highest first."""
-    if history is None:
-        history = histories(root).get(name, History(name, []))
-    holders = history.holders()
-    registered = history.registered
-    ordered = sorted(registered, key=_semver_key, reverse=True)
-    return [
-        Version(
-            name=name,
-            version=version,
-            commit=registered[version].commit,
-            created_at=dt.datetime.fromtimestamp(
-                registered[version].time, dt.timezone.utc
-            ).isoformat(),
-            stages=sorted(
-                s for s, commit in holders.items() if commit == registered[version].commit
-            ),
-            latest=i == 0,
+    tags = tags or history(root, name)
+    holders = tags.holders()
+    ordered = sorted(tags.registered, key=_semver_key, reverse=True)
+    out = []
+    for i, version in enumerate(ordered):
+        tag = tags.registered[version]
+        out.append(
+            Version(
+                name=name,
+                version=version,
+                commit=tag.commit,
+                created_at=dt.datetime.fromtimestamp(tag.time, dt.timezone.utc).isoformat(),
+                stages=sorted(s for s, commit in holders.items() if commit == tag.commit),
+                latest=i == 0,
+            )
         )
-        for i, version in enumerate(ordered)
-    ]
+    return out
 
 
-def find(root: Path, name: str, version: str) -> Version:
+def find(root: Path, name: str, version: str, tags: History | None = None) -> Version:
     version = normalize(version)
-    for v in versions(root, name):
+    for v in versions(root, name, tags):
         if v.version == version:
             return v
     raise RegistryError(
@@ -240,8 +239,7 @@ def find(root: Path, name: str, version: str) -> Version:
 def _wait_past_newest_tag(root: Path, name: str) -> None:
     """Tag times have a resolution of one second and DVC orders a stage's tags by time: a new
     tag must be strictly newer than every tag of the artifact."""
-    out = _git(root, "for-each-ref", "--format=%(taggerdate:unix)", f"refs/tags/{name}[@#]*")
-    newest = max((int(t) for t in out.split() if t.strip()), default=0)
+    newest = max((t.time for t in history(root, name).tags), default=0)
     if newest > time.time() + 5:
         raise RegistryError(
             f"a tag of {name} is dated {newest - time.time():.0f} s in the future (clock skew "
@@ -282,7 +280,7 @@ def _manifest_out(root: Path, commit: str) -> tuple[str, str]:
 
 
 @functools.cache
-def _cache_dir(root: Path) -> Path:
+def cache_dir(root: Path) -> Path:
     """DVC's local cache directory (``cache.dir`` at any config level; default .dvc/cache),
     from DVC's config alone: opening the repository costs ~0.4 s more."""
     from dvc.config import Config
@@ -292,7 +290,7 @@ def _cache_dir(root: Path) -> Path:
 
 
 def _cache_path(root: Path, md5: str) -> Path:
-    return _cache_dir(root.resolve()) / "files" / "md5" / md5[:2] / md5[2:]
+    return cache_dir(root.resolve()) / "files" / "md5" / md5[:2] / md5[2:]
 
 
 def manifest_at(root: Path, commit: str, fetch: bool = True) -> dict[str, Any] | None:
@@ -366,24 +364,25 @@ def _verify_head(root: Path, name: str) -> None:
     import hashlib
 
     from sphana import manifest as manifest_lib
+    from sphana.config import read_paths
 
-    lock_file = root / "dvc.lock"
     path, md5 = _manifest_out(root, "HEAD")
     manifest_file = root / path
     if not manifest_file.is_file():
         raise VerifyError(f"{manifest_file}: not built; run `dvc repro` (or `dvc pull`)")
-    if hashlib.md5(manifest_file.read_bytes()).hexdigest() != md5:
+    data = manifest_file.read_bytes()
+    if hashlib.md5(data).hexdigest() != md5:
         raise VerifyError(
             f"{manifest_file} is not the manifest HEAD's dvc.lock records; "
             "run `dvc checkout` or `dvc repro`, then commit dvc.lock"
         )
-    params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))["paths"]
-    manifest_lib.verify(manifest_file, root=root / params["artifacts"], lock_file=lock_file)
-    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    paths = read_paths(root / "params.yaml")
+    manifest_lib.verify(manifest_file, root=root / paths.artifacts, lock_file=root / "dvc.lock")
+    manifest = json.loads(data)
     if name == RELEASE:
         import tarfile
 
-        tarball = root / params["manifests"] / "latest.tar.gz"
+        tarball = root / paths.manifests / "latest.tar.gz"
         manifest_lib.verify(tarball)
         with tarfile.open(tarball) as tar:
             inside = json.load(tar.extractfile(manifest_lib.MANIFEST_NAME))
@@ -392,7 +391,7 @@ def _verify_head(root: Path, name: str) -> None:
         return
     if name not in manifest["components"]:
         raise VerifyError(f"{manifest_file}: no component {name} (release.components)")
-    bundle = root / params["bundles"] / name
+    bundle = root / paths.bundles / name
     manifest_lib.verify(bundle)
     inside = json.loads((bundle / manifest_lib.MANIFEST_NAME).read_text(encoding="utf-8"))
     if inside != manifest_lib.excerpt(manifest, name):
@@ -435,11 +434,10 @@ def _move_stage(root: Path, name: str, stage: str, target: Version, verb: str) -
     newer than the last: GTO and ``dvc artifacts get --stage`` then agree on the holder."""
     from gto.exceptions import GTOException
 
-    history = histories(root)[name]
     message = f"{verb}: {stage} -> {target.version}"
     try:
         with _gto(root) as reg:
-            for commit in history.active(stage):
+            for commit in history(root, name).active(stage):
                 if commit != target.commit:
                     _wait_past_newest_tag(root, name)
                     reg.unassign(name=name, stage=stage, rev=commit, message=message)
@@ -448,20 +446,20 @@ def _move_stage(root: Path, name: str, stage: str, target: Version, verb: str) -
             reg.assign(name=name, stage=stage, version=target.version, message=message, force=True)
     except GTOException as e:
         raise RegistryError(f"{verb} of {name} {target.version} to {stage} failed: {e}") from None
-    history = histories(root)[name]
-    return history.label(history.holders()[stage])
+    tags = history(root, name)
+    return tags.label(tags.holders()[stage])
 
 
 def promote(root: Path, name: str, version: str, stage: str) -> tuple[str | None, str]:
     """Assign ``stage`` to ``version``: (the version that held it, the one that holds it now)."""
     _check_name(root, name)
     _check_stage(stage)
-    target = find(root, name, version)
-    history = histories(root)[name]
-    holder = history.holders().get(stage)
+    tags = history(root, name)
+    target = find(root, name, version, tags)
+    holder = tags.holders().get(stage)
     if holder == target.commit:
         raise RegistryError(f"{name} {target.version} already holds {stage}")
-    before = history.label(holder) if holder else None
+    before = tags.label(holder) if holder else None
     return before, _move_stage(root, name, stage, target, "promote")
 
 
@@ -470,24 +468,24 @@ def rollback(root: Path, name: str, stage: str) -> tuple[str, str]:
     assignment (twice in a row goes back and forth, like ``kubectl rollout undo``); versions
     deregistered since are skipped."""
     _check_name(root, name)
-    history = histories(root).get(name, History(name, []))
-    current = history.holders().get(stage)
+    tags = history(root, name)
+    current = tags.holders().get(stage)
     if current is None:
         raise RegistryError(f"no version of {name} holds {stage}: nothing to roll back")
-    assignments = history.assignments(stage)
+    assignments = tags.assignments(stage)
     since = max((order for order, commit in assignments if commit == current), default=None)
     earlier = [
         commit
         for order, commit in assignments
-        if (since is None or order < since) and commit != current and commit in history.versions_at
+        if (since is None or order < since) and commit != current and commit in tags.versions_at
     ]
     if not earlier:
         raise RegistryError(
-            f"{name} {history.label(current)} is the first registered version assigned to "
+            f"{name} {tags.label(current)} is the first registered version assigned to "
             f"{stage}: nothing to roll back to"
         )
-    target = find(root, name, history.versions_at[earlier[-1]])
-    return history.label(current), _move_stage(root, name, stage, target, "rollback")
+    target = find(root, name, tags.versions_at[earlier[-1]], tags)
+    return tags.label(current), _move_stage(root, name, stage, target, "rollback")
 
 
 def _check_stage(stage: str) -> None:

@@ -137,24 +137,18 @@ def build(bundle: Path, threads: int = 1) -> dict[str, Any]:
     models = {"fp32": config["fp32_path"]}
     if config["quantized"]:
         models["int8"] = entry["path"]
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
     checksums = {f["path"]: f["sha256"] for f in entry["files"]}
     out_models = {}
+    select = {"select": SELECT} if component == "llm" else {}
     for kind, path in models.items():
-        session = ort.InferenceSession(str(bundle / path), options, ["CPUExecutionProvider"])
+        generator, session = _open(bundle / path, component == "llm", threads)
         names = [o.name for o in session.get_outputs()]
         outputs = []
         for case in cases:
             got = dict(zip(names, session.run(None, case["inputs"]), strict=True))
             if component == "llm":  # the next-token logits; the cache is the model's business
                 got = {"logits": got["logits"][:, -1]}
-            outputs.append(
-                {
-                    name: {**tensor(value), **({"select": SELECT} if component == "llm" else {})}
-                    for name, value in got.items()
-                }
-            )
+            outputs.append({name: {**tensor(value), **select} for name, value in got.items()})
         fp32_gate = entry["parity"]["fp32"]["threshold"]
         out_models[kind] = {
             "path": path,
@@ -162,12 +156,12 @@ def build(bundle: Path, threads: int = 1) -> dict[str, Any]:
             "atol": fp32_gate * (INT8_ATOL_FACTOR if kind == "int8" else 1),
             "outputs": outputs,
         }
-        if component == "llm":
-            from sphana.generation import OnnxGenerator
-
-            generator = OnnxGenerator(files, Path(path).name, threads=threads)
-            encoded = generator.tokenizer.encode_batch(PROMPTS, add_special_tokens=False)
-            prompt_ids = [e.ids for e in encoded]
+        if generator is not None:  # the prompts of the prefill case, without their padding
+            inputs = cases[0]["inputs"]
+            prompt_ids = [
+                ids[mask == 1].tolist()
+                for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"], strict=True)
+            ]
             out_models[kind]["greedy"] = {
                 "prompt_ids": prompt_ids,
                 "new_tokens": NEW_TOKENS,
@@ -189,14 +183,27 @@ def build(bundle: Path, threads: int = 1) -> dict[str, Any]:
     }
 
 
+def _open(path: Path, generator: bool, threads: int) -> tuple[Any, Any]:
+    """``(generator, session)`` of a model file: the generator's own session for the LLM
+    (``generator`` None otherwise)."""
+    if generator:
+        from sphana.generation import OnnxGenerator
+
+        llm = OnnxGenerator(path.parent, path.name, threads=threads)
+        return llm, llm.session
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return None, ort.InferenceSession(str(path), options, ["CPUExecutionProvider"])
+
+
 def replay(samples: dict[str, Any], bundle: Path) -> list[str]:
     """Run ``samples`` against the model files in ``bundle`` with ONNX Runtime; every output
     beyond its tolerance (empty when all match). What another runtime does in its language."""
-    import onnxruntime as ort
-
     problems = []
     for kind, model in samples["models"].items():
-        session = ort.InferenceSession(str(bundle / model["path"]), None, ["CPUExecutionProvider"])
+        generator, session = _open(bundle / model["path"], "greedy" in model, 0)
         for case, expected in zip(samples["cases"], model["outputs"], strict=True):
             feed = {k: array(v) for k, v in case["inputs"].items()}
             names = [o.name for o in session.get_outputs()]
@@ -212,14 +219,9 @@ def replay(samples: dict[str, Any], bundle: Path) -> list[str]:
                         f"{kind} {case['name']}: {name} differs by {diff:.3g} "
                         f"(atol {model['atol']})"
                     )
-        if "greedy" in model:
-            from sphana.generation import OnnxGenerator
-
-            path = bundle / model["path"]
+        if generator is not None:
             greedy = model["greedy"]
-            generated = OnnxGenerator(path.parent, path.name).generate_ids(
-                greedy["prompt_ids"], greedy["new_tokens"]
-            )
+            generated = generator.generate_ids(greedy["prompt_ids"], greedy["new_tokens"])
             if generated != greedy["generated_ids"]:
                 problems.append(f"{kind}: greedy generation differs: {generated}")
     return problems
