@@ -239,8 +239,15 @@ def cmd_artifacts_parity_samples(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sphana", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    # The module docstring is reStructuredText for readers of the code; --help gets plain text.
+    parser = argparse.ArgumentParser(
+        prog="sphana",
+        description="Sphana build tooling: compose the configuration, check manifests and data "
+        "files, and manage the model registry.",
+        epilog="'sphana <command> --help' shows the arguments of a command. The pipeline itself "
+        "runs with 'dvc repro', or one stage at a time: python stages/<stage>.py [overrides].",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, title="commands")
 
     p = sub.add_parser("params", help="compose conf/ into params.yaml (run before `dvc repro`)")
     p.add_argument(
@@ -269,10 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_stats)
 
     a = sub.add_parser(
-        "artifacts", help="model registry: versions and stages as git tags (GTO format)"
+        "artifacts",
+        help="model registry: versions and stages as git tags (GTO format)",
+        description="The model registry: versions and stages of the artifacts of dvc.yaml, as "
+        "git tags in GTO's format.",
     )
     a.add_argument("--repo", default=".", help="repository root (default: .)")
-    verbs = a.add_subparsers(dest="verb", required=True)
+    verbs = a.add_subparsers(dest="verb", required=True, title="commands")
 
     def verb(name: str, func: Any, help: str, *positional: str) -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=help)

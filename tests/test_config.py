@@ -72,3 +72,79 @@ def test_stage_entry_point_reads_params_and_applies_overrides(tmp_path: Path) ->
     assert proc.returncode != 0
     assert "ingest.chunk_tokens" in proc.stderr
     assert not (REPO / "outputs").exists()
+
+
+def test_stage_entry_point_switches_a_config_group(tmp_path: Path) -> None:
+    """`python stages/x.py ingest=tiny` composes conf/ with the group, as `sphana params` would,
+    and leaves the DVC-tracked params.yaml alone."""
+    import json
+
+    from conftest import run
+
+    params_before = (REPO / "params.yaml").read_bytes()
+    out = tmp_path / "ingest"
+    run(
+        [sys.executable, str(REPO / "stages/ingest.py"), "ingest=tiny", f"paths.ingest={out}"],
+        cwd=REPO,
+    )
+    tiny = validate(compose(REPO / "conf", ["ingest=tiny"])).ingest.chunk_tokens
+    default = validate(compose(REPO / "conf")).ingest.chunk_tokens
+    assert tiny < default  # else the run below could not tell them apart
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["chunks"] > 0
+    assert report["tokens_per_chunk"]["max"] <= tiny
+    assert (REPO / "params.yaml").read_bytes() == params_before
+    assert not (REPO / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("embedding=nope", ["embedding", "nope", "available: default, tiny"]),
+        ("embedding.lr=fast", ["embedding.lr"]),
+    ],
+)
+def test_stage_entry_point_rejects_a_bad_group_switch_in_one_line(
+    override: str, names: list[str]
+) -> None:
+    """An unknown option names the group, the option and the options there are; a bad value
+    next to a group switch names its key; neither shows a traceback."""
+    from conftest import run
+
+    proc = run(
+        [sys.executable, str(REPO / "stages/ingest.py"), "ingest=tiny", override],
+        cwd=REPO,
+        check=False,
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("ingest failed:")
+    for name in names:
+        assert name in lines[0]
+
+
+def test_cli_help_is_plain_text() -> None:
+    from conftest import sphana
+
+    out = sphana("--help", cwd=REPO).stdout
+    assert "``" not in out
+    for command in ("params", "verify", "validate", "stats", "artifacts"):
+        assert command in out
+
+
+def test_stage_without_its_inputs_says_what_to_build_first(tmp_path: Path) -> None:
+    from conftest import run
+
+    proc = run(
+        [
+            sys.executable,
+            str(REPO / "stages/train_embedding.py"),
+            "embedding=tiny",
+            f"paths.datasets={tmp_path / 'nothing'}",
+        ],
+        cwd=REPO,
+        check=False,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "train.jsonl: not found" in proc.stderr and "dvc repro train_embedding" in proc.stderr
