@@ -62,6 +62,17 @@ def _validator(kind: str) -> Any:
     return jsonschema.Draft202012Validator(schema(kind))
 
 
+@functools.cache
+def _fast_check(kind: str) -> Any:
+    """The ``kind`` schema compiled to Python by fastjsonschema: ~25x faster than jsonschema on
+    a valid record (ingest checks every chunk and candidate pair it writes). It only says
+    whether a record is valid; jsonschema names the errors of one that is not."""
+    import fastjsonschema
+
+    rules = {k: v for k, v in schema(kind).items() if k != "$schema"}  # it knows up to draft 7
+    return fastjsonschema.compile(rules)
+
+
 @dataclass(frozen=True)
 class Violation:
     """One way a record breaks its contract."""
@@ -167,15 +178,21 @@ def violations(records: Iterable[tuple[int | None, Any]], kind: str) -> list[Vio
     Schema errors come first for each record, sorted by path; the semantic checks run only on
     records that match the schema, so they can rely on its types.
     """
-    validator = _validator(kind)
+    import fastjsonschema
+
+    fast = _fast_check(kind)
     check = SEMANTIC_CHECKS.get(kind)
     first_line: dict[str, int | None] = {}  # id -> line it first appeared on
     found: list[Violation] = []
     for line, record in records:
-        errors = sorted(
-            validator.iter_errors(record),
-            key=lambda e: [(isinstance(p, str), p) for p in e.absolute_path],
-        )
+        try:
+            fast(record)
+            errors = []
+        except fastjsonschema.JsonSchemaException:
+            errors = sorted(
+                _validator(kind).iter_errors(record),
+                key=lambda e: [(isinstance(p, str), p) for p in e.absolute_path],
+            )
         found += [Violation(line, _json_path(e.absolute_path), e.message) for e in errors]
         if not errors and check is not None:
             found += [Violation(line, path, message) for path, message in check(record)]

@@ -2,40 +2,46 @@
 
 ``ingest`` parses every section with a parser backend (``ingest.parser``):
 
-- ``simple`` (default, no extra dependency): sentences from :func:`sphana.ingest.split_sentences`;
-  mentions are runs of capitalized words, joined by single spaces and by lower-case name
-  connectors (``of``, ``for``, ``on``, ``van``, ...), e.g. "Halvard Institute for Tidal
-  Acoustics". A sentence-initial function word ("The", "In", ...) never starts a mention, and a
-  lone sentence-initial word counts only if the same word also appears capitalized mid-sentence
-  in the section ("Researchers agree ..." is not a name; "Castellane was raised ..." is). Types
-  are unknown (``null``).
+- ``simple`` (default, no extra dependency): sentences from
+  :func:`sphana.documents.split_sentences`; mentions are runs of capitalized words, joined by
+  single spaces and by lower-case name connectors (``of``, ``for``, ``on``, ``van``, ...), e.g.
+  "Halvard Institute for Tidal Acoustics". A sentence-initial function word ("The", "In", ...)
+  never starts a mention, and a lone sentence-initial word counts only if the same word also
+  appears capitalized mid-sentence in the section ("Researchers agree ..." is not a name;
+  "Castellane was raised ..." is). Types are unknown (``null``).
 - ``spacy``: a spaCy pipeline (``ingest.spacy_model``: installed package or local path); its
   sentences when the pipeline sets them (else ``split_sentences``) and its entities with labels.
 
 Every pair of mentions in a sentence is a candidate (``e1`` the earlier one). Gold annotations
 (``relations.jsonl`` of the corpus) are joined by span: a candidate whose two spans match a gold
 pair takes its label and orientation; a gold pair the parser missed is still written
-(``detected: false``), so no gold label is ever dropped, and the report counts both.
+(``detected: false``, with the records of its document), so no gold label is ever dropped, and the
+report counts both. Work is per document (:class:`Extractor`, :class:`GoldReader`): records are
+sorted within each document, documents keep the order they are read in.
 
 Parses are cached in ``<ingest>/parse_cache/<parser version>.jsonl``, keyed by the sha256 of the
-section text, so a rerun with the same parser parses nothing again. The cache is not a DVC output:
-it survives reruns of the stage.
+section text, so a rerun with the same parser parses nothing again, and adding a document parses
+only its sections. The cache is not a DVC output: it survives reruns of the stage.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
+import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 from sphana.config import OnError, ParserName
+from sphana.documents import Document, split_sentences
 from sphana.errors import ConfigError, InputError
-from sphana.ingest import Document, split_sentences
-from sphana.io import read_jsonl, write_jsonl
+from sphana.io import atomic_path, read_jsonl
 
 
 @dataclass
@@ -170,53 +176,98 @@ def load_parser(name: ParserName, spacy_model: str) -> Parser:
 # --- cache -------------------------------------------------------------------------------------
 
 
+_KEY_PREFIX = b'{"key": "'  # each line starts so (json.dumps of {"key": <sha256 hex>, ...})
+_KEY_END = len(_KEY_PREFIX) + 64
+
+
 class ParseCache:
-    """Parses of one parser version, keyed by the sha256 of the text, in one JSON Lines file."""
+    """Parses of one parser version, keyed by the sha256 of the text, in one JSON Lines file.
+
+    Memory holds an index (key -> byte offset), not the parses: a hit reads its line from the
+    cache file, a miss appends the new parse to an unnamed temporary file beside it, and
+    :meth:`save` merges both into the cache file, sorted by key.
+    """
 
     def __init__(self, directory: Path, version: str, enabled: bool = True) -> None:
         self.path = directory / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', version)}.jsonl"
         self.version = version
         self.enabled = enabled
-        self.entries: dict[str, Parse] = {}
         self.hits = self.misses = self.parsed_sentences = 0
         self.parse_seconds = 0.0  # time spent in the parser (cache misses only)
-        self._new = False
+        # key -> offset of its line: >= 0 in the cache file, < 0 (-1 - offset) in the new file
+        self._index: dict[str, int] = {}
+        self._old: IO[bytes] | None = None
+        self._new: IO[bytes] | None = None
+        self._rewrite = False  # the cache file is damaged: write it anew even without misses
         if enabled and self.path.is_file():
-            try:
-                for _, r in read_jsonl(self.path):
-                    mentions = [(s, e, t) for s, e, t in r["mentions"]]
-                    self.entries[r["key"]] = Parse([tuple(x) for x in r["sentences"]], mentions)
-            except (InputError, KeyError, TypeError, ValueError):
-                self.entries = {}  # a damaged cache is only a cache: parse again
-                self._new = True
+            self._old = open(self.path, "rb")  # noqa: SIM115 - read on each hit until save()
+            offset = 0
+            for raw in self._old:  # keys only: a line is parsed when it is hit
+                if not (raw.startswith(_KEY_PREFIX) and raw[_KEY_END : _KEY_END + 1] == b'"'):
+                    self._index = {}  # a damaged cache is only a cache: parse again
+                    self._old.close()
+                    self._old = None
+                    self._rewrite = True
+                    break
+                self._index[raw[len(_KEY_PREFIX) : _KEY_END].decode("ascii")] = offset
+                offset += len(raw)
 
     def key(self, text: str) -> str:
         return hashlib.sha256(f"{self.version}\0{text}".encode()).hexdigest()
 
     def parse(self, parser: Parser, text: str) -> Parse:
         key = self.key(text)
-        cached = self.entries.get(key) if self.enabled else None
-        if cached is not None:
-            self.hits += 1
-            return cached
+        offset = self._index.get(key) if self.enabled else None
+        if offset is not None:
+            try:
+                cached = _parse_of(json.loads(self._line(offset)))
+            except (KeyError, TypeError, ValueError):  # a damaged line: parse again
+                self._rewrite = True
+            else:
+                self.hits += 1
+                return cached
         self.misses += 1
         start = time.perf_counter()
         result = parser.parse(text)
         self.parse_seconds += time.perf_counter() - start
         self.parsed_sentences += len(result.sentences)
-        self.entries[key] = result
-        self._new = True
+        if self.enabled:
+            if self._new is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._new = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115
+            self._new.seek(0, os.SEEK_END)
+            self._index[key] = -1 - self._new.tell()
+            record = {"key": key, "sentences": result.sentences, "mentions": result.mentions}
+            self._new.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
         return result
 
+    def _line(self, offset: int) -> bytes:
+        f = self._old if offset >= 0 else self._new
+        assert f is not None
+        f.seek(offset if offset >= 0 else -1 - offset)
+        line = f.readline()
+        return line if line.endswith(b"\n") else line + b"\n"  # a cache file cut short
+
     def save(self) -> None:
-        if self.enabled and self._new:
-            write_jsonl(
-                self.path,
-                (
-                    {"key": k, "sentences": p.sentences, "mentions": p.mentions}
-                    for k, p in sorted(self.entries.items())
-                ),
-            )
+        """Write old and new parses to the cache file (atomically), then close it."""
+        if self.enabled and (self._new is not None or self._rewrite):
+            with atomic_path(self.path) as tmp, open(tmp, "wb") as out:
+                for key in sorted(self._index):
+                    out.write(self._line(self._index[key]))
+        self.close()
+
+    def close(self) -> None:
+        for f in (self._old, self._new):
+            if f is not None:
+                f.close()
+        self._old = self._new = None
+        self._index = {}
+        self._rewrite = False
+
+
+def _parse_of(r: dict[str, Any]) -> Parse:
+    mentions = [(s, e, t) for s, e, t in r["mentions"]]
+    return Parse([(s, e) for s, e in r["sentences"]], mentions)
 
 
 # --- candidates and gold -----------------------------------------------------------------------
@@ -230,11 +281,14 @@ def _pair_id(doc_id: str, section_index: int, e1: dict, e2: dict) -> str:
     return f"{doc_id}#{section_index}@{e1['start']}-{e1['end']}:{e2['start']}-{e2['end']}"
 
 
+PairKey = tuple[str, str, frozenset]  # (doc_id, section heading, the two entity spans)
+
+
 @dataclass
 class Gold:
     """Gold relation annotations, by ``(doc_id, section)`` and unordered entity spans."""
 
-    pairs: dict[tuple[str, str, frozenset], dict[str, Any]] = field(default_factory=dict)
+    pairs: dict[PairKey, dict[str, Any]] = field(default_factory=dict)
     skipped: list[dict[str, Any]] = field(default_factory=list)  # with ingest.on_error=skip
 
     @classmethod
@@ -243,32 +297,91 @@ class Gold:
     ) -> Gold:
         """Read and check ``path``; a bad line raises :class:`InputError` naming it or, with
         ``on_error: skip`` (e.g. its document was skipped), is listed in ``skipped``."""
+        reader = GoldReader(path, on_error)
+        by_doc: dict[str, dict[str, str]] = {}
+        for (doc_id, heading), text in sections.items():
+            by_doc.setdefault(doc_id, {})[heading] = text
         gold = cls()
-        ids: set[str] = set()
+        for doc_id, texts in by_doc.items():
+            gold.pairs.update(reader.check(doc_id, texts).pairs)
+        gold.skipped = reader.finish()
+        return gold
+
+
+class GoldReader:
+    """The gold annotations of a corpus, checked one document at a time as a streaming ingest
+    reads them (a line's spans can only be checked against its section's text).
+
+    The lines are read (and grouped by document) at once; :meth:`document` checks those of one
+    document; :meth:`finish` reports the lines whose document never came.
+    """
+
+    def __init__(self, path: Path, on_error: OnError = OnError.fail) -> None:
+        self.path = path
+        self.on_error = on_error
+        self._skipped: list[dict[str, Any]] = []
+        self._lines: dict[Any, list[tuple[int, dict[str, Any]]]] = {}
+        self._first_line: dict[Any, int] = {}  # relation id -> first line that has it
         for lineno, r in read_jsonl(path):
+            self._lines.setdefault(_hashable(r.get("doc_id")), []).append((lineno, r))
+            self._first_line.setdefault(_hashable(r.get("id")), lineno)
+
+    def document(self, doc: Document) -> Gold:
+        """The checked gold pairs of ``doc``."""
+        return self.check(doc.id, {s.heading: s.text for s in doc.sections})
+
+    def check(self, doc_id: str, sections: dict[str, str]) -> Gold:
+        """The checked gold pairs of document ``doc_id``, whose sections are ``sections``
+        (heading -> text)."""
+        gold = Gold()
+        texts = {(doc_id, heading): text for heading, text in sections.items()}
+        for lineno, r in self._lines.pop(doc_id, []):
             try:
-                pair_key, entry = _gold_pair(path, lineno, r, sections)
-                if entry["id"] in ids:
-                    raise InputError(path, f"duplicate relation id {entry['id']!r}", lineno)
+                pair_key, entry = _gold_pair(self.path, lineno, r, texts)
+                first = self._first_line.get(_hashable(entry["id"]), lineno)
+                if first != lineno:
+                    raise InputError(
+                        self.path,
+                        f"duplicate relation id {entry['id']!r} (first on line {first})",
+                        lineno,
+                    )
                 if pair_key in gold.pairs:
                     raise InputError(
-                        path,
+                        self.path,
                         f"entity pair annotated twice (also {gold.pairs[pair_key]['id']!r})",
                         lineno,
                     )
             except InputError as e:
-                if on_error == OnError.fail:
-                    raise
-                gold.skipped.append({"file": e.path, "line": e.line, "reason": e.reason})
+                self._fail_or_skip(e)
                 continue
-            ids.add(entry["id"])
             gold.pairs[pair_key] = entry
         return gold
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Check the lines whose document never came (each names a document not in the corpus)
+        and return every skipped line, in line order."""
+        rest = sorted(item for lines in self._lines.values() for item in lines)
+        self._lines = {}
+        for lineno, r in rest:
+            try:
+                _gold_pair(self.path, lineno, r, {})
+            except InputError as e:
+                self._fail_or_skip(e)
+        return sorted(self._skipped, key=lambda s: s["line"])
+
+    def _fail_or_skip(self, e: InputError) -> None:
+        if self.on_error == OnError.fail:
+            raise e
+        self._skipped.append({"file": e.path, "line": e.line, "reason": e.reason})
+
+
+def _hashable(value: Any) -> Any:
+    return value if isinstance(value, str | int | float | bool | type(None)) else repr(value)
 
 
 def _gold_pair(
     path: Path, lineno: int, r: Any, sections: dict[tuple[str, str], str]
-) -> tuple[tuple[str, str, frozenset], dict[str, Any]]:
+) -> tuple[PairKey, dict[str, Any]]:
     try:
         key = (r["doc_id"], r["section"])
         spans = [(r[k]["start"], r[k]["end"]) for k in ("e1", "e2")]
@@ -281,7 +394,7 @@ def _gold_pair(
             "needs id, doc_id, section, sentence{start,end}, e1/e2{text,type,start,end} and label",
             lineno,
         ) from None
-    text = sections.get(key)
+    text = sections.get(key) if all(isinstance(k, str) for k in key) else None
     if text is None:
         raise InputError(
             path, f"section {key[1]!r} of document {key[0]!r} is not in the corpus", lineno
@@ -310,33 +423,37 @@ class Extraction:
     report: dict[str, Any]
 
 
-def extract(
-    docs: list[Document],
-    parser: Parser,
-    cache: ParseCache,
-    gold: Gold | None,
-    max_pair_chars: int,
-) -> Extraction:
-    """Candidate entity pairs of every sentence, joined with the gold annotations."""
-    records: list[dict[str, Any]] = []
-    sentences = mentions = too_far = 0
-    joined: set[tuple] = set()
-    for doc in docs:
+class Extractor:
+    """Candidate entity pairs of one document at a time, joined with its gold annotations; the
+    counts of the report accumulate over the documents."""
+
+    def __init__(self, parser: Parser, cache: ParseCache, max_pair_chars: int) -> None:
+        self.parser, self.cache, self.max_pair_chars = parser, cache, max_pair_chars
+        self.sentences = self.mentions = self.too_far = self.candidates = 0
+        self.gold_pairs = self.missed = 0
+        self.labels: Counter[str] = Counter()
+
+    def document(self, doc: Document, gold: Gold | None) -> list[dict[str, Any]]:
+        """The records of ``doc``: candidates of every sentence, then the gold pairs the parser
+        missed (``detected: false``), sorted by section, first entity and id."""
+        records: list[dict[str, Any]] = []
+        joined: set[PairKey] = set()
+        pairs = gold.pairs if gold else {}
         for index, section in enumerate(doc.sections):
             text = section.text
-            parse = cache.parse(parser, text)
-            sentences += len(parse.sentences)
-            mentions += len(parse.mentions)
+            parse = self.cache.parse(self.parser, text)
+            self.sentences += len(parse.sentences)
+            self.mentions += len(parse.mentions)
             for s_start, s_end in parse.sentences:
                 inside = [m for m in parse.mentions if s_start <= m[0] and m[1] <= s_end]
                 for i, a in enumerate(inside):
                     for b in inside[i + 1 :]:
-                        if b[1] - a[0] > max_pair_chars:
-                            too_far += 1
+                        if b[1] - a[0] > self.max_pair_chars:
+                            self.too_far += 1
                             continue
                         e1, e2 = _entity(text, *a), _entity(text, *b)
                         pair_key = (doc.id, section.heading, frozenset({a[:2], b[:2]}))
-                        g = gold.pairs.get(pair_key) if gold else None
+                        g = pairs.get(pair_key)
                         if g is not None:
                             joined.add(pair_key)
                             if (g["e1"]["start"], g["e1"]["end"]) != a[:2]:
@@ -346,45 +463,62 @@ def extract(
                         records.append(
                             _record(doc, index, text, (s_start, s_end), e1, e2, g, detected=True)
                         )
-    missed = 0
-    by_id = {d.id: d for d in docs}
-    if gold:
-        for pair_key, g in gold.pairs.items():
+        self.candidates += len(records)
+        headings = {s.heading: i for i, s in enumerate(doc.sections)}
+        for pair_key, g in pairs.items():
             if pair_key in joined:
                 continue
-            missed += 1
-            doc_id, heading, _ = pair_key
-            doc = by_id[doc_id]
-            index = next(i for i, s in enumerate(doc.sections) if s.heading == heading)
+            self.missed += 1
+            index = headings[pair_key[1]]
             text = doc.sections[index].text
             e1 = _entity(text, g["e1"]["start"], g["e1"]["end"], g["e1"].get("type"))
             e2 = _entity(text, g["e2"]["start"], g["e2"]["end"], g["e2"].get("type"))
             records.append(_record(doc, index, text, g["sentence"], e1, e2, g, detected=False))
-    records.sort(key=lambda r: (r["doc_id"], r["section_index"], r["e1"]["start"], r["id"]))
-    labels = Counter(r["label"] for r in records if r["label"] is not None)
-    gold_total = len(gold.pairs) if gold else 0
-    report = {
-        "parser": parser.version,
-        "sentences": sentences,
-        "mentions": mentions,
-        "candidate_pairs": len(records) - missed,
-        "pairs_over_max_chars": too_far,
-        "gold_pairs": gold_total,
-        "gold_detected": gold_total - missed,
-        "gold_not_detected": missed,
-        "gold_recall": round((gold_total - missed) / gold_total, 4) if gold_total else None,
-        "labelled": sum(labels.values()),
-        "by_label": dict(sorted(labels.items())),
-        "parse_cache": {"hits": cache.hits, "misses": cache.misses, "file": str(cache.path)},
-        "parsing": {  # what the parser itself cost, on the sections it parsed (cache misses)
-            "seconds": round(cache.parse_seconds, 4),
-            "sentences": cache.parsed_sentences,
-            "sentences_per_s": round(cache.parsed_sentences / cache.parse_seconds, 1)
-            if cache.parse_seconds
-            else None,
-        },
-    }
-    return Extraction(records, report)
+        self.gold_pairs += len(pairs)
+        records.sort(key=lambda r: (r["section_index"], r["e1"]["start"], r["id"]))
+        self.labels.update(r["label"] for r in records if r["label"] is not None)
+        return records
+
+    def report(self) -> dict[str, Any]:
+        cache, total = self.cache, self.gold_pairs
+        return {
+            "parser": self.parser.version,
+            "sentences": self.sentences,
+            "mentions": self.mentions,
+            "candidate_pairs": self.candidates,
+            "pairs_over_max_chars": self.too_far,
+            "gold_pairs": total,
+            "gold_detected": total - self.missed,
+            "gold_not_detected": self.missed,
+            "gold_recall": round((total - self.missed) / total, 4) if total else None,
+            "labelled": sum(self.labels.values()),
+            "by_label": dict(sorted(self.labels.items())),
+            "parse_cache": {"hits": cache.hits, "misses": cache.misses, "file": str(cache.path)},
+            "parsing": {  # what the parser itself cost, on the sections it parsed (cache misses)
+                "seconds": round(cache.parse_seconds, 4),
+                "sentences": cache.parsed_sentences,
+                "sentences_per_s": round(cache.parsed_sentences / cache.parse_seconds, 1)
+                if cache.parse_seconds
+                else None,
+            },
+        }
+
+
+def extract(
+    docs: Iterable[Document],
+    parser: Parser,
+    cache: ParseCache,
+    gold: Gold | None,
+    max_pair_chars: int,
+) -> Extraction:
+    """Candidate entity pairs of every sentence, joined with the gold annotations: the records
+    of each document (sorted within it) in the order of ``docs``."""
+    by_doc: dict[str, Gold] = {}
+    for pair_key, entry in gold.pairs.items() if gold else ():
+        by_doc.setdefault(pair_key[0], Gold()).pairs[pair_key] = entry
+    extractor = Extractor(parser, cache, max_pair_chars)
+    records = [r for doc in docs for r in extractor.document(doc, by_doc.get(doc.id))]
+    return Extraction(records, extractor.report())
 
 
 def _record(

@@ -1,53 +1,24 @@
-"""Ingest: read documents, normalize text, split sections into token-aware overlapping chunks.
+"""Ingest: read the documents (:mod:`sphana.documents`), split their sections into token-aware
+overlapping chunks, find the candidate entity pairs (:mod:`sphana.entities`) and resolve the gold
+questions (:mod:`sphana.gold`).
 
-Document formats (under ``paths.documents``; ids are the relative path without extension unless
-a JSON document carries an ``id``):
-
-- ``.md``: ``# Title`` line, then ``## Heading`` sections (``##``-``######``).
-- ``.txt``: first non-blank line is the title, then ``== Heading ==`` sections.
-- ``.json``: ``{"id", "title", "sections": [{"heading", "text"}]}`` (or ``"text"`` for one section).
-- ``.jsonl``: one such object per line.
-
-Text before the first heading becomes a section with an empty heading. Character offsets of
-chunks (and of gold annotations) index the *normalized* section text.
+:func:`run` streams: one document at a time is read, chunked, parsed and written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import re
-import unicodedata
+import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from sphana.config import IngestConfig, OnError
+from sphana.config import IngestConfig
+from sphana.documents import Document, iter_documents, split_sentences
 from sphana.errors import InputError
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_SPACES = re.compile(r"[ \t\u00a0]+")
-_MD_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
-_TXT_HEADING = re.compile(r"^==+\s*(.*?)\s*==+\s*$")
-# A sentence ends at . ! or ? (optionally followed by a closing quote/bracket) before whitespace
-# and an upper-case letter, digit or opening quote/bracket, or at a paragraph break.
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[A-Z0-9\"'(\[])|\n\n+")
-
-
-@dataclass
-class Section:
-    heading: str
-    text: str
-
-
-@dataclass
-class Document:
-    id: str
-    title: str
-    sections: list[Section]
-    source: str  # file path, relative to the documents root
-    line: int | None = None  # line in a .jsonl file
 
 
 @dataclass
@@ -62,195 +33,6 @@ class Chunk:
     n_tokens: int
     text: str
     source: str
-
-
-def normalize(text: str, form: str = "NFC") -> str:
-    """Unicode-normalize and tidy whitespace, keeping paragraph breaks.
-
-    Lines inside a paragraph are joined with a space; paragraphs are separated by one blank line.
-    """
-    text = unicodedata.normalize(form, text).replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROL.sub("", text)
-    paragraphs = []
-    for block in re.split(r"\n\s*\n", text):
-        lines = [_SPACES.sub(" ", line).strip() for line in block.split("\n")]
-        paragraph = " ".join(line for line in lines if line)
-        if paragraph:
-            paragraphs.append(paragraph)
-    return "\n\n".join(paragraphs)
-
-
-def split_sentences(text: str) -> list[tuple[int, int]]:
-    """Character spans of the sentences of ``text`` (no surrounding whitespace)."""
-    spans, start = [], 0
-    for m in _SENTENCE_END.finditer(text):
-        end = m.start() + len(m.group(0).rstrip()) if m.group(0).strip() else m.start()
-        if end > start:
-            spans.append((start, end))
-        start = m.end()
-    if start < len(text.rstrip()):
-        spans.append((start, len(text.rstrip())))
-    return spans
-
-
-# --- readers -----------------------------------------------------------------------------------
-
-
-def _split_sections(lines: list[str], heading_re: re.Pattern[str]) -> list[Section]:
-    sections = [Section("", "")]
-    bodies: list[list[str]] = [[]]
-    for line in lines:
-        m = heading_re.match(line)
-        if m:
-            sections.append(Section(m.group(m.lastindex or 1), ""))
-            bodies.append([])
-        else:
-            bodies[-1].append(line)
-    for section, body in zip(sections, bodies, strict=True):
-        section.text = "\n".join(body)
-    return sections
-
-
-def _title_line(lines: list[str], path: Path) -> int:
-    title_at = next((i for i, line in enumerate(lines) if line.strip()), None)
-    if title_at is None:
-        raise InputError(path, "empty document")
-    return title_at
-
-
-def _read_markdown(path: Path, rel: str) -> Iterator[Document]:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    at = _title_line(lines, path)
-    m = _MD_HEADING.match(lines[at])
-    if not m or len(m.group(1)) != 1:
-        raise InputError(path, "a Markdown document must start with a '# Title' line", at + 1)
-    yield Document(rel, m.group(2), _split_sections(lines[at + 1 :], _MD_HEADING), str(path))
-
-
-def _read_text(path: Path, rel: str) -> Iterator[Document]:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    at = _title_line(lines, path)
-    if _TXT_HEADING.match(lines[at]):
-        raise InputError(path, "the first line of a .txt document must be its title", at + 1)
-    yield Document(rel, lines[at], _split_sections(lines[at + 1 :], _TXT_HEADING), str(path))
-
-
-def _from_json_object(obj: Any, path: Path, default_id: str, line: int | None) -> Document:
-    if not isinstance(obj, dict):
-        raise InputError(path, "expected a JSON object with 'title' and 'sections'", line)
-    title = obj.get("title")
-    if not isinstance(title, str) or not title.strip():
-        raise InputError(path, "missing or empty string field 'title'", line)
-    if "sections" in obj:
-        if not isinstance(obj["sections"], list):
-            raise InputError(path, "'sections' must be a list of {heading, text}", line)
-        sections = []
-        for i, section in enumerate(obj["sections"]):
-            if not isinstance(section, dict) or not isinstance(section.get("text"), str):
-                raise InputError(path, f"sections[{i}] needs a string field 'text'", line)
-            if not isinstance(section.get("heading", ""), str):
-                raise InputError(path, f"sections[{i}].heading must be a string", line)
-            sections.append(Section(section.get("heading", ""), section["text"]))
-    elif isinstance(obj.get("text"), str):
-        sections = [Section("", obj["text"])]
-    else:
-        raise InputError(path, "needs 'sections' (list of {heading, text}) or 'text'", line)
-    doc_id = obj.get("id", default_id)
-    if not isinstance(doc_id, str) or not doc_id.strip():
-        raise InputError(path, "'id' must be a non-empty string", line)
-    return Document(doc_id, title, sections, str(path), line)
-
-
-def _read_json(path: Path, rel: str) -> Iterator[Document]:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(path, f"invalid JSON ({e.msg})", e.lineno) from None
-    yield _from_json_object(obj, path, rel, None)
-
-
-def _read_jsonl(path: Path, rel: str) -> Iterator[Document | InputError]:
-    """Documents, and the errors of single lines, so that ``skip`` skips only those lines."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield _from_json_object(json.loads(line), path, f"{rel}:{lineno}", lineno)
-            except json.JSONDecodeError as e:
-                yield InputError(path, f"invalid JSON ({e.msg} at column {e.colno})", lineno)
-            except InputError as e:
-                yield e
-
-
-_READERS = {".md": _read_markdown, ".txt": _read_text, ".json": _read_json, ".jsonl": _read_jsonl}
-
-
-def _normalized(doc: Document, form: str, seen: dict[str, str]) -> Document:
-    """Normalize a document's text and check it; raises InputError for an unusable one."""
-    doc.title = normalize(doc.title, form)
-    sections = [Section(normalize(s.heading, form), normalize(s.text, form)) for s in doc.sections]
-    doc.sections = [s for s in sections if s.text]
-    if not doc.sections:
-        raise InputError(doc.source, f"document {doc.id!r} has no text", doc.line)
-    headings = [s.heading for s in doc.sections]
-    dup = next((h for h in headings if headings.count(h) > 1), None)
-    if dup is not None:
-        raise InputError(
-            doc.source, f"document {doc.id!r} repeats section heading {dup!r}", doc.line
-        )
-    if doc.id in seen:
-        raise InputError(
-            doc.source, f"duplicate document id {doc.id!r} (first in {seen[doc.id]})", doc.line
-        )
-    seen[doc.id] = doc.source if doc.line is None else f"{doc.source}:{doc.line}"
-    return doc
-
-
-def read_documents(root: Path, cfg: IngestConfig, report: dict[str, Any]) -> list[Document]:
-    """Read every supported file under ``root`` in sorted order (deterministic runs).
-
-    Files with other extensions are listed in ``report["ignored_files"]``. A bad document raises
-    :class:`InputError` naming file and line or, with ``on_error: skip``, is listed in
-    ``report["skipped"]`` with the reason.
-    """
-    if not root.is_dir():
-        raise InputError(root, "documents directory not found; set paths.documents")
-    docs: list[Document] = []
-    seen: dict[str, str] = {}
-    formats: Counter[str] = Counter()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel_path = path.relative_to(root)
-        if any(part.startswith(".") for part in rel_path.parts):
-            continue
-        suffix = path.suffix.lower()
-        if suffix not in cfg.extensions:
-            report["ignored_files"].append(rel_path.as_posix())
-            continue
-        items: list[Document | InputError] = []
-        try:
-            items.extend(_READERS[suffix](path, rel_path.with_suffix("").as_posix()))
-        except UnicodeDecodeError as e:
-            items.append(InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})"))
-        except InputError as e:
-            items.append(e)
-        for item in items:
-            try:
-                if isinstance(item, InputError):
-                    raise item
-                docs.append(_normalized(item, cfg.unicode_form, seen))
-                formats[suffix] += 1
-            except InputError as e:
-                if cfg.on_error == OnError.fail:
-                    raise InputError(
-                        e.path,
-                        f"{e.reason}; fix it, or set ingest.on_error=skip to skip bad documents",
-                        e.line,
-                    ) from None
-                report["skipped"].append({"file": e.path, "line": e.line, "reason": e.reason})
-    report["documents"] = len(docs)
-    report["by_format"] = dict(sorted(formats.items()))
-    return docs
 
 
 # --- chunking ----------------------------------------------------------------------------------
@@ -301,71 +83,197 @@ def chunk_section(
     return chunks
 
 
-def chunk_documents(docs: list[Document], tokenizer: Any, cfg: IngestConfig) -> Iterator[Chunk]:
+def chunk_document(doc: Document, tokenizer: Any, cfg: IngestConfig) -> Iterator[Chunk]:
+    """The chunks of one document, ids ``<doc id>#<n>`` in reading order."""
+    n = 0
+    for index, section in enumerate(doc.sections):
+        if not section.text:
+            continue
+        for start, end, n_tokens in chunk_section(
+            section.text, tokenizer, cfg.chunk_tokens, cfg.overlap_tokens
+        ):
+            yield Chunk(
+                id=f"{doc.id}#{n}",
+                doc_id=doc.id,
+                title=doc.title,
+                section=section.heading,
+                section_index=index,
+                start=start,
+                end=end,
+                n_tokens=n_tokens,
+                text=section.text[start:end],
+                source=doc.source,
+            )
+            n += 1
+
+
+def chunk_documents(docs: Iterable[Document], tokenizer: Any, cfg: IngestConfig) -> Iterator[Chunk]:
     for doc in docs:
-        n = 0
-        for index, section in enumerate(doc.sections):
-            if not section.text:
-                continue
-            for start, end, n_tokens in chunk_section(
-                section.text, tokenizer, cfg.chunk_tokens, cfg.overlap_tokens
-            ):
-                yield Chunk(
-                    id=f"{doc.id}#{n}",
-                    doc_id=doc.id,
-                    title=doc.title,
-                    section=section.heading,
-                    section_index=index,
-                    start=start,
-                    end=end,
-                    n_tokens=n_tokens,
-                    text=section.text[start:end],
-                    source=doc.source,
-                )
-                n += 1
+        yield from chunk_document(doc, tokenizer, cfg)
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+
+class _ContractWriter:
+    """Writes records of one contract kind as JSON Lines, checking them one batch (document) at
+    a time with their line numbers in the file; ids that must be unique are checked across
+    batches with the set of ids alone."""
+
+    def __init__(self, f: IO[str], kind: str, path: Path) -> None:
+        from sphana import contracts
+
+        self.f, self.kind, self.path = f, kind, path
+        self.lines = 0
+        self.ids: set[str] | None = set() if kind in contracts.UNIQUE_ID_KINDS else None
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        from sphana import contracts
+
+        first = self.lines + 1
+        found = contracts.violations(enumerate(records, start=first), self.kind)
+        if self.ids is not None:
+            batch_ids = [r.get("id") for r in records]
+            found += [
+                contracts.Violation(first + i, "$.id", f"duplicate id {key!r} (an earlier line)")
+                for i, key in enumerate(batch_ids)
+                if key in self.ids
+            ]
+            self.ids.update(k for k in batch_ids if isinstance(k, str))
+        if found:
+            listed = "\n".join(f"  {v}" for v in found[: contracts.MAX_LISTED])
+            more = len(found) - contracts.MAX_LISTED
+            raise InputError(
+                self.path,
+                f"refusing to write records: {len(found)} violation(s) of the {self.kind} schema "
+                "(a bug in the code that produces this file, please report it):\n"
+                f"{listed}" + (f"\n  ... and {more} more" if more > 0 else ""),
+            )
+        for record in records:
+            self.f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.lines += len(records)
+
+
+def _question_doc_ids(path: Path | None) -> set[str] | None:
+    """The documents gold questions name (None without questions): the only ones whose chunk
+    positions ``run`` keeps to resolve them. Malformed lines are left to the resolver."""
+    from sphana.io import read_jsonl
+
+    if path is None or not path.is_file():
+        return None
+    ids: set[str] = set()
+    with contextlib.suppress(InputError):
+        for _, q in read_jsonl(path):
+            relevant = q.get("relevant")
+            for rel in relevant if isinstance(relevant, list) else []:
+                if isinstance(rel, dict) and isinstance(rel.get("doc_id"), str):
+                    ids.add(rel["doc_id"])
+    return ids
+
+
+def _percentile_50(counts: Counter[int]) -> int:
+    """``sorted(values)[len(values) // 2]`` from the counts of the values."""
+    rank, seen = sum(counts.values()) // 2, 0
+    for value in sorted(counts):
+        seen += counts[value]
+        if seen > rank:
+            return value
+    raise ValueError("no values")
 
 
 def run(
-    cfg: IngestConfig, documents_dir: Path, out_dir: Path, gold_relations: Path | None = None
+    cfg: IngestConfig, documents_dir: Path, out_dir: Path, gold_dir: Path | None = None
 ) -> dict[str, Any]:
     """Ingest ``documents_dir`` into ``out_dir``: ``chunks.jsonl``, ``relations.jsonl`` (candidate
-    entity pairs, joined with the gold annotations in ``gold_relations`` when that file exists)
-    and ``report.json``, which is returned."""
-    from sphana import contracts, entities
+    entity pairs, joined with ``<gold_dir>/relations.jsonl`` when it exists), ``questions.jsonl``
+    (``<gold_dir>/questions.jsonl`` resolved to chunks; empty without it) and ``report.json``,
+    which is returned. Gold annotations are optional, per kind: ``report["gold"]`` says which
+    the corpus has (``sphana.datasets`` derives the training signal of the others).
+
+    Streams: one document at a time is read, chunked, parsed and appended to temporary files
+    beside the outputs, which replace the outputs together at the end (on an error, neither).
+    Memory holds the largest document, not the corpus (plus ids, the gold annotations and the
+    chunk positions of the documents gold questions name).
+    """
+    from sphana import entities, gold
     from sphana.base_models import load_fast_tokenizer
-    from sphana.io import write_json_atomic, write_jsonl
+    from sphana.io import atomic_path, write_json_atomic
 
-    report: dict[str, Any] = {"skipped": [], "ignored_files": []}
-    docs = read_documents(documents_dir, cfg, report)
-    if not docs:
-        raise InputError(documents_dir, "no documents found; check paths.documents and extensions")
+    report: dict[str, Any] = {"skipped": [], "ignored_files": [], "ignored_by_extension": {}}
+    if not documents_dir.is_dir():
+        raise InputError(documents_dir, "documents directory not found; set paths.documents")
     tokenizer = load_fast_tokenizer(cfg.tokenizer, "ingest.tokenizer")
-    chunks = [asdict(c) for c in chunk_documents(docs, tokenizer, cfg)]
-
-    gold = entities.read_gold_file(gold_relations, docs, cfg.on_error) if gold_relations else None
-    if gold is not None:
-        report["skipped"].extend(gold.skipped)
+    relations_file = gold_dir / "relations.jsonl" if gold_dir else None
+    questions_file = gold_dir / "questions.jsonl" if gold_dir else None
+    gold_relations = (
+        entities.GoldReader(relations_file, cfg.on_error)
+        if relations_file is not None and relations_file.is_file()
+        else None
+    )
+    question_docs = _question_doc_ids(questions_file)
+    positions: list[dict[str, Any]] = []  # chunks of the documents questions name, without text
     parser = entities.load_parser(cfg.parser, cfg.spacy_model)
     cache = entities.ParseCache(out_dir / "parse_cache", parser.version, cfg.parse_cache)
-    extraction = entities.extract(docs, parser, cache, gold, cfg.max_pair_chars)
-
-    contracts.check_records(chunks, "chunks", out_dir / "chunks.jsonl")
-    contracts.check_records(extraction.records, "relations", out_dir / "relations.jsonl")
-    write_jsonl(out_dir / "chunks.jsonl", chunks)
-    write_jsonl(out_dir / "relations.jsonl", extraction.records)
-    cache.save()
-    tokens = sorted(c["n_tokens"] for c in chunks)
+    extractor = entities.Extractor(parser, cache, cfg.max_pair_chars)
+    sections = 0
+    tokens: Counter[int] = Counter()
+    try:
+        with contextlib.ExitStack() as stack:
+            tmp = {
+                name: stack.enter_context(atomic_path(out_dir / name))
+                for name in ("chunks.jsonl", "relations.jsonl", "questions.jsonl")
+            }
+            files = {
+                name: stack.enter_context(open(path, "w", encoding="utf-8"))
+                for name, path in tmp.items()
+            }
+            chunks_out = _ContractWriter(files["chunks.jsonl"], "chunks", out_dir / "chunks.jsonl")
+            relations_out = _ContractWriter(
+                files["relations.jsonl"], "relations", out_dir / "relations.jsonl"
+            )
+            for doc in iter_documents(documents_dir, cfg, report):
+                chunks = [asdict(c) for c in chunk_document(doc, tokenizer, cfg)]
+                chunks_out.write(chunks)
+                tokens.update(c["n_tokens"] for c in chunks)
+                sections += len(doc.sections)
+                if question_docs is not None and doc.id in question_docs:
+                    positions += [{k: c[k] for k in _POSITION_KEYS} for c in chunks]
+                doc_gold = gold_relations.document(doc) if gold_relations else None
+                relations_out.write(extractor.document(doc, doc_gold))
+            if not report["documents"]:
+                raise InputError(
+                    documents_dir, "no documents found; check paths.documents and ingest.extensions"
+                )
+            if gold_relations is not None:
+                report["skipped"].extend(gold_relations.finish())
+            questions = (
+                gold.resolve_questions(questions_file, gold.chunk_index(positions))
+                if question_docs is not None and questions_file is not None
+                else []
+            )
+            for question in questions:
+                files["questions.jsonl"].write(json.dumps(question, ensure_ascii=False) + "\n")
+            for f in files.values():  # durable before any of them replaces its output
+                f.flush()
+                os.fsync(f.fileno())
+    finally:
+        cache.save()  # parses done before an error are kept: a rerun does not redo them
+    relations = extractor.report()
     report.update(
-        sections=sum(len(d.sections) for d in docs),
-        chunks=len(chunks),
+        sections=sections,
+        chunks=chunks_out.lines,
         tokens_per_chunk={
-            "mean": round(sum(tokens) / len(tokens), 2),
-            "p50": tokens[len(tokens) // 2],
-            "max": tokens[-1],
+            "mean": round(sum(n * k for n, k in tokens.items()) / chunks_out.lines, 2),
+            "p50": _percentile_50(tokens),
+            "max": max(tokens),
         },
-        relations=extraction.report,
+        relations=relations,
+        gold=gold.summary(questions_file, questions, relations_file, relations),
         skipped_count=len(report["skipped"]),
         ignored_count=len(report["ignored_files"]),
     )
     write_json_atomic(out_dir / "report.json", report)
     return report
+
+
+_POSITION_KEYS = ("id", "doc_id", "section", "start", "end")  # what gold.chunk_index needs

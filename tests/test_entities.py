@@ -9,9 +9,10 @@ import pytest
 from conftest import REPO
 
 from sphana.config import IngestConfig, OnError, ParserName
+from sphana.documents import Document, Section
 from sphana.entities import Gold, ParseCache, SimpleParser, extract, load_parser
 from sphana.errors import ConfigError, InputError
-from sphana.ingest import Document, Section, run
+from sphana.ingest import run
 
 
 def mentions(text: str) -> list[str]:
@@ -171,7 +172,7 @@ def test_parse_cache_reuses_parses_and_survives_damage(tmp_path: Path) -> None:
 
 def test_ingest_writes_relations_and_reuses_the_cache(tmp_path: Path) -> None:
     cfg = IngestConfig(chunk_tokens=96, overlap_tokens=16)
-    gold = REPO / "data/gold/relations.jsonl"
+    gold = REPO / "data/gold"  # run() takes the gold directory
     first = run(cfg, REPO / "data/documents", tmp_path, gold)["relations"]
     assert first["parse_cache"]["misses"] + first["parse_cache"]["hits"] == 702  # sections
     assert first["labelled"] == first["gold_pairs"] == 1575

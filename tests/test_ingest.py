@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 from sphana.config import IngestConfig, OnError
+from sphana.documents import normalize, read_documents, split_sentences
 from sphana.errors import InputError
-from sphana.ingest import chunk_section, normalize, read_documents, run, split_sentences
+from sphana.ingest import chunk_section, run
 
 
 @pytest.fixture(scope="module")
