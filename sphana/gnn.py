@@ -32,6 +32,7 @@ passage node of each candidate) -> ``scores [candidates]``: the ONNX signature t
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -45,12 +46,15 @@ from torch import nn
 
 from sphana.config import GnnConfig, GraphConfig, PathsConfig, RuntimeConfig
 from sphana.errors import InputError
-from sphana.io import atomic_dir, load_jsonl, read_jsonl, write_json_atomic
+from sphana.io import atomic_dir, load_jsonl, read_jsonl, read_skipped, write_json_atomic
 
 NODE_TYPES = ("passage", "query", "entity", "relation")
 EXTRA_FEATURES = len(NODE_TYPES) + 3  # type one-hot, cosine to the query, named in query, rank
 MODEL_FILE = "model.safetensors"
 META_FILE = "gnn.json"
+# beside the graph datasets: whether they hold relation nodes (no extractor in the release: entity
+# nodes only) and where their queries came from; train copies it into gnn.json for runtimes
+GRAPHS_FILE = "graphs.json"
 
 
 # --- graph construction --------------------------------------------------------------------------
@@ -100,6 +104,22 @@ def passages_with_entities(
                 stated.setdefault((relation[0]["text"], relation[1]["text"], relation[2]))
         passages[c["id"]] = Passage(c["id"], c["doc_id"], c["text"], list(entities), list(stated))
     return passages
+
+
+def extract_relations(
+    relation_dir: Path, pairs: list[dict[str, Any]], batch_size: int
+) -> list[Relation | None]:
+    """The relation the trained extractor in ``relation_dir`` finds for each pair; None for every
+    pair when the release has no extractor (skipped for want of labelled pairs): the graphs then
+    hold entity nodes only, the same at build and at serve time."""
+    from sphana import relation
+
+    if read_skipped(relation_dir) is not None:
+        return [None] * len(pairs)
+    extractor, tokenizer, meta = relation.load_trained(relation_dir)
+    return relation.extract(
+        extractor, tokenizer, meta["labels"], pairs, batch_size, meta["max_seq_length"]
+    )
 
 
 def extraction_agreement(pairs: list[dict[str, Any]], relations: list[Relation | None]) -> dict:
@@ -192,38 +212,38 @@ def build(
     The graphs hold what a deployed system knows: the parser's entities and the relations the
     trained extractor (``relation_dir``) finds between them, never the gold relation labels.
     """
-    from sphana import relation
     from sphana.contracts import check_records
     from sphana.embedding import ENCODER_FILE, encode, load_trained
     from sphana.io import write_jsonl
 
     pairs = detected_pairs(ingest_dir / "relations.jsonl")
-    extractor, extractor_tokenizer, meta = relation.load_trained(relation_dir)
-    extracted = relation.extract(
-        extractor, extractor_tokenizer, meta["labels"], pairs, batch_size, meta["max_seq_length"]
-    )
-    del extractor
+    extracted = extract_relations(relation_dir, pairs, batch_size)
     passages = passages_with_entities(ingest_dir / "chunks.jsonl", pairs, extracted)
     emb = datasets_dir / "embedding"
     validation_docs = {c["doc_id"] for c in load_jsonl(emb / "validation_corpus.jsonl")}
-    # train on the questions the embedding never trained on (see sphana.datasets): on them its
-    # similarity is as good as on unseen questions, so the ranker learns when to correct it
-    splits: dict[str, dict[str, dict[str, Any]]] = {"train": {}, "validation": {}}
+    # train on the queries the embedding never trained on (see sphana.datasets): on them its
+    # similarity is as good as on unseen queries, so the ranker learns when to correct it. Gold
+    # questions where a split has them; otherwise the documents' own pseudo-queries (a
+    # sentence or a heading whose passage is the positive).
+    splits: dict[str, dict[str, dict[str, Any]]] = {}
+    graphs = {"relation_nodes": read_skipped(relation_dir) is None, "queries": {}}
     for name, file in (("train", "held_out.jsonl"), ("validation", "validation.jsonl")):
-        for r in load_jsonl(emb / file):
-            if r["kind"] == "gold":  # questions with gold passages; self-supervised pairs are not
-                splits[name][r["query_id"]] = {"query": r["query"], "relevant": r["relevant_ids"]}
-    if not splits["train"]:
-        raise InputError(
-            emb / "held_out.jsonl",
-            "no held-out training questions for the graph ranker: set dataset.held_out_fraction "
-            "> 0 (default 0.25) and add gold questions (data/gold/questions.jsonl)",
-        )
-    if not splits["validation"]:
-        raise InputError(
-            emb / "validation.jsonl",
-            "no gold questions in the validation split (data/gold/questions.jsonl)",
-        )
+        records = load_jsonl(emb / file)
+        gold = any(r["kind"] == "gold" for r in records)
+        graphs["queries"][name] = "gold questions" if gold else "pseudo-queries"
+        if gold:
+            records = [r for r in records if r["kind"] == "gold"]
+        if cfg.max_queries and len(records) > cfg.max_queries:
+            records = random.Random(0).sample(records, cfg.max_queries)
+        splits[name] = {
+            r["query_id"]: {"query": r["query"], "relevant": r["relevant_ids"]} for r in records
+        }
+        if not splits[name]:
+            raise InputError(
+                emb / file,
+                f"no {name} queries for the graph ranker: add documents, or set "
+                "dataset.held_out_fraction > 0 (default 0.25)",
+            )
 
     encoder, tokenizer = load_trained(embedding_dir)
     max_length = json.loads((embedding_dir / ENCODER_FILE).read_text(encoding="utf-8"))[
@@ -309,7 +329,9 @@ def build(
     with atomic_dir(out_dir) as tmp:  # both splits or neither
         for name, records in written.items():
             write_jsonl(tmp / f"{name}.jsonl", records)
+        write_json_atomic(tmp / GRAPHS_FILE, graphs)
     report["feature_dim"] = len(passage_vecs[0]) + EXTRA_FEATURES
+    report["graphs"] = graphs
     report["relations"] = {
         "candidate_pairs": len(pairs),
         "extracted": sum(r is not None for r in extracted),
@@ -549,6 +571,8 @@ def train(
             "layers": cfg.layers,
             "node_types": list(NODE_TYPES),
             "readout": "passage node (node 0 of each candidate)",
+            # false: the release has no relation extractor, graphs hold entity nodes only
+            **json.loads((datasets_dir / GRAPHS_FILE).read_text(encoding="utf-8")),
         }
         save(model, meta, out_dir)
         rt.clear_checkpoints(Path(paths.checkpoints), "gnn")

@@ -126,3 +126,22 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
         while block := f.read(chunk_size):
             h.update(block)
     return h.hexdigest()
+
+
+SKIPPED_FILE = "skipped.json"  # what a stage writes instead of a component it could not build
+
+
+def write_skipped(directory: str | os.PathLike[str], component: str, reason: str) -> None:
+    """Write ``directory`` (atomically, replacing it) holding only ``skipped.json``: the
+    component was not built, and why. Downstream stages and the manifest read it back with
+    :func:`read_skipped`, so a DVC output exists either way."""
+    with atomic_dir(directory) as tmp:
+        write_json_atomic(tmp / SKIPPED_FILE, {"component": component, "reason": reason})
+
+
+def read_skipped(directory: str | os.PathLike[str]) -> str | None:
+    """The reason ``directory``'s component was skipped, or None when it was built."""
+    marker = Path(directory) / SKIPPED_FILE
+    if not marker.is_file():
+        return None
+    return str(json.loads(marker.read_text(encoding="utf-8"))["reason"])

@@ -342,9 +342,21 @@ def load_split(datasets_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str,
     return splits[0], splits[1]
 
 
+PASSAGE_PROMPT_WORDS = 12  # a passage's opening words: the prompt when there are no questions
+
+
 def sample_prompts(records: list[dict[str, Any]], n: int) -> list[str]:
-    """The chat prompts of the first ``n`` question-answer records (validation samples)."""
-    return [chat_prompt(r["prompt"]) for r in records if r["kind"] == "qa"][:n]
+    """The chat prompts of the first ``n`` question-answer records (validation samples); for a
+    corpus without questions (passages only) the opening words of the first ``n`` passages,
+    which the model was trained to continue."""
+    qa = [chat_prompt(r["prompt"]) for r in records if r["kind"] == "qa"]
+    if qa:
+        return qa[:n]
+    return [
+        " ".join(r["text"].split()[:PASSAGE_PROMPT_WORDS])
+        for r in records
+        if r["kind"] == "passage"
+    ][:n]
 
 
 def greedy(

@@ -113,6 +113,8 @@ def build(
     name: str,
     version: str,
     components: dict[str, dict[str, Any]],
+    skipped: dict[str, dict[str, str]],
+    gold: dict[str, Any],
     artifacts_root: Path,
     lock_file: Path,
     data_paths: list[str],
@@ -123,7 +125,10 @@ def build(
     Args:
         components: per component: ``onnx_dir`` (Path), ``version``, ``metrics``, ``parity``
             (the export report) and ``model_config``.
-        data_paths: the raw-data deps (documents, gold) whose md5 ``provenance.data`` repeats.
+        skipped: per component the release leaves out: ``{"reason"}`` (what to add to build it).
+        gold: ``ingest``'s account of the gold annotations and where each component's training
+            signal came from (``report.json`` ``gold``).
+        data_paths: the raw-data deps (the corpus root) whose md5 ``provenance.data`` repeats.
     """
     entries: dict[str, Any] = {}
     stages: dict[str, Any] = {}
@@ -161,6 +166,8 @@ def build(
         "version": version,
         "created_at": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         "components": entries,
+        "skipped_components": skipped,
+        "training_signals": gold,
         "system_requirements": {
             "onnxruntime": f">={min_onnxruntime}",
             "opset": max(e["model_config"]["opset"] for e in entries.values()),

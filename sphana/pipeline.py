@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sphana.config import SphanaConfig
-from sphana.io import write_json_atomic
+from sphana.io import read_skipped, write_json_atomic, write_skipped
 
 
 def component_dir(cfg: SphanaConfig, component: str, kind: str) -> Path:
@@ -28,10 +28,7 @@ def ingest(cfg: SphanaConfig) -> dict[str, Any]:
     from sphana import ingest as ingest_lib
 
     return ingest_lib.run(
-        cfg.ingest,
-        Path(cfg.paths.documents),
-        Path(cfg.paths.ingest),
-        Path(cfg.paths.gold) / "relations.jsonl",
+        cfg.ingest, Path(cfg.paths.documents), Path(cfg.paths.ingest), Path(cfg.paths.gold)
     )
 
 
@@ -49,7 +46,11 @@ def build_datasets(cfg: SphanaConfig) -> dict[str, Any]:
 
 def train(cfg: SphanaConfig, component: str) -> dict[str, Any]:
     """Stage ``train_<component>``: ``sphana.<component>.train`` on its dataset; writes its
-    metrics (on rank 0 of a distributed run, the only rank that returns them)."""
+    metrics (on rank 0 of a distributed run, the only rank that returns them). A component whose
+    dataset is skipped (:func:`sphana.io.read_skipped`) is skipped too, with the same reason."""
+    reason = read_skipped(Path(cfg.paths.datasets) / component)
+    if reason is not None:
+        return _skip(cfg, component, "pytorch", f"train_{component}", reason)
     module = importlib.import_module(f"sphana.{component}")
     metrics = module.train(
         getattr(cfg, component),
@@ -68,7 +69,11 @@ def train(cfg: SphanaConfig, component: str) -> dict[str, Any]:
 
 
 def export(cfg: SphanaConfig, component: str) -> dict[str, Any]:
-    """Stage ``export_<component>``: ``sphana.export.<component>.run`` (ONNX, INT8, parity)."""
+    """Stage ``export_<component>``: ``sphana.export.<component>.run`` (ONNX, INT8, parity);
+    skipped when its trained model was."""
+    reason = read_skipped(component_dir(cfg, component, "pytorch"))
+    if reason is not None:
+        return _skip(cfg, component, "onnx", f"export_{component}", reason)
     module = importlib.import_module(f"sphana.export.{component}")
     report = module.run(
         getattr(cfg, component),
@@ -80,6 +85,22 @@ def export(cfg: SphanaConfig, component: str) -> dict[str, Any]:
     )
     write_json_atomic(metrics_file(cfg, f"export_{component}"), report)
     return report
+
+
+def _skip(cfg: SphanaConfig, component: str, kind: str, stage: str, reason: str) -> dict:
+    """Write the skip marker in place of the component's ``kind`` directory, and the stage's
+    other DVC outputs (its metrics; a training stage's DVCLive metrics and plots, the relation
+    confusion rows) saying so."""
+    write_skipped(component_dir(cfg, component, kind), component, reason)
+    metrics = {"skipped": reason}
+    write_json_atomic(metrics_file(cfg, stage), metrics)
+    if kind == "pytorch":
+        live = Path(cfg.paths.live) / stage
+        write_json_atomic(live / "metrics.json", metrics)
+        (live / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+        if component == "relation":
+            write_json_atomic(metrics_file(cfg, f"{stage}_confusion"), [])
+    return metrics
 
 
 def build_graphs(cfg: SphanaConfig) -> dict[str, Any]:
@@ -131,8 +152,12 @@ def _component_metrics(component: str, train: dict[str, Any], report: dict[str, 
 def manifest(cfg: SphanaConfig, lock_file: Path = Path("dvc.lock")) -> dict[str, Any]:
     from sphana import manifest as manifest_lib
 
-    components = {}
+    components, skipped = {}, {}
     for component in cfg.release.components:
+        reason = read_skipped(component_dir(cfg, component, "onnx"))
+        if reason is not None:
+            skipped[component] = {"reason": reason}
+            continue
         train = json.loads(metrics_file(cfg, f"train_{component}").read_text(encoding="utf-8"))
         report = json.loads(metrics_file(cfg, f"export_{component}").read_text(encoding="utf-8"))
         components[component] = {
@@ -142,13 +167,16 @@ def manifest(cfg: SphanaConfig, lock_file: Path = Path("dvc.lock")) -> dict[str,
             "parity": report,
             "model_config": report["model_config"],
         }
+    ingest_report = Path(cfg.paths.ingest) / "report.json"
     result = manifest_lib.build(
         name=cfg.release.name,
         version=cfg.release.version,
         components=components,
+        skipped=skipped,
+        gold=json.loads(ingest_report.read_text(encoding="utf-8"))["gold"],
         artifacts_root=Path(cfg.paths.artifacts),
         lock_file=lock_file,
-        data_paths=[cfg.paths.documents, cfg.paths.gold],
+        data_paths=[cfg.paths.data],
         min_onnxruntime=cfg.release.min_onnxruntime,
     )
     manifest_lib.write(result, Path(cfg.paths.manifests) / "latest.json")

@@ -43,6 +43,7 @@ def tiny_config(tmp_path: Path, *overrides: str):
         "profiles",
     ):
         setattr(cfg.paths, key, str(tmp_path / "target" / key))
+    cfg.paths.data = str(REPO / cfg.paths.data)
     cfg.paths.documents = str(REPO / cfg.paths.documents)
     cfg.paths.gold = str(REPO / cfg.paths.gold)
     return cfg
@@ -126,7 +127,13 @@ def built_tiny(tmp_path_factory: pytest.TempPathFactory):
 def dvc_built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A copy of this repository set to the tiny configs, committed and built by `dvc repro`:
     (path, DVC's output). Modules take their own copy (:func:`copy_built`)."""
-    repo = copy_repo(tmp_path_factory.mktemp("dvc_built"))
+    repo = use_tiny_configs(copy_repo(tmp_path_factory.mktemp("dvc_built")))
+    proc = dvc("repro", cwd=repo)
+    return repo, proc.stdout + proc.stderr
+
+
+def use_tiny_configs(repo: Path) -> Path:
+    """Switch a copy of the repository to the tiny config groups (params.yaml too), committed."""
     config = repo / "conf/config.yaml"
     text = config.read_text(encoding="utf-8")
     for group in GROUPS:
@@ -134,11 +141,95 @@ def dvc_built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     config.write_text(text, encoding="utf-8")
     sphana("params", cwd=repo)
     commit_all(repo, "tiny configuration")
-    proc = dvc("repro", cwd=repo)
-    return repo, proc.stdout + proc.stderr
+    return repo
 
 
 def copy_built(built: Path, dest: Path) -> Path:
     """A copy of a built repository (git history, DVC cache and outputs) at ``dest``."""
     shutil.copytree(built, dest, symlinks=True)
     return dest
+
+
+# Standard-library modules whose docstrings make a small corpus of real English text nobody here
+# wrote, present on every machine that runs the tests (those missing from a Python are skipped).
+STDLIB_MODULES = (
+    "argparse",
+    "base64",
+    "bisect",
+    "calendar",
+    "configparser",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "difflib",
+    "filecmp",
+    "fnmatch",
+    "fractions",
+    "ftplib",
+    "functools",
+    "glob",
+    "gzip",
+    "heapq",
+    "imaplib",
+    "inspect",
+    "ipaddress",
+    "mailbox",
+    "netrc",
+    "pickle",
+    "plistlib",
+    "poplib",
+    "pprint",
+    "queue",
+    "random",
+    "sched",
+    "secrets",
+    "shlex",
+    "shutil",
+    "smtplib",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "timeit",
+    "tokenize",
+    "trace",
+    "uuid",
+    "wave",
+    "weakref",
+    "zipfile",
+)
+
+
+def stdlib_documents(dest: Path, modules: tuple[str, ...] = STDLIB_MODULES, sections: int = 6):
+    """Write one Markdown document per standard-library module into ``dest``: the module's
+    docstring as its lead, and a ``## name`` section per documented top-level function or
+    class (at most ``sections``). Returns the paths written."""
+    import ast
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    written = []
+    for name in modules:
+        source = stdlib / f"{name}.py"
+        if not source.is_file():
+            continue
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+        parts = [f"# The {name} module", "", ast.get_docstring(tree) or ""]
+        kept = 0
+        for node in tree.body:
+            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node)
+            if doc and len(doc) >= 120 and kept < sections:
+                parts += ["", f"## {node.name}", "", doc]
+                kept += 1
+        if kept:
+            dest.mkdir(parents=True, exist_ok=True)
+            path = dest / f"{name}.md"
+            path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+            written.append(path)
+    return written

@@ -107,6 +107,8 @@ MANIFEST = {
             },
         }
     },
+    "skipped_components": {},
+    "training_signals": {"questions": {}, "relations": {}, "signals": {}},
     "system_requirements": {"onnxruntime": ">=1.20"},
     "provenance": {"git_commit": None, "stages": {}},
 }

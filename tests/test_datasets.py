@@ -15,6 +15,7 @@ from sphana.datasets import (
     split_documents,
 )
 from sphana.errors import InputError
+from sphana.gold import chunk_index, resolve_questions
 
 
 def chunk(doc: str, n: int, section: str, start: int, text: str) -> dict:
@@ -79,6 +80,13 @@ def corpus(tmp_path: Path) -> tuple[Path, Path]:
     )
 
 
+def resolve(chunks_file: Path, questions: Path) -> Path:
+    """Gold questions resolved to chunks, as ``ingest`` writes them for build_datasets."""
+    chunks = read(chunks_file)
+    resolved = resolve_questions(questions, chunk_index(chunks))
+    return write_jsonl(questions.with_suffix(".resolved.jsonl"), resolved)
+
+
 def read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -86,7 +94,10 @@ def read(path: Path) -> list[dict]:
 def test_split_is_by_document_and_never_leaks(corpus: tuple[Path, Path], tmp_path: Path) -> None:
     chunks_file, questions = corpus
     report = build_embedding(
-        chunks_file, questions, DatasetConfig(validation_fraction=0.25), tmp_path / "o"
+        chunks_file,
+        resolve(chunks_file, questions),
+        DatasetConfig(validation_fraction=0.25),
+        tmp_path / "o",
     )
     train, val = read(tmp_path / "o/train.jsonl"), read(tmp_path / "o/validation.jsonl")
     corpus_rows = read(tmp_path / "o/validation_corpus.jsonl")
@@ -96,8 +107,8 @@ def test_split_is_by_document_and_never_leaks(corpus: tuple[Path, Path], tmp_pat
     assert report["documents"]["validation"] == len(val_docs)
     # the two-document question kept its documents together
     assert ("doc03" in val_docs) == ("doc17" in val_docs)
-    # validation holds gold questions only (there are gold questions in its documents)
-    assert {r["kind"] for r in val} == {"gold"}
+    # validation: the held-out documents' self-supervised pairs, and their gold questions
+    assert {r["kind"] for r in val} == {"gold", "heading", "sentence"}
     # train has gold + self-supervised pairs, never for passages a gold question covers
     kinds = {r["kind"] for r in train}
     assert kinds == {"gold", "heading", "sentence"}
@@ -112,7 +123,7 @@ def test_held_out_questions_are_never_trained_on(corpus: tuple[Path, Path], tmp_
     rows += [{**q, "id": f"{q['id']}b", "question": f"Again: {q['question']}"} for q in rows[:10]]
     write_jsonl(questions, rows)
     cfg = DatasetConfig(validation_fraction=0.25, held_out_fraction=0.5)
-    report = build_embedding(chunks_file, questions, cfg, tmp_path / "o")
+    report = build_embedding(chunks_file, resolve(chunks_file, questions), cfg, tmp_path / "o")
     train, val = read(tmp_path / "o/train.jsonl"), read(tmp_path / "o/validation.jsonl")
     held_out = read(tmp_path / "o/held_out.jsonl")
     trained = {r["query_id"] for r in train if r["kind"] == "gold"}
@@ -131,7 +142,12 @@ def test_held_out_questions_are_never_trained_on(corpus: tuple[Path, Path], tmp_
     held_passages = {p for r in held_out for p in r["relevant_ids"]}
     assert not held_passages & {p for r in train for p in [r["positive_id"], *r["relevant_ids"]]}
 
-    build_embedding(chunks_file, questions, DatasetConfig(held_out_fraction=0.0), tmp_path / "z")
+    build_embedding(
+        chunks_file,
+        resolve(chunks_file, questions),
+        DatasetConfig(held_out_fraction=0.0),
+        tmp_path / "z",
+    )
     assert read(tmp_path / "z/held_out.jsonl") == []
 
 
@@ -139,7 +155,7 @@ def test_gold_span_maps_to_every_chunk_that_contains_it(
     corpus: tuple[Path, Path], tmp_path: Path
 ) -> None:
     chunks_file, questions = corpus
-    build_embedding(chunks_file, questions, DatasetConfig(), tmp_path / "o")
+    build_embedding(chunks_file, resolve(chunks_file, questions), DatasetConfig(), tmp_path / "o")
     rows = [
         r
         for name in ("train", "validation", "held_out")
@@ -153,8 +169,8 @@ def test_gold_span_maps_to_every_chunk_that_contains_it(
 
 def test_deterministic(corpus: tuple[Path, Path], tmp_path: Path) -> None:
     chunks_file, questions = corpus
-    build_embedding(chunks_file, questions, DatasetConfig(), tmp_path / "a")
-    build_embedding(chunks_file, questions, DatasetConfig(), tmp_path / "b")
+    build_embedding(chunks_file, resolve(chunks_file, questions), DatasetConfig(), tmp_path / "a")
+    build_embedding(chunks_file, resolve(chunks_file, questions), DatasetConfig(), tmp_path / "b")
     for name in ("train.jsonl", "validation.jsonl", "validation_corpus.jsonl", "held_out.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
@@ -209,18 +225,40 @@ def test_bad_gold_names_file_and_line(
     }
     bad = write_jsonl(tmp_path / "bad.jsonl", [good, question])
     with pytest.raises(InputError, match=reason) as info:
-        build_embedding(chunks_file, bad, DatasetConfig(), tmp_path / "o")
+        resolve(chunks_file, bad)
     assert "bad.jsonl:2" in str(info.value)
-    assert not (tmp_path / "o").exists()
+    assert not bad.with_suffix(".resolved.jsonl").exists()
 
 
 def test_without_gold_validation_is_self_supervised(
     corpus: tuple[Path, Path], tmp_path: Path
 ) -> None:
     chunks_file, _ = corpus
-    build_embedding(chunks_file, None, DatasetConfig(), tmp_path / "o")
+    report = build_embedding(chunks_file, None, DatasetConfig(), tmp_path / "o")
     val = read(tmp_path / "o/validation.jsonl")
     assert val and {r["kind"] for r in val} <= {"heading", "sentence"}
+    # the graph ranker's training queries: pseudo-queries of whole passages the embedding never
+    # trains on (a quarter of the training pairs, dataset.held_out_fraction)
+    train, held_out = read(tmp_path / "o/train.jsonl"), read(tmp_path / "o/held_out.jsonl")
+    assert held_out and {r["kind"] for r in held_out} <= {"heading", "sentence"}
+    held_passages = {r["positive_id"] for r in held_out}
+    assert not held_passages & {r["positive_id"] for r in train}
+    assert len(held_out) == report["pairs"]["held_out"]
+    assert 0.2 < len(held_out) / (len(held_out) + len(train)) < 0.35
+
+
+def test_without_relation_labels_the_extractor_is_skipped_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    from sphana.datasets import build_relation
+    from sphana.io import read_skipped
+
+    relations = write_jsonl(tmp_path / "relations.jsonl", [])
+    report = build_relation(relations, {"doc00": "train"}, tmp_path / "relation")
+    reason = read_skipped(tmp_path / "relation")
+    assert reason == report["skipped"]
+    assert "relations.jsonl" in reason and "data/README.md" in reason
+    assert [p.name for p in (tmp_path / "relation").iterdir()] == ["skipped.json"]
 
 
 def test_llm_examples_follow_the_document_split(corpus: tuple[Path, Path], tmp_path: Path) -> None:
@@ -228,7 +266,9 @@ def test_llm_examples_follow_the_document_split(corpus: tuple[Path, Path], tmp_p
     rows = read(questions)
     rows[0]["answer"] = "It opens with a sentence."
     write_jsonl(questions, rows)
-    corpus_ = load_corpus(chunks_file, questions, DatasetConfig(validation_fraction=0.25))
+    corpus_ = load_corpus(
+        chunks_file, resolve(chunks_file, questions), DatasetConfig(validation_fraction=0.25)
+    )
     report = build_llm(corpus_, tmp_path / "llm")
     examples = {name: read(tmp_path / f"llm/{name}.jsonl") for name in ("train", "validation")}
     for name, records in examples.items():

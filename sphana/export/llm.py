@@ -171,8 +171,7 @@ def run(
 
         raise InputError(
             datasets_dir / "validation.jsonl",
-            "no question-answer examples to decode for the generation parity gate; add gold "
-            "questions with answers (data/gold/questions.jsonl)",
+            "no validation examples to decode for the generation parity gate; rerun build_datasets",
         )
 
     # distinct sizes on every dynamic axis: torch.export specializes an axis traced at 0 or 1
