@@ -1,10 +1,16 @@
 """Sentence-embedding encoder: a transformer with mean pooling and L2 normalization, fine-tuned
-with an in-batch-negatives contrastive (InfoNCE) loss, and its retrieval evaluation."""
+with an in-batch-negatives contrastive (InfoNCE) loss, and its retrieval evaluation.
+
+A fine-tune on the corpus alone gains in domain but can forget general retrieval, so :func:`train`
+also measures a general out-of-domain set (:mod:`sphana.general_eval`) and ships a mix of the
+base and fine-tuned weights (WiSE-FT: ``w = (1 - a) * base + a * tuned``) that keeps it.
+"""
 
 from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,10 +20,11 @@ import torch
 from torch import nn
 
 from sphana.config import EmbeddingConfig, PathsConfig, RuntimeConfig
-from sphana.errors import InputError
+from sphana.errors import GateError, InputError
 from sphana.io import atomic_dir, load_jsonl, write_json_atomic, write_text_atomic
 
 ENCODER_FILE = "sphana_encoder.json"  # pooling settings saved beside the weights
+OOD_METRICS = ("mrr", "recall@10")  # out-of-domain metrics the shipped model must keep
 
 
 class Encoder(nn.Module):
@@ -147,14 +154,30 @@ class ValidationSet:
             corpus_texts=[c["text"] for c in corpus],
         )
 
+    @classmethod
+    def from_pairs(cls, pairs: list[Any]) -> ValidationSet:
+        """One relevant passage per query: ``pairs`` of ``.id``, ``.query``, ``.passage``
+        (e.g. :class:`sphana.general_eval.Pair`); the passages are the corpus, shortest first
+        (order does not change the metrics; batches of similar length pad less)."""
+        pairs = sorted(pairs, key=lambda p: len(p.passage))
+        return cls(
+            queries=[p.query for p in pairs],
+            positives=[p.passage for p in pairs],
+            relevant=[[p.id] for p in pairs],
+            corpus_ids=[p.id for p in pairs],
+            corpus_texts=[p.passage for p in pairs],
+        )
+
     def evaluate(self, embed: Any) -> dict[str, float]:
         """Metrics for ``embed(texts) -> np.ndarray`` (any backend: PyTorch or ONNX Runtime)."""
+        corpus = embed(self.corpus_texts)
         return retrieval_metrics(
             embed(self.queries),
-            embed(self.corpus_texts),
+            corpus,
             self.corpus_ids,
             self.relevant,
-            embed(self.positives),
+            # a set of pairs (from_pairs) has its positives as the corpus: embed them once
+            corpus if self.positives == self.corpus_texts else embed(self.positives),
         )
 
 
@@ -201,13 +224,85 @@ def training_job(
     return rt.Job.for_component(
         "embedding",
         cfg,
-        ignore=("eval_batch_size", "gate_metric", "metric_threshold"),
+        ignore=(
+            "eval_batch_size",
+            "gate_metric",
+            "metric_threshold",
+            "interpolation",
+            "ood_pairs",
+            "ood_tolerance",
+        ),
         model=encoder,
         examples=pairs,
         loss=pair_loss(tokenizer, cfg),
         data_files=data_files,
         min_batch=2,
     )
+
+
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s weights and buffers in CPU memory."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def interpolate(
+    base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], a: float
+) -> dict[str, torch.Tensor]:
+    """``(1 - a) * base + a * tuned`` for every floating tensor (WiSE-FT); integer buffers are
+    the base's. ``a = 0`` is exactly ``base`` and ``a = 1`` exactly ``tuned``."""
+    if base.keys() != tuned.keys():
+        raise ValueError("base and fine-tuned weights have different tensors; cannot interpolate")
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"interpolation weight {a} is outside [0, 1]")
+    if a in (0.0, 1.0):
+        return {k: v.clone() for k, v in (base if a == 0.0 else tuned).items()}
+    return {
+        k: torch.lerp(b, tuned[k], a) if b.is_floating_point() else b.clone()
+        for k, b in base.items()
+    }
+
+
+def keeps_general(
+    metrics: dict[str, float], base: dict[str, float], tolerance: float = 0.0
+) -> bool:
+    """Whether out-of-domain ``metrics`` lose no more than ``tolerance`` of the base's
+    :data:`OOD_METRICS`."""
+    return all(metrics[m] >= base[m] - tolerance for m in OOD_METRICS)
+
+
+def select_mix(
+    grid: list[dict[str, Any]],
+    base_general: dict[str, float],
+    gate_metric: str,
+    tolerance: float = 0.0,
+) -> dict[str, Any] | None:
+    """The mix to ship: of the rows (``{"a", "in_domain", "out_of_domain"}``) whose
+    out-of-domain figures keep the base's (:func:`keeps_general`), the best in-domain
+    ``gate_metric``, then in-domain MRR, then the smallest ``a`` (closest to the base).
+    None when no row keeps them (only possible when the grid lacks ``a = 0``)."""
+    kept = [r for r in grid if keeps_general(r["out_of_domain"], base_general, tolerance)]
+    if not kept:
+        return None
+    return max(kept, key=lambda r: (r["in_domain"][gate_metric], r["in_domain"]["mrr"], -r["a"]))
+
+
+def check_general_gate(
+    shipped: dict[str, float], base: dict[str, float], tolerance: float, a: float
+) -> None:
+    """Fail when the mix ``a`` lost more than ``tolerance`` of the base's out-of-domain
+    :data:`OOD_METRICS` (on the general set's selection half).
+
+    Raises:
+        GateError: naming the metric, both values, the mix and the keys to change.
+    """
+    for m in OOD_METRICS:
+        if shipped[m] < base[m] - tolerance:  # as keeps_general
+            raise GateError(
+                f"embedding out-of-domain gate failed: general set (selection half) {m} = "
+                f"{shipped[m]:.4f} of the mix a = {a} < base model's {base[m]:.4f} - "
+                f"embedding.ood_tolerance = {tolerance}; add 0.0 (the base model) to "
+                "embedding.interpolation or raise embedding.ood_tolerance; nothing was written"
+            )
 
 
 def train(
@@ -217,14 +312,26 @@ def train(
     datasets_dir: Path,
     out_dir: Path,
 ) -> dict[str, Any]:
-    """Fine-tune the encoder on the shared runtime; save it to ``out_dir`` (rank 0).
+    """Fine-tune the encoder on the shared runtime, mix it with the base weights so it keeps
+    general retrieval, and save the mix to ``out_dir`` (rank 0).
 
-    Returns base and fine-tuned validation metrics and training figures.
+    The mix ``a`` is chosen from ``embedding.interpolation`` with the in-domain validation set
+    and the *selection* half of the general set (:func:`select_mix`), which also gates it; the
+    held-out *report* half (other modules) only measures the base, raw and shipped models.
+
+    Returns:
+        In-domain validation metrics ``base``, ``fine_tuned`` (the shipped model) and
+        ``before_interpolation`` (the raw fine-tune); ``out_of_domain`` (the general set and
+        base / raw fine-tune / shipped figures on both halves); ``interpolation`` (the chosen
+        ``a`` and every mix's figures); training figures.
 
     Raises:
-        GateError: when the fine-tuned model misses ``embedding.metric_threshold``
-            (``out_dir`` is then not written, and the checkpoints are kept).
+        GateError: when the shipped model misses ``embedding.metric_threshold`` in domain, or
+            loses more than ``embedding.ood_tolerance`` of the base's out-of-domain MRR or
+            recall@10 on the selection half (possible only when the grid lacks ``a = 0``;
+            ``out_dir`` is then not written, and the checkpoints are kept).
     """
+    from sphana import general_eval
     from sphana import runtime as rt
 
     device = rt.setup(runtime)
@@ -242,14 +349,65 @@ def train(
     def embed(texts: list[str]) -> np.ndarray:
         return encode(encoder, tokenizer, texts, cfg.eval_batch_size, cfg.max_seq_length, device)
 
-    base_metrics = validation.evaluate(embed) if leader else {}
+    added_seconds = 0.0  # what the general set and the mixes cost: building and evaluating
+
+    def general(**halves: ValidationSet) -> dict[str, dict[str, float]]:
+        nonlocal added_seconds
+        start = time.perf_counter()
+        out = {name: half.evaluate(embed) for name, half in halves.items()}
+        added_seconds += time.perf_counter() - start
+        return out
+
+    base_metrics: dict[str, float] = {}
+    if leader:
+        base_metrics = validation.evaluate(embed)
+        start = time.perf_counter()
+        general_set = general_eval.build(cfg.ood_pairs)
+        added_seconds += time.perf_counter() - start
+        selection = ValidationSet.from_pairs(general_set.selection)
+        report = ValidationSet.from_pairs(general_set.report)
+        base_general = general(selection=selection, report=report)
+        base_state = cpu_state(encoder)
 
     job = training_job(cfg, encoder, tokenizer, pairs, [train_file])
     result = rt.fit_stage(job, runtime, device, paths)
     metrics: dict[str, Any] = {}
     if leader:
         tuned_metrics = validation.evaluate(embed)
-        rt.check_gate("embedding", tuned_metrics, cfg.gate_metric, cfg.metric_threshold)
+        tuned_general = general(selection=selection, report=report)
+        tuned_state = cpu_state(encoder)
+        grid = []
+        for a in sorted(set(cfg.interpolation)):
+            if a == 0.0:  # the ends are the models measured already
+                in_domain, ood = base_metrics, base_general["selection"]
+            elif a == 1.0:
+                in_domain, ood = tuned_metrics, tuned_general["selection"]
+            else:
+                start = time.perf_counter()
+                encoder.load_state_dict(interpolate(base_state, tuned_state, a))
+                in_domain = validation.evaluate(embed)
+                added_seconds += time.perf_counter() - start
+                ood = general(selection=selection)["selection"]
+            grid.append({"a": a, "in_domain": in_domain, "out_of_domain": ood})
+            rt.log(
+                f"embedding mix a={a}: in-domain {cfg.gate_metric} "
+                f"{in_domain[cfg.gate_metric]:.4f}; out of domain (selection half) "
+                + ", ".join(f"{m} {ood[m]:.4f}" for m in OOD_METRICS)
+            )
+        chosen = select_mix(grid, base_general["selection"], cfg.gate_metric, cfg.ood_tolerance)
+        # none kept the base's figures (the grid lacks a = 0): the gate names the closest mix
+        chosen = chosen or min(grid, key=lambda row: row["a"])
+        a = chosen["a"]
+        check_general_gate(chosen["out_of_domain"], base_general["selection"], cfg.ood_tolerance, a)
+        encoder.load_state_dict(interpolate(base_state, tuned_state, a))
+        shipped_metrics = chosen["in_domain"]
+        if a == 0.0:
+            shipped_general = base_general
+        elif a == 1.0:
+            shipped_general = tuned_general
+        else:
+            shipped_general = {"selection": chosen["out_of_domain"], **general(report=report)}
+        rt.check_gate("embedding", shipped_metrics, cfg.gate_metric, cfg.metric_threshold)
         encoder.cpu().eval()
         with atomic_dir(out_dir) as tmp:
             encoder.transformer.save_pretrained(tmp, safe_serialization=True)
@@ -263,12 +421,25 @@ def train(
                     "max_seq_length": cfg.max_seq_length,
                     "base_model": cfg.base_model,
                     "init": cfg.init.value,
+                    "interpolation": a,
                 },
             )
         rt.clear_checkpoints(Path(paths.checkpoints), "embedding")
         metrics = {
             "base": base_metrics,
-            "fine_tuned": tuned_metrics,
+            "fine_tuned": shipped_metrics,
+            "before_interpolation": tuned_metrics,
+            "out_of_domain": {
+                "set": {
+                    **general_set.describe(),
+                    **_token_counts(tokenizer, general_set, cfg.max_seq_length),
+                },
+                "base": base_general,
+                "fine_tuned": tuned_general,
+                "shipped": shipped_general,
+                "seconds": round(added_seconds, 2),  # incl. the mixes' in-domain evaluation
+            },
+            "interpolation": {"chosen": a, "grid": grid},
             "train": {"pairs": len(pairs), "epochs": cfg.epochs, **rt.summary(result, runtime)},
             "validation": {
                 "queries": len(validation.queries),
@@ -277,6 +448,18 @@ def train(
         }
     rt.teardown()
     return metrics
+
+
+def _token_counts(tokenizer: Any, general_set: Any, max_length: int) -> dict[str, float]:
+    """Mean query and passage length in tokens, and the share of passages past ``max_length``."""
+    pairs = [*general_set.selection, *general_set.report]
+    queries = [len(ids) for ids in tokenizer([p.query for p in pairs])["input_ids"]]
+    passages = [len(ids) for ids in tokenizer([p.passage for p in pairs])["input_ids"]]
+    return {
+        "mean_query_tokens": round(sum(queries) / len(queries), 1),
+        "mean_passage_tokens": round(sum(passages) / len(passages), 1),
+        "truncated_passages": round(sum(n > max_length for n in passages) / len(passages), 3),
+    }
 
 
 def write_vocab_txt(tokenizer: Any, path: Path) -> None:

@@ -6,7 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from sphana.embedding import contrastive_loss, retrieval_metrics
+from sphana import general_eval
+from sphana.embedding import (
+    OOD_METRICS,
+    ValidationSet,
+    check_general_gate,
+    contrastive_loss,
+    cpu_state,
+    interpolate,
+    retrieval_metrics,
+    select_mix,
+)
+from sphana.errors import GateError
 
 
 def test_retrieval_metrics_by_hand() -> None:
@@ -76,3 +87,141 @@ def test_training_and_export_are_deterministic(built_tiny, tmp_path) -> None:
         first = pipeline.component_dir(cfg, "embedding", kind) / name
         second = pipeline.component_dir(again, "embedding", kind) / name
         assert Path(first).read_bytes() == Path(second).read_bytes(), name
+
+
+def test_general_set_is_real_stdlib_text_built_deterministically() -> None:
+    first = general_eval.build(600)
+    assert len(first.selection) == len(first.report) == 300
+    pairs = [*first.selection, *first.report]
+    assert len({p.id for p in pairs}) == len(pairs)
+    files = {h: {p.id.split(":")[0] for p in getattr(first, h)} for h in ("selection", "report")}
+    assert not files["selection"] & files["report"], "the report half is other modules"
+    assert min(len(f) for f in files.values()) >= 30, "spread over the library"
+    assert len({p.query for p in pairs}) == len({p.passage for p in pairs}) == len(pairs)
+    for p in pairs:
+        assert p.query.strip() and p.passage.strip() and p.query not in p.passage
+        assert 5 <= len(p.query.split()) <= 40 and 40 <= len(p.passage.split()) <= 100, p.id
+    assert first.describe()["pairs"] == {"selection": 300, "report": 300}
+    # built again, a smaller set is the start of the larger one: deterministic, and the tiny
+    # and default configs measure alike
+    small = general_eval.build(64)
+    assert small.selection == first.selection[:32] and small.report == first.report[:32]
+    assert small.python == first.python and small.digest != first.digest
+    with pytest.raises(ValueError, match="ood_pairs = 100000"):
+        general_eval.build(100_000)
+    assert ValidationSet.from_pairs(small.report).evaluate(_bag_of_words)["recall@10"] > 0.5
+
+
+def _bag_of_words(texts: list[str]) -> np.ndarray:
+    """A torch-free lexical embedding: hashed word counts, L2-normalized."""
+    out = np.zeros((len(texts), 512), dtype=np.float32)
+    for i, text in enumerate(texts):
+        for word in text.lower().split():
+            out[i, sum(word.encode()) % 512] += 1.0
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def test_docstring_pair_keeps_prose_and_trims_at_a_sentence_end() -> None:
+    prose = " ".join(f"Sentence number {i} says something." for i in range(30))  # 120 words
+    doc = f"Return the frobnicated widget of a gadget.\n\n{prose}\n\n>>> frob(1)\n2"
+    query, passage = general_eval._pair(doc, 40, 100)
+    assert query == "Return the frobnicated widget of a gadget."
+    assert len(passage.split()) == 100 and passage.endswith("something.")
+    assert general_eval._pair("Too short.\n\n" + prose, 40, 100) is None
+    assert general_eval._pair("Return the frobnicated widget please.\n\nOne line.", 40, 100) is None
+    code = "Return the frobnicated widget please.\n\nExample:\n\n    " + prose
+    assert general_eval._pair(code, 40, 100) is None, "an indented block is code"
+    inline = f"Return the frobnicated widget please.\n\n{prose[:300]}\n>>> frob(2)\n3"
+    assert general_eval._pair(inline, 40, 100)[1] == prose[:300], "a doctest line ends it"
+
+
+def test_interpolation_ends_are_exactly_base_and_tuned() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    model.register_buffer("position_ids", torch.arange(5))
+    base = cpu_state(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    tuned = cpu_state(model)
+    for a, expected in [(0.0, base), (1.0, tuned)]:
+        mixed = interpolate(base, tuned, a)
+        assert all(torch.equal(mixed[k], expected[k]) for k in base), a
+    half = interpolate(base, tuned, 0.5)
+    assert torch.allclose(half["0.weight"], (base["0.weight"] + tuned["0.weight"]) / 2)
+    assert torch.equal(half["position_ids"], base["position_ids"])
+    model.load_state_dict(half)  # a mix loads into the same architecture
+    assert base["0.weight"].data_ptr() != model[0].weight.data_ptr(), "copies, not views"
+    with pytest.raises(ValueError, match="outside"):
+        interpolate(base, tuned, 1.5)
+
+
+def _row(a: float, in_domain: float, mrr: float, recall10: float) -> dict:
+    return {
+        "a": a,
+        "in_domain": {"recall@5": in_domain, "mrr": in_domain - 0.1},
+        "out_of_domain": {"mrr": mrr, "recall@10": recall10},
+    }
+
+
+BASE_OOD = {"mrr": 0.70, "recall@10": 0.95}
+
+
+def test_selection_picks_the_best_in_domain_mix_that_keeps_out_of_domain() -> None:
+    grid = [
+        _row(0.0, 0.90, 0.70, 0.95),  # the base
+        _row(0.5, 0.93, 0.71, 0.95),  # better in domain, no worse out of domain
+        _row(0.75, 0.95, 0.70, 0.94),  # recall@10 dropped
+        _row(1.0, 0.96, 0.67, 0.96),  # the raw fine-tune forgot: MRR dropped
+    ]
+    assert select_mix(grid, BASE_OOD, "recall@5")["a"] == 0.5
+    # a tolerance lets a small loss through
+    assert select_mix(grid, BASE_OOD, "recall@5", tolerance=0.011)["a"] == 0.75
+    # a tie in domain goes to the mix closest to the base
+    tie = [_row(0.0, 0.9, 0.7, 0.95), _row(0.25, 0.93, 0.7, 0.95), _row(0.5, 0.93, 0.72, 0.96)]
+    assert select_mix(tie, BASE_OOD, "recall@5")["a"] == 0.25
+
+
+def test_selection_falls_back_to_the_base_and_gate_names_the_metric() -> None:
+    grid = [_row(0.0, 0.90, 0.70, 0.95), _row(0.5, 0.99, 0.69, 0.99), _row(1.0, 0.99, 0.6, 0.9)]
+    assert select_mix(grid, BASE_OOD, "recall@5")["a"] == 0.0
+    assert select_mix(grid[1:], BASE_OOD, "recall@5") is None, "no a = 0, nothing qualifies"
+    check_general_gate({"mrr": 0.70, "recall@10": 0.95}, BASE_OOD, 0.0, 0.5)
+    message = r"recall@10 = 0\.9400 of the mix a = 1\.0 < base model's 0\.9500 - embedding\.ood_t"
+    with pytest.raises(GateError, match=message):
+        check_general_gate({"mrr": 0.71, "recall@10": 0.94}, BASE_OOD, 0.0, 1.0)
+    check_general_gate({"mrr": 0.71, "recall@10": 0.94}, BASE_OOD, 0.02, 1.0)
+
+
+@pytest.mark.parametrize("value", ["[]", "[0.5,1.5]"])
+def test_interpolation_grid_is_checked(value: str) -> None:
+    from conftest import REPO
+
+    from sphana.config import compose, validate
+    from sphana.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"embedding\.interpolation"):
+        validate(compose(REPO / "conf", [f"embedding.interpolation={value}"]))
+
+
+def test_train_metrics_report_out_of_domain_and_the_chosen_mix(built_tiny) -> None:
+    cfg, results = built_tiny
+    metrics = results["train_embedding"]
+    ood, mix = metrics["out_of_domain"], metrics["interpolation"]
+    assert ood["set"]["pairs"] == {"selection": 32, "report": 32}
+    assert ood["set"]["mean_passage_tokens"] > ood["set"]["mean_query_tokens"] > 5
+    grid = {row["a"]: row for row in mix["grid"]}
+    assert sorted(grid) == sorted(cfg.embedding.interpolation)
+    chosen = grid[mix["chosen"]]
+    # `fine_tuned` is the shipped model; the raw fine-tune and the base are the grid's ends
+    assert metrics["fine_tuned"] == chosen["in_domain"]
+    assert grid[0.0]["in_domain"] == metrics["base"]
+    assert grid[1.0]["in_domain"] == metrics["before_interpolation"]
+    assert grid[1.0]["out_of_domain"] == ood["fine_tuned"]["selection"]
+    assert ood["shipped"]["selection"] == chosen["out_of_domain"]
+    # the selection half chose (and gates): the shipped mix keeps the base's figures there;
+    # the held-out report half is only measured
+    base = ood["base"]["selection"]
+    assert all(ood["shipped"]["selection"][m] >= base[m] for m in OOD_METRICS)
+    assert set(ood["shipped"]["report"]) == set(base)
+    assert select_mix(mix["grid"], ood["base"]["selection"], cfg.embedding.gate_metric) == chosen
