@@ -6,20 +6,23 @@ Embedding pairs (``datasets/embedding/``):
   "query_id"}``: gold question -> each of its relevant passages (``kind: gold``), and for
   passages no gold question covers, self-supervised pairs: "title: heading" -> the section's first
   passage (``heading``) and a sentence -> its passage (``sentence``).
-- ``validation.jsonl``: one record per query (gold questions of validation documents; the
-  self-supervised pairs only when the split has no gold question), ``relevant_ids`` holding every
-  passage that contains the evidence.
+- ``validation.jsonl``: one record per query, ``relevant_ids`` holding every passage that
+  contains the evidence: the self-supervised pairs of the validation documents, plus their gold
+  questions when the corpus has them.
 - ``validation_corpus.jsonl``: every passage of the validation documents, the retrieval pool.
 - ``held_out.jsonl``: a share (``dataset.held_out_fraction``) of the training gold questions,
   one record per query like ``validation.jsonl``, that the embedding never trains on (sampled so
   that none shares a relevant passage with a question it trains on): the graph
   ranker trains on them, so it learns from first-stage scores as good as on unseen questions
   (stacking on out-of-fold predictions) rather than from scores the encoder has memorised.
+  Without gold questions, the same share of the training self-supervised pairs (whole passages'
+  worth: pseudo-queries) is held out instead.
 
 Relation examples (``datasets/relation/``): ``{train,validation}.jsonl`` with ``{"id", "doc_id",
 "text" (the sentence), "entity1"/"entity2": {"text", "start", "end", "type"}, "label"}`` (offsets
 index ``text``; ``entity1`` is the subject) from the labelled pairs of ``relations.jsonl``, and
-``labels.json`` (the sorted label set).
+``labels.json`` (the sorted label set); without labelled pairs in both splits, only
+``skipped.json`` (the component is not built, and the reason says what to add).
 
 Generator examples (``datasets/llm/``): ``{train,validation}.jsonl`` with ``{"id", "doc_id",
 "kind", "prompt", "text"}``: every passage (``kind: passage``, empty prompt), and for each gold

@@ -2,10 +2,12 @@
 over the entity/relation graph around each candidate.
 
 **Candidate subgraphs** (:func:`build`). For every gold question (training: the questions held
-out from embedding training, ``held_out.jsonl``; validation), the candidates are the top
-``gnn.graph.top_k`` passages of its pool by embedding similarity plus ``hard_negatives``
+out from embedding training, ``held_out.jsonl``; validation) — or, on a corpus without questions,
+every pseudo-query (a sentence or heading whose own passage is the positive) — the candidates are
+the top ``gnn.graph.top_k`` passages of its pool by embedding similarity plus ``hard_negatives``
 non-relevant passages of the documents that hold the answer (the usual confusers). Each candidate
-is a small graph:
+is a small graph (entity nodes only when the release has no relation extractor:
+``relation_nodes: false`` in ``gnn.json``):
 
 - node 0: the passage, node 1: the query, nodes 2…: the entities the parser found in the
   passage (the detected candidate pairs of ``relations.jsonl``), those also named in the query
