@@ -127,8 +127,9 @@ def test_manifest_matches_files_and_dvc_lock(repo: Path) -> None:
     assert component["parity"]["fp32"]["passed"] and component["parity"]["int8"]["passed"]
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     prov = manifest["provenance"]["stages"]
-    assert prov["ingest"]["deps"]["data/documents"] == next(
-        d["md5"] for d in lock["ingest"]["deps"] if d["path"] == "data/documents"
+    # the corpus root (documents and the optional gold annotations)
+    assert prov["ingest"]["deps"]["data"] == next(
+        d["md5"] for d in lock["ingest"]["deps"] if d["path"] == "data"
     )
     assert prov["export_embedding"]["outs"] == {
         o["path"]: o["md5"] for o in lock["export_embedding"]["outs"]
@@ -137,9 +138,7 @@ def test_manifest_matches_files_and_dvc_lock(repo: Path) -> None:
         prov["train_embedding"]["params"]["embedding"]["lr"]
         == lock["train_embedding"]["params"]["params.yaml"]["embedding"]["lr"]
     )
-    assert (
-        manifest["provenance"]["data"]["data/documents"] == prov["ingest"]["deps"]["data/documents"]
-    )
+    assert manifest["provenance"]["data"] == {"data": prov["ingest"]["deps"]["data"]}
     assert manifest["provenance"]["git_commit"]
     sphana("verify", "target/manifests/latest.json", "--lock", "dvc.lock", cwd=repo)
     sphana("verify", "target/manifests/latest.tar.gz", cwd=repo)
