@@ -171,13 +171,13 @@ class ValidationSet:
     def evaluate(self, embed: Any) -> dict[str, float]:
         """Metrics for ``embed(texts) -> np.ndarray`` (any backend: PyTorch or ONNX Runtime)."""
         corpus = embed(self.corpus_texts)
+        row = {text: i for i, text in enumerate(self.corpus_texts)}
+        if all(p in row for p in self.positives):  # positives from the corpus: embed them once
+            positives = corpus[[row[p] for p in self.positives]]
+        else:
+            positives = embed(self.positives)
         return retrieval_metrics(
-            embed(self.queries),
-            corpus,
-            self.corpus_ids,
-            self.relevant,
-            # a set of pairs (from_pairs) has its positives as the corpus: embed them once
-            corpus if self.positives == self.corpus_texts else embed(self.positives),
+            embed(self.queries), corpus, self.corpus_ids, self.relevant, positives
         )
 
 
