@@ -48,14 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 # --- entities ----------------------------------------------------------------------------------
 
 PERSON, ORG, LOCATION, METHOD, DATASET, VENUE, INSTRUMENT = (
-    "PERSON",
-    "ORG",
-    "LOCATION",
-    "METHOD",
-    "DATASET",
-    "VENUE",
-    "INSTRUMENT",
-)
+    "PERSON", "ORG", "LOCATION", "METHOD", "DATASET", "VENUE", "INSTRUMENT")
 
 
 ARTICLE_TYPES = {"ORG", "VENUE", "DATASET", "INSTRUMENT"}  # rendered as "the <name>"
@@ -99,17 +92,10 @@ assert len(set(_names)) == len(_names), "entity names must be unique"
 
 EDITIONS: dict[str, dict] = {}
 for _v in KB.VENUES:
-    for _y, _c, _chair, _key, _award, _talks in _v["editions"]:
+    for (_y, _c, _chair, _key, _award, _talks) in _v["editions"]:
         EDITIONS[f"{_v['key']}-{_y}"] = {
-            "key": f"{_v['key']}-{_y}",
-            "venue": _v["key"],
-            "year": _y,
-            "city": _c,
-            "chair": _chair,
-            "keynote": _key,
-            "award": _award,
-            "talks": _talks,
-        }
+            "key": f"{_v['key']}-{_y}", "venue": _v["key"], "year": _y, "city": _c,
+            "chair": _chair, "keynote": _key, "award": _award, "talks": _talks}
 PAPERS = {p["key"]: p for p in KB.PAPERS}
 
 
@@ -118,7 +104,6 @@ def slug(text: str) -> str:
 
 
 # --- indexes over the knowledge base -------------------------------------------------------------
-
 
 def _index():
     ix = defaultdict(lambda: defaultdict(list))
@@ -220,631 +205,359 @@ def _parse_spec(spec):
 
 
 # people -------------------------------------------------------------------------------------------
-pool(
-    "intro_person",
-    [],
-    "",
-    "{p} is a {role} whose work focuses on {t1}.",
-    "{p} is a tidal acoustician specialising in {t1}.",
-    "{p} studies {t1}, mostly in shallow estuaries.",
-    "As a {role}, {p} works on {t1} and related problems.",
-)
-pool(
-    "works_at",
-    [("lab", "p", "o"), ("join_year", "p", "y")],
-    "p>o:works_at",
-    "{p} joined {o} in {y} as a {role}.",
-    "Since {y}, {p} has worked as a {role} at {o}.",
-    "{p} has been a {role} at {o} since {y}.",
-    "In {y}, {p} took up a {role} post with {o}.",
-    "{o} hired {p} as a {role} in {y}.",
-    "{p} moved to {o} in {y} and has stayed there as a {role}.",
-)
-pool(
-    "hometown",
-    [("hometown", "p", "c")],
-    "",
-    "{p} grew up in {c}.",
-    "{p} was raised in the coastal city of {c}.",
-    "Born and raised in {c}, {p} first heard a hydrophone recording as a teenager.",
-    "{p} comes originally from {c}.",
-)
-pool(
-    "background",
-    [("background", "p", "bg")],
-    "",
-    "Before turning to acoustics, {p} trained as a {bg}.",
-    "{p} started out as a {bg} and only later moved into underwater sound.",
-    "{Pr} first worked as a {bg} before turning to tidal acoustics.",
-)
-pool(
-    "advised",
-    [("advisor", "p", "a"), ("phd_year", "p", "y")],
-    "p>a:advised_by",
-    "{p} completed a doctorate under the supervision of {a} in {y}.",
-    "{p} was advised by {a} and defended a thesis in {y}.",
-    "{a} supervised the doctoral research of {p}, which ended with a thesis defence in {y}.",
-    "As a doctoral student, {p} trained with {a}, graduating in {y}.",
-    "{p} wrote a doctoral thesis with {a} as advisor and finished it in {y}.",
-)
-pool(
-    "phd_noadv",
-    [("phd_year", "p", "y")],
-    "",
-    "{p} received a doctorate in {y} from a university abroad.",
-    "{p} completed doctoral studies in {y}, working largely alone on field data.",
-    "{p} finished a doctoral thesis in {y}.",
-)
-pool(
-    "supervised",
-    [("advisor", "*q", "a")],
-    "*q>a:advised_by",
-    "{a} has supervised the doctoral work of {*q}.",
-    "Former doctoral students of {a} include {*q}.",
-    "The doctoral students of {a} included {*q}.",
-    "{a} was the doctoral advisor of {*q}.",
-)
-pool(
-    "developed",
-    [("developer", "m", "p"), ("method_year", "m", "y")],
-    "p>m:developed",
-    "{p} developed {m} in {y}.",
-    "In {y}, {p} introduced {m}.",
-    "{m} was developed by {p} in {y}.",
-    "{p} is credited with {m}, a method first described in {y}.",
-    "{m} was first proposed by {p} in {y}.",
-    "{p} designed {m}, which was published in {y}.",
-)
-pool(
-    "person_visit",
-    [],
-    "",
-    "{p} has spent several research visits at {o}.",
-    "{p} often collaborates with colleagues at {o} but has never been employed there.",
-    "{p} sits on the advisory board of {o}.",
-)
-pool(
-    "coauthor",
-    [],
-    "p>*q:coauthored_with; *q~*q",
-    "{p} has co-authored several papers with {*q}.",
-    "{p} has published jointly with {*q}.",
-    "Regular co-authors of {p} include {*q}.",
-    "{p} frequently writes papers together with {*q}.",
-)
-pool(
-    "founded_single",
-    [("founder", "o", "p"), ("founded_year", "o", "y")],
-    "p>o:founded",
-    "{p} founded {o} in {y}.",
-    "{o} was founded by {p} in {y}.",
-    "{o} was established in {y} by {p}.",
-    "In {y}, {p} set up {o}.",
-    "{p} established {o} in {y} with a handful of hydrophones and a borrowed boat.",
-)
-pool(
-    "founded_co",
-    [("cofounder", ("o", "p"), "q"), ("cofounder", ("o", "q"), "p"), ("founded_year", "o", "y")],
-    "p>o:founded; q>o:founded",
-    "{p} and {q} founded {o} in {y}.",
-    "{o} was founded in {y} by {p} and {q}.",
-    "In {y}, {p} and {q} jointly established {o}.",
-    "{p} co-founded {o} with {q} in {y}.",
-)
-pool(
-    "founded_venue",
-    [("venue_founder", "v", "p"), ("venue_year", "v", "y")],
-    "p>v:founded",
-    "{v} was founded by {p} in {y}.",
-    "{p} started {v} in {y}.",
-    "The {v} series goes back to {y}, when {p} founded it.",
-    "{p} launched {v} in {y}.",
-)
+pool("intro_person", [], "",
+     "{p} is a {role} whose work focuses on {t1}.",
+     "{p} is a tidal acoustician specialising in {t1}.",
+     "{p} studies {t1}, mostly in shallow estuaries.",
+     "As a {role}, {p} works on {t1} and related problems.")
+pool("works_at", [("lab", "p", "o"), ("join_year", "p", "y")], "p>o:works_at",
+     "{p} joined {o} in {y} as a {role}.",
+     "Since {y}, {p} has worked as a {role} at {o}.",
+     "{p} has been a {role} at {o} since {y}.",
+     "In {y}, {p} took up a {role} post with {o}.",
+     "{o} hired {p} as a {role} in {y}.",
+     "{p} moved to {o} in {y} and has stayed there as a {role}.")
+pool("hometown", [("hometown", "p", "c")], "",
+     "{p} grew up in {c}.",
+     "{p} was raised in the coastal city of {c}.",
+     "Born and raised in {c}, {p} first heard a hydrophone recording as a teenager.",
+     "{p} comes originally from {c}.")
+pool("background", [("background", "p", "bg")], "",
+     "Before turning to acoustics, {p} trained as a {bg}.",
+     "{p} started out as a {bg} and only later moved into underwater sound.",
+     "{Pr} first worked as a {bg} before turning to tidal acoustics.")
+pool("advised", [("advisor", "p", "a"), ("phd_year", "p", "y")], "p>a:advised_by",
+     "{p} completed a doctorate under the supervision of {a} in {y}.",
+     "{p} was advised by {a} and defended a thesis in {y}.",
+     "{a} supervised the doctoral research of {p}, which ended with a thesis defence in {y}.",
+     "As a doctoral student, {p} trained with {a}, graduating in {y}.",
+     "{p} wrote a doctoral thesis with {a} as advisor and finished it in {y}.")
+pool("phd_noadv", [("phd_year", "p", "y")], "",
+     "{p} received a doctorate in {y} from a university abroad.",
+     "{p} completed doctoral studies in {y}, working largely alone on field data.",
+     "{p} finished a doctoral thesis in {y}.")
+pool("supervised", [("advisor", "*q", "a")], "*q>a:advised_by",
+     "{a} has supervised the doctoral work of {*q}.",
+     "Former doctoral students of {a} include {*q}.",
+     "The doctoral students of {a} included {*q}.",
+     "{a} was the doctoral advisor of {*q}.")
+pool("developed", [("developer", "m", "p"), ("method_year", "m", "y")], "p>m:developed",
+     "{p} developed {m} in {y}.",
+     "In {y}, {p} introduced {m}.",
+     "{m} was developed by {p} in {y}.",
+     "{p} is credited with {m}, a method first described in {y}.",
+     "{m} was first proposed by {p} in {y}.",
+     "{p} designed {m}, which was published in {y}.")
+pool("person_visit", [], "",
+     "{p} has spent several research visits at {o}.",
+     "{p} often collaborates with colleagues at {o} but has never been employed there.",
+     "{p} sits on the advisory board of {o}.")
+pool("coauthor", [], "p>*q:coauthored_with; *q~*q",
+     "{p} has co-authored several papers with {*q}.",
+     "{p} has published jointly with {*q}.",
+     "Regular co-authors of {p} include {*q}.",
+     "{p} frequently writes papers together with {*q}.")
+pool("founded_single", [("founder", "o", "p"), ("founded_year", "o", "y")], "p>o:founded",
+     "{p} founded {o} in {y}.",
+     "{o} was founded by {p} in {y}.",
+     "{o} was established in {y} by {p}.",
+     "In {y}, {p} set up {o}.",
+     "{p} established {o} in {y} with a handful of hydrophones and a borrowed boat.")
+pool("founded_co", [("cofounder", ("o", "p"), "q"), ("cofounder", ("o", "q"), "p"),
+                    ("founded_year", "o", "y")], "p>o:founded; q>o:founded",
+     "{p} and {q} founded {o} in {y}.",
+     "{o} was founded in {y} by {p} and {q}.",
+     "In {y}, {p} and {q} jointly established {o}.",
+     "{p} co-founded {o} with {q} in {y}.")
+pool("founded_venue", [("venue_founder", "v", "p"), ("venue_year", "v", "y")], "p>v:founded",
+     "{v} was founded by {p} in {y}.",
+     "{p} started {v} in {y}.",
+     "The {v} series goes back to {y}, when {p} founded it.",
+     "{p} launched {v} in {y}.")
 
 # events -------------------------------------------------------------------------------------------
-pool(
-    "keynote_person",
-    [("keynote", "@ed", "p"), ("edition_city", "@ed", "c")],
-    "p>v:presented_at; v>c:held_in; p~c",
-    "{p} gave the keynote address at {v} in {y}.",
-    "In {y}, {p} was the keynote speaker at {v}.",
-    "{p} delivered a keynote at the {y} meeting of {v}.",
-    "{p} gave the keynote when {v} met in {c} in {y}.",
-    "In {y}, {p} travelled to {c} to give the keynote at {v}.",
-)
-pool(
-    "keynote_aff",
-    [("keynote", "@ed", "p"), ("lab", "p", "o")],
-    "p>v:presented_at; p>o:works_at",
-    "{p} of {o} delivered the keynote at {v} in {y}.",
-    "The keynote at {v} in {y} was given by {p} from {o}.",
-    "{v} opened in {y} with a keynote by {p} of {o}.",
-)
-pool(
-    "talk",
-    [("edition_city", "@ed", "c")],
-    "p>v:presented_at; m>v:presented_at; p~m",
-    (
-        "When {v} met in {c} in {y}, {p} presented {m} there.",
-        "p>v:presented_at; m>v:presented_at; v>c:held_in; p~m; p~c; m~c",
-    ),
-    "At {v} in {y}, {p} presented {m}.",
-    "{p} gave a talk on {m} at {v} in {y}.",
-    ("{p} presented new results obtained with {m} at {v} in {y}.", "p>v:presented_at; p~m; m~v"),
-    "{m} was the subject of a talk by {p} at {v} in {y}.",
-)
-pool(
-    "award",
-    [("award", "@ed", "p")],
-    "p~v; m~v; p~m",
-    "{p} won the best paper award at {v} in {y} for work on {m}.",
-    "The best paper award of {v} in {y} went to {p} for a study of {m}.",
-    "At {v} in {y}, {p} received the best paper award for work on {m}.",
-)
-pool(
-    "chair",
-    [("chair", "@ed", "p"), ("edition_city", "@ed", "c")],
-    "",
-    ("{p} chaired the programme committee when {v} was held in {c} in {y}.", "v>c:held_in; p~c"),
-    "{p} chaired the programme committee of {v} in {y}.",
-    "The programme of {v} in {y} was assembled by a committee chaired by {p}.",
-    "{p} served as programme chair for {v} in {y}.",
-)
-pool(
-    "sponsored",
-    [("sponsor", "@ed", "f")],
-    "v>f:funded_by",
-    "{v} was sponsored by {f} in {y}.",
-    "In {y}, {f} covered most of the costs of {v}.",
-    "Financial support for {v} in {y} came from {f}.",
-)
-pool(
-    "sponsor_series",
-    [],
-    "v>f:funded_by",
-    "{f} also sponsors {v}.",
-    "Every edition of {v} receives financial support from {f}.",
-    "{v} is funded largely by {f}.",
-)
-pool(
-    "held_in",
-    [("edition_city", "@ed", "c")],
-    "v>c:held_in",
-    "The {y} edition of {v} was held in {c}.",
-    "{v} met in {c} in {y}.",
-    "In {y}, {v} took place in {c}.",
-    "{c} hosted {v} in {y}.",
-)
+pool("keynote_person", [("keynote", "@ed", "p"), ("edition_city", "@ed", "c")],
+     "p>v:presented_at; v>c:held_in; p~c",
+     "{p} gave the keynote address at {v} in {y}.",
+     "In {y}, {p} was the keynote speaker at {v}.",
+     "{p} delivered a keynote at the {y} meeting of {v}.",
+     "{p} gave the keynote when {v} met in {c} in {y}.",
+     "In {y}, {p} travelled to {c} to give the keynote at {v}.")
+pool("keynote_aff", [("keynote", "@ed", "p"), ("lab", "p", "o")],
+     "p>v:presented_at; p>o:works_at",
+     "{p} of {o} delivered the keynote at {v} in {y}.",
+     "The keynote at {v} in {y} was given by {p} from {o}.",
+     "{v} opened in {y} with a keynote by {p} of {o}.")
+pool("talk", [("edition_city", "@ed", "c")], "p>v:presented_at; m>v:presented_at; p~m",
+     ("When {v} met in {c} in {y}, {p} presented {m} there.",
+      "p>v:presented_at; m>v:presented_at; v>c:held_in; p~m; p~c; m~c"),
+     "At {v} in {y}, {p} presented {m}.",
+     "{p} gave a talk on {m} at {v} in {y}.",
+     ("{p} presented new results obtained with {m} at {v} in {y}.",
+      "p>v:presented_at; p~m; m~v"),
+     "{m} was the subject of a talk by {p} at {v} in {y}.")
+pool("award", [("award", "@ed", "p")], "p~v; m~v; p~m",
+     "{p} won the best paper award at {v} in {y} for work on {m}.",
+     "The best paper award of {v} in {y} went to {p} for a study of {m}.",
+     "At {v} in {y}, {p} received the best paper award for work on {m}.")
+pool("chair", [("chair", "@ed", "p"), ("edition_city", "@ed", "c")], "",
+     ("{p} chaired the programme committee when {v} was held in {c} in {y}.",
+      "v>c:held_in; p~c"),
+     "{p} chaired the programme committee of {v} in {y}.",
+     "The programme of {v} in {y} was assembled by a committee chaired by {p}.",
+     "{p} served as programme chair for {v} in {y}.")
+pool("sponsored", [("sponsor", "@ed", "f")], "v>f:funded_by",
+     "{v} was sponsored by {f} in {y}.",
+     "In {y}, {f} covered most of the costs of {v}.",
+     "Financial support for {v} in {y} came from {f}.")
+pool("sponsor_series", [], "v>f:funded_by",
+     "{f} also sponsors {v}.",
+     "Every edition of {v} receives financial support from {f}.",
+     "{v} is funded largely by {f}.")
+pool("held_in", [("edition_city", "@ed", "c")], "v>c:held_in",
+     "The {y} edition of {v} was held in {c}.",
+     "{v} met in {c} in {y}.",
+     "In {y}, {v} took place in {c}.",
+     "{c} hosted {v} in {y}.")
 
 # labs ---------------------------------------------------------------------------------------------
-pool(
-    "lab_loc_short",
-    [("lab_city", "o", "c")],
-    "o>c:located_in",
-    "{o} is located in {c}.",
-    "{o} has its offices in {c}.",
-    "The premises of {o} are in {c}.",
-    "{o} operates from a waterfront building in {c}.",
-    "{o} is based in {c}.",
-)
-pool(
-    "lab_loc_country",
-    [("lab_city", "o", "c"), ("country", "c", "k")],
-    "o>c:located_in; c>k:located_in; o~k",
-    "{o} is {kind} located in {c}, {k}.",
-    "Based in the port of {c} in {k}, {o} is {kind} devoted to tidal acoustics.",
-    "{o} is {kind} in {c}, a coastal city of {k}.",
-)
-pool(
-    "staff",
-    [("lab", "*p", "o")],
-    "*p>o:works_at",
-    "Researchers at {o} include {*p}.",
-    "The staff of {o} includes {*p}.",
-    "{o} currently employs {*p}.",
-    "The current team at {o} includes {*p}, among others.",
-)
-pool(
-    "lab_visit",
-    [],
-    "",
-    "{o} regularly hosts visiting researchers from {o2}.",
-    "Staff from {o} and {o2} meet each spring for a joint seminar.",
-    "{o} shares a small research vessel with {o2}.",
-)
-pool(
-    "staff_size",
-    [("staff_size", "o", "n")],
-    "",
-    "About {n} people work at {o}, including technicians and students.",
-    "{o} has a staff of roughly {n} people.",
-    "Roughly {n} people, counting students, work at {o}.",
-)
-pool(
-    "funded_primary",
-    [("funder", "o", "f")],
-    "o>f:funded_by",
-    "{o} receives most of its funding from {f}.",
-    "The main funder of {o} is {f}.",
-    "{f} provides the core funding of {o}.",
-    "Core support for {o} comes from {f}.",
-    "{o} is funded chiefly by {f}.",
-)
-pool(
-    "funded_secondary",
-    [],
-    "o>f:funded_by",
-    "{o} also receives smaller project grants from {f}.",
-    "Additional project money for {o} comes from {f}.",
-    "{f} supports some individual projects at {o}.",
-)
-pool(
-    "grantees",
-    [("funder", "*o", "f")],
-    "*o>f:funded_by",
-    "{f} is the main funder of {*o}.",
-    "Core grants from {f} go to {*o}.",
-    "Labs that rely mainly on {f} include {*o}.",
-)
-pool(
-    "developed_at_lab",
-    [("developer", "m", "p")],
-    "p>m:developed; m~o; p~o",
-    "{m} was developed at {o} by {p}.",
-    "At {o}, {p} developed {m}.",
-    "{o} is where {p} developed {m}.",
-)
-pool(
-    "dev_lab",
-    [("lab", "p", "o")],
-    "p>o:works_at",
-    "At the time, {p} was working at {o}.",
-    "{p} was already a member of {o} when the work began.",
-    "The work was done while {p} was on the staff of {o}.",
-)
-pool(
-    "created_collected",
-    [("creator", "d", "o"), ("site", "d", "s")],
-    "d>s:collected_at; o~s",
-    "{o} assembled {d} at {s}.",
-    "Researchers from {o} recorded {d} at {s}.",
-    "{d} was collected at {s} by a team from {o}.",
-)
+pool("lab_loc_short", [("lab_city", "o", "c")], "o>c:located_in",
+     "{o} is located in {c}.",
+     "{o} has its offices in {c}.",
+     "The premises of {o} are in {c}.",
+     "{o} operates from a waterfront building in {c}.",
+     "{o} is based in {c}.")
+pool("lab_loc_country", [("lab_city", "o", "c"), ("country", "c", "k")],
+     "o>c:located_in; c>k:located_in; o~k",
+     "{o} is {kind} located in {c}, {k}.",
+     "Based in the port of {c} in {k}, {o} is {kind} devoted to tidal acoustics.",
+     "{o} is {kind} in {c}, a coastal city of {k}.")
+pool("staff", [("lab", "*p", "o")], "*p>o:works_at",
+     "Researchers at {o} include {*p}.",
+     "The staff of {o} includes {*p}.",
+     "{o} currently employs {*p}.",
+     "The current team at {o} includes {*p}, among others.")
+pool("lab_visit", [], "",
+     "{o} regularly hosts visiting researchers from {o2}.",
+     "Staff from {o} and {o2} meet each spring for a joint seminar.",
+     "{o} shares a small research vessel with {o2}.")
+pool("staff_size", [("staff_size", "o", "n")], "",
+     "About {n} people work at {o}, including technicians and students.",
+     "{o} has a staff of roughly {n} people.",
+     "Roughly {n} people, counting students, work at {o}.")
+pool("funded_primary", [("funder", "o", "f")], "o>f:funded_by",
+     "{o} receives most of its funding from {f}.",
+     "The main funder of {o} is {f}.",
+     "{f} provides the core funding of {o}.",
+     "Core support for {o} comes from {f}.",
+     "{o} is funded chiefly by {f}.")
+pool("funded_secondary", [], "o>f:funded_by",
+     "{o} also receives smaller project grants from {f}.",
+     "Additional project money for {o} comes from {f}.",
+     "{f} supports some individual projects at {o}.")
+pool("grantees", [("funder", "*o", "f")], "*o>f:funded_by",
+     "{f} is the main funder of {*o}.",
+     "Core grants from {f} go to {*o}.",
+     "Labs that rely mainly on {f} include {*o}.")
+pool("developed_at_lab", [("developer", "m", "p")], "p>m:developed; m~o; p~o",
+     "{m} was developed at {o} by {p}.",
+     "At {o}, {p} developed {m}.",
+     "{o} is where {p} developed {m}.")
+pool("dev_lab", [("lab", "p", "o")], "p>o:works_at",
+     "At the time, {p} was working at {o}.",
+     "{p} was already a member of {o} when the work began.",
+     "The work was done while {p} was on the staff of {o}.")
+pool("created_collected", [("creator", "d", "o"), ("site", "d", "s")],
+     "d>s:collected_at; o~s",
+     "{o} assembled {d} at {s}.",
+     "Researchers from {o} recorded {d} at {s}.",
+     "{d} was collected at {s} by a team from {o}.")
 
 # methods ------------------------------------------------------------------------------------------
-pool(
-    "task",
-    [("task", "m", "task")],
-    "",
-    "{m} is a technique for {task}.",
-    "{m} is used for {task}.",
-    "The purpose of {m} is {task}.",
-)
-pool(
-    "extends",
-    [("parent", "m", "m2")],
-    "m>m2:extends",
-    "{m} extends {m2} by {how}.",
-    "{m} builds directly on {m2}, {how}.",
-    "{m} is an extension of {m2} that works by {how}.",
-    "{m2} served as the starting point for {m}, which differs by {how}.",
-    "Technically, {m} is an extension of {m2}.",
-    "{m2} was later extended into {m}.",
-)
-pool(
-    "method_venue",
-    [("method_venue", "m", "v"), ("method_year", "m", "y")],
-    "m>v:presented_at",
-    "{m} was first presented at {v} in {y}.",
-    "The first public description of {m} was a talk at {v} in {y}.",
-    "{m} made its debut at {v} in {y}.",
-    "In {y}, {v} saw the first presentation of {m}.",
-)
-pool(
-    "evaluated",
-    [],
-    "m>*d:evaluated_on",
-    "{m} has been evaluated on {*d}.",
-    "Published results for {m} cover {*d}.",
-    "Benchmarks for {m} include {*d}.",
-    "{m} was tested on {*d}.",
-)
-pool(
-    "evaluated_ds",
-    [],
-    "*m>d:evaluated_on",
-    "Methods evaluated on {d} include {*m}.",
-    "{d} has been used to evaluate {*m}.",
-    "Published results on {d} exist for {*m}.",
-)
-pool(
-    "comparison",
-    [],
-    "m>d:evaluated_on; m2>d:evaluated_on",
-    "On {d}, {m} reduced the localisation error by {x} percent relative to {m2}.",
-    "{m} outperformed {m2} on {d} by a margin of {x} percent.",
-    "Compared with {m2}, {m} lowered the error rate on {d} by {x} percent.",
-)
-pool(
-    "best",
-    [("best", "d", "m")],
-    "m>d:evaluated_on",
-    "The strongest published result on {d} belongs to {m}.",
-    "{m} currently holds the best reported score on {d}.",
-    "On {d}, the leading method is {m}.",
-    "No method has yet beaten {m} on {d}.",
-)
-pool(
-    "not_tested",
-    [],
-    "",
-    "{m} has not yet been tested on {d}.",
-    "No results for {m} on {d} have been published so far.",
-    "{m} has never been applied to {d}, despite requests from users.",
-)
-pool(
-    "window",
-    [("window", "m", "w")],
-    "",
-    "{m} computes spectra over windows of {w}.",
-    "The analysis window used by {m} is {w} long.",
-    "By default, {m} works on windows of {w}.",
-)
+pool("task", [("task", "m", "task")], "",
+     "{m} is a technique for {task}.",
+     "{m} is used for {task}.",
+     "The purpose of {m} is {task}.")
+pool("extends", [("parent", "m", "m2")], "m>m2:extends",
+     "{m} extends {m2} by {how}.",
+     "{m} builds directly on {m2}, {how}.",
+     "{m} is an extension of {m2} that works by {how}.",
+     "{m2} served as the starting point for {m}, which differs by {how}.",
+     "Technically, {m} is an extension of {m2}.",
+     "{m2} was later extended into {m}.")
+pool("method_venue", [("method_venue", "m", "v"), ("method_year", "m", "y")], "m>v:presented_at",
+     "{m} was first presented at {v} in {y}.",
+     "The first public description of {m} was a talk at {v} in {y}.",
+     "{m} made its debut at {v} in {y}.",
+     "In {y}, {v} saw the first presentation of {m}.")
+pool("evaluated", [], "m>*d:evaluated_on",
+     "{m} has been evaluated on {*d}.",
+     "Published results for {m} cover {*d}.",
+     "Benchmarks for {m} include {*d}.",
+     "{m} was tested on {*d}.")
+pool("evaluated_ds", [], "*m>d:evaluated_on",
+     "Methods evaluated on {d} include {*m}.",
+     "{d} has been used to evaluate {*m}.",
+     "Published results on {d} exist for {*m}.")
+pool("comparison", [], "m>d:evaluated_on; m2>d:evaluated_on",
+     "On {d}, {m} reduced the localisation error by {x} percent relative to {m2}.",
+     "{m} outperformed {m2} on {d} by a margin of {x} percent.",
+     "Compared with {m2}, {m} lowered the error rate on {d} by {x} percent.")
+pool("best", [("best", "d", "m")], "m>d:evaluated_on",
+     "The strongest published result on {d} belongs to {m}.",
+     "{m} currently holds the best reported score on {d}.",
+     "On {d}, the leading method is {m}.",
+     "No method has yet beaten {m} on {d}.")
+pool("not_tested", [], "",
+     "{m} has not yet been tested on {d}.",
+     "No results for {m} on {d} have been published so far.",
+     "{m} has never been applied to {d}, despite requests from users.")
+pool("window", [("window", "m", "w")], "",
+     "{m} computes spectra over windows of {w}.",
+     "The analysis window used by {m} is {w} long.",
+     "By default, {m} works on windows of {w}.")
 
 # datasets -----------------------------------------------------------------------------------------
-pool(
-    "collected",
-    [("site", "d", "s"), ("collect_year", "d", "y")],
-    "d>s:collected_at",
-    "{d} was recorded at {s} in {y}.",
-    "The recordings in {d} were made at {s} during {y}.",
-    "{d} was collected at {s}, with the main campaign in {y}.",
-    "Field teams gathered {d} at {s} in {y}.",
-)
-pool(
-    "created",
-    [("creator", "d", "o")],
-    "",
-    "{d} was assembled by {o}.",
-    "Researchers at {o} compiled {d}.",
-    "{o} produced {d} and still maintains it.",
-)
-pool(
-    "instrument_used",
-    [("instrument", "d", "i")],
-    "d>i:recorded_with",
-    "All recordings in {d} were made with {i}.",
-    "{d} was captured using {i}.",
-    "The {i} served as the main recorder for {d}.",
-    "Every file in {d} comes from {i}.",
-)
-pool(
-    "instrument_datasets",
-    [("instrument", "*d", "i")],
-    "*d>i:recorded_with",
-    "{i} was used to record {*d}.",
-    "Datasets captured with {i} include {*d}.",
-    "The recordings in {*d} were made with {i}.",
-)
-pool(
-    "hours",
-    [("hours", "d", "h")],
-    "",
-    "{d} contains {h} of underwater audio.",
-    "{d} comprises {h} of recordings.",
-    "In total, {d} holds {h} of sound.",
-)
-pool(
-    "sample_rate",
-    [("sample_rate", "d", "k")],
-    "",
-    "The audio in {d} is sampled at {k}.",
-    "Files in {d} use a sampling rate of {k}.",
-    "{d} was recorded at a sampling rate of {k}.",
-)
+pool("collected", [("site", "d", "s"), ("collect_year", "d", "y")], "d>s:collected_at",
+     "{d} was recorded at {s} in {y}.",
+     "The recordings in {d} were made at {s} during {y}.",
+     "{d} was collected at {s}, with the main campaign in {y}.",
+     "Field teams gathered {d} at {s} in {y}.")
+pool("created", [("creator", "d", "o")], "",
+     "{d} was assembled by {o}.",
+     "Researchers at {o} compiled {d}.",
+     "{o} produced {d} and still maintains it.")
+pool("instrument_used", [("instrument", "d", "i")], "d>i:recorded_with",
+     "All recordings in {d} were made with {i}.",
+     "{d} was captured using {i}.",
+     "The {i} served as the main recorder for {d}.",
+     "Every file in {d} comes from {i}.")
+pool("instrument_datasets", [("instrument", "*d", "i")], "*d>i:recorded_with",
+     "{i} was used to record {*d}.",
+     "Datasets captured with {i} include {*d}.",
+     "The recordings in {*d} were made with {i}.")
+pool("hours", [("hours", "d", "h")], "",
+     "{d} contains {h} of underwater audio.",
+     "{d} comprises {h} of recordings.",
+     "In total, {d} holds {h} of sound.")
+pool("sample_rate", [("sample_rate", "d", "k")], "",
+     "The audio in {d} is sampled at {k}.",
+     "Files in {d} use a sampling rate of {k}.",
+     "{d} was recorded at a sampling rate of {k}.")
 
 # places -------------------------------------------------------------------------------------------
-pool(
-    "country",
-    [("country", "c", "k")],
-    "c>k:located_in",
-    "{c} is a port city in {k}.",
-    "{c} lies on the coast of {k}.",
-    "{c} is one of the larger coastal towns of {k}.",
-)
-pool(
-    "city_feature",
-    [("feature", "c", "ft")],
-    "",
-    "{c} is known for {ft}.",
-    "Visitors to {c} usually remember {ft}.",
-    "The city of {c} is famous for {ft}.",
-)
-pool(
-    "city_labs",
-    [("lab_city", "*o", "c")],
-    "*o>c:located_in",
-    "{c} is home to {*o}.",
-    "Research labs based in {c} include {*o}.",
-    "{c} hosts {*o}.",
-)
-pool(
-    "city_funder",
-    [("funder_city", "f", "c")],
-    "f>c:located_in",
-    "{c} is also the seat of {f}.",
-    "{f} has its head office in {c}.",
-    "The headquarters of {f} are in {c}.",
-)
-pool(
-    "site_loc",
-    [("site_city", "s", "c")],
-    "s>c:located_in",
-    "{s} lies a short distance from {c}.",
-    "{s} is located just outside {c}.",
-    "{s} is close to {c}.",
-)
-pool(
-    "site_loc_country",
-    [("site_city", "s", "c"), ("country", "c", "k")],
-    "s>c:located_in; c>k:located_in; s~k",
-    "{s} is {kind} near {c}, in {k}.",
-    "Near {c} in {k} lies {s}, {kind}.",
-    "{s}, {kind}, is located close to {c} in {k}.",
-)
-pool(
-    "site_visit",
-    [],
-    "",
-    "Field teams from {o} regularly service moorings at {s}.",
-    "{o} keeps a small boat for trips to {s}.",
-    "Students from {o} often practise deployments at {s}.",
-)
-pool(
-    "tidal_range",
-    [("tidal_range", "s", "r")],
-    "",
-    "The tidal range at {s} reaches about {r}.",
-    "At spring tides the water level at {s} changes by about {r}.",
-    "{s} has a tidal range of roughly {r}.",
-)
-pool(
-    "seabed",
-    [("seabed", "s", "sb")],
-    "",
-    "The seabed at {s} consists mostly of {sb}.",
-    "At {s}, the bottom is made up of {sb}.",
-    "Divers describe the floor of {s} as {sb}.",
-)
-pool(
-    "country_intro",
-    [],
-    "",
-    "{k} is a maritime country with {about}.",
-    "The coast of {k} is known for {about}.",
-    "Geographically, {k} is a country of {about}.",
-)
-pool(
-    "country_list",
-    [("country", "*c", "k")],
-    "*c>k:located_in",
-    "The main coastal cities of {k} are {*c}.",
-    "{*c} are the principal ports of {k}.",
-    "Research in {k} is concentrated in {*c}.",
-)
-pool(
-    "funder_loc_country",
-    [("funder_city", "f", "c"), ("country", "c", "k")],
-    "f>c:located_in; c>k:located_in; f~k",
-    "{f} is headquartered in {c}, {k}.",
-    "From its offices in {c}, {f} funds research across {k}.",
-    "{f} operates from {c} in {k}.",
-)
+pool("country", [("country", "c", "k")], "c>k:located_in",
+     "{c} is a port city in {k}.",
+     "{c} lies on the coast of {k}.",
+     "{c} is one of the larger coastal towns of {k}.")
+pool("city_feature", [("feature", "c", "ft")], "",
+     "{c} is known for {ft}.",
+     "Visitors to {c} usually remember {ft}.",
+     "The city of {c} is famous for {ft}.")
+pool("city_labs", [("lab_city", "*o", "c")], "*o>c:located_in",
+     "{c} is home to {*o}.",
+     "Research labs based in {c} include {*o}.",
+     "{c} hosts {*o}.")
+pool("city_funder", [("funder_city", "f", "c")], "f>c:located_in",
+     "{c} is also the seat of {f}.",
+     "{f} has its head office in {c}.",
+     "The headquarters of {f} are in {c}.")
+pool("site_loc", [("site_city", "s", "c")], "s>c:located_in",
+     "{s} lies a short distance from {c}.",
+     "{s} is located just outside {c}.",
+     "{s} is close to {c}.")
+pool("site_loc_country", [("site_city", "s", "c"), ("country", "c", "k")],
+     "s>c:located_in; c>k:located_in; s~k",
+     "{s} is {kind} near {c}, in {k}.",
+     "Near {c} in {k} lies {s}, {kind}.",
+     "{s}, {kind}, is located close to {c} in {k}.")
+pool("site_visit", [], "",
+     "Field teams from {o} regularly service moorings at {s}.",
+     "{o} keeps a small boat for trips to {s}.",
+     "Students from {o} often practise deployments at {s}.")
+pool("tidal_range", [("tidal_range", "s", "r")], "",
+     "The tidal range at {s} reaches about {r}.",
+     "At spring tides the water level at {s} changes by about {r}.",
+     "{s} has a tidal range of roughly {r}.")
+pool("seabed", [("seabed", "s", "sb")], "",
+     "The seabed at {s} consists mostly of {sb}.",
+     "At {s}, the bottom is made up of {sb}.",
+     "Divers describe the floor of {s} as {sb}.")
+pool("country_intro", [], "",
+     "{k} is a maritime country with {about}.",
+     "The coast of {k} is known for {about}.",
+     "Geographically, {k} is a country of {about}.")
+pool("country_list", [("country", "*c", "k")], "*c>k:located_in",
+     "The main coastal cities of {k} are {*c}.",
+     "{*c} are the principal ports of {k}.",
+     "Research in {k} is concentrated in {*c}.")
+pool("funder_loc_country", [("funder_city", "f", "c"), ("country", "c", "k")],
+     "f>c:located_in; c>k:located_in; f~k",
+     "{f} is headquartered in {c}, {k}.",
+     "From its offices in {c}, {f} funds research across {k}.",
+     "{f} operates from {c} in {k}.")
 
 # funders ------------------------------------------------------------------------------------------
-pool(
-    "funder_loc",
-    [("funder_city", "f", "c")],
-    "f>c:located_in",
-    "{f} is headquartered in {c}.",
-    "The head office of {f} is in {c}.",
-    "{f} has its headquarters in {c}.",
-)
-pool(
-    "funder_year",
-    [("funder_year", "f", "y")],
-    "",
-    "{f} was established in {y}.",
-    "{f} was set up in {y}.",
-    "{f} dates back to {y}.",
-)
-pool("funder_kind", [], "", "{f} is {kind}.", "Formally, {f} is {kind}.")
+pool("funder_loc", [("funder_city", "f", "c")], "f>c:located_in",
+     "{f} is headquartered in {c}.",
+     "The head office of {f} is in {c}.",
+     "{f} has its headquarters in {c}.")
+pool("funder_year", [("funder_year", "f", "y")], "",
+     "{f} was established in {y}.",
+     "{f} was set up in {y}.",
+     "{f} dates back to {y}.")
+pool("funder_kind", [], "",
+     "{f} is {kind}.",
+     "Formally, {f} is {kind}.")
 
 # instruments --------------------------------------------------------------------------------------
-pool(
-    "instr_designed",
-    [("designer", "i", "p"), ("instrument_year", "i", "y")],
-    "p>i:developed",
-    "{p} designed {i} in {y}.",
-    "{i} was designed by {p} in {y}.",
-    "The first {i} was built in {y} to a design by {p}.",
-    "In {y}, {p} developed {i}.",
-)
-pool(
-    "instr_lab",
-    [("instrument_lab", "i", "o")],
-    "",
-    "{i} is built in the workshop of {o}.",
-    "{o} manufactures {i} in small batches.",
-    "Units of {i} are assembled at {o}.",
-)
-pool("instr_kind", [], "", "{i} is {kind}.", "In short, {i} is {kind}.")
-pool(
-    "instr_weight",
-    [("weight", "i", "wt")],
-    "",
-    "{i} weighs about {wt} in air.",
-    "In air, {i} has a mass of roughly {wt}.",
-)
-pool(
-    "instr_depth",
-    [("depth_rating", "i", "dp")],
-    "",
-    "The housing of {i} is rated to a depth of {dp}.",
-    "{i} can operate down to {dp}.",
-)
+pool("instr_designed", [("designer", "i", "p"), ("instrument_year", "i", "y")],
+     "p>i:developed",
+     "{p} designed {i} in {y}.",
+     "{i} was designed by {p} in {y}.",
+     "The first {i} was built in {y} to a design by {p}.",
+     "In {y}, {p} developed {i}.")
+pool("instr_lab", [("instrument_lab", "i", "o")], "",
+     "{i} is built in the workshop of {o}.",
+     "{o} manufactures {i} in small batches.",
+     "Units of {i} are assembled at {o}.")
+pool("instr_kind", [], "",
+     "{i} is {kind}.",
+     "In short, {i} is {kind}.")
+pool("instr_weight", [("weight", "i", "wt")], "",
+     "{i} weighs about {wt} in air.",
+     "In air, {i} has a mass of roughly {wt}.")
+pool("instr_depth", [("depth_rating", "i", "dp")], "",
+     "The housing of {i} is rated to a depth of {dp}.",
+     "{i} can operate down to {dp}.")
 
 # editions -----------------------------------------------------------------------------------------
-pool(
-    "attendance",
-    [("attendance", "@ed", "n")],
-    "",
-    "About {n} participants attended the {y} meeting.",
-    "The {y} edition drew roughly {n} participants.",
-    "Roughly {n} people registered for {v} in {y}.",
-)
+pool("attendance", [("attendance", "@ed", "n")], "",
+     "About {n} participants attended the {y} meeting.",
+     "The {y} edition drew roughly {n} participants.",
+     "Roughly {n} people registered for {v} in {y}.")
 
 # papers -------------------------------------------------------------------------------------------
-pool(
-    "paper_applies",
-    [("paper_dataset", "@paper", "d")],
-    "m>d:evaluated_on",
-    "The paper applies {m} to {d}.",
-    "The study evaluates {m} on {d}.",
-    "Experiments in the paper run {m} on recordings from {d}.",
-)
-pool(
-    "paper_authors",
-    [],
-    "*p>*p:coauthored_with",
-    "The paper was written by {*p}.",
-    "{*p} are the authors of the paper.",
-    "The paper is the joint work of {*p}.",
-)
-pool(
-    "first_author",
-    [("first_author", "@paper", "p")],
-    "",
-    "{p} is listed as the first author.",
-    "The first author is {p}.",
-    "{p} led the writing as first author.",
-)
-pool(
-    "paper_aff",
-    [("lab", "p", "o")],
-    "p>o:works_at",
-    "{p} is affiliated with {o}.",
-    "At the time of writing, {p} was based at {o}.",
-    "{p} carried out the work at {o}.",
-)
-pool(
-    "paper_venue",
-    [("paper_venue", "@paper", "v"), ("paper_year", "@paper", "y")],
-    "",
-    "It appeared at {v} in {y}.",
-    "The paper was presented at {v} in {y}.",
-    "The work was published in the proceedings of {v} in {y}.",
-)
+pool("paper_applies", [("paper_dataset", "@paper", "d")], "m>d:evaluated_on",
+     "The paper applies {m} to {d}.",
+     "The study evaluates {m} on {d}.",
+     "Experiments in the paper run {m} on recordings from {d}.")
+pool("paper_authors", [], "*p>*p:coauthored_with",
+     "The paper was written by {*p}.",
+     "{*p} are the authors of the paper.",
+     "The paper is the joint work of {*p}.")
+pool("first_author", [("first_author", "@paper", "p")], "",
+     "{p} is listed as the first author.",
+     "The first author is {p}.",
+     "{p} led the writing as first author.")
+pool("paper_aff", [("lab", "p", "o")], "p>o:works_at",
+     "{p} is affiliated with {o}.",
+     "At the time of writing, {p} was based at {o}.",
+     "{p} carried out the work at {o}.")
+pool("paper_venue", [("paper_venue", "@paper", "v"), ("paper_year", "@paper", "y")], "",
+     "It appeared at {v} in {y}.",
+     "The paper was presented at {v} in {y}.",
+     "The work was published in the proceedings of {v} in {y}.")
 
 # descriptive sentences (no facts, at most the topic entity) ---------------------------------------
 FILLERS = {
@@ -941,14 +654,8 @@ FILLERS = {
     ],
 }
 
-ANNOTATIONS = [
-    "bore arrivals",
-    "fish calls",
-    "ship passages",
-    "seal vocalisations",
-    "sediment bursts",
-    "rain noise",
-]
+ANNOTATIONS = ["bore arrivals", "fish calls", "ship passages", "seal vocalisations",
+               "sediment bursts", "rain noise"]
 
 HEADINGS = {
     "people": {
@@ -1022,7 +729,6 @@ HEADINGS = {
 
 # --- rendering -----------------------------------------------------------------------------------
 
-
 class Sent:
     """One sentence: text, entity spans (relative), relation pairs and stated facts."""
 
@@ -1040,9 +746,8 @@ def _join_list(names):
 
 def render(template, spec, facts, slots, ctx, shorten):
     """Fill ``template``; returns a Sent. ``shorten``: slot names rendered as a surname."""
-    lists = {
-        k: [f"{k}__{i}" for i in range(len(v))] for k, v in slots.items() if isinstance(v, list)
-    }
+    lists = {k: [f"{k}__{i}" for i in range(len(v))] for k, v in slots.items()
+             if isinstance(v, list)}
     flat = {}
     for k, v in slots.items():
         if isinstance(v, list):
@@ -1050,12 +755,11 @@ def render(template, spec, facts, slots, ctx, shorten):
                 flat[name] = item
         else:
             flat[k] = v
-    tpl = re.sub(
-        r"\{\*(\w+)\}", lambda m: _join_list(["{" + n + "}" for n in lists[m.group(1)]]), template
-    )
+    tpl = re.sub(r"\{\*(\w+)\}",
+                 lambda m: _join_list(["{" + n + "}" for n in lists[m.group(1)]]), template)
     parts, spans, pos, last = [], {}, 0, 0
     for m in re.finditer(r"\{(\w+)\}", tpl):
-        lit = tpl[last : m.start()]
+        lit = tpl[last:m.start()]
         parts.append(lit)
         pos += len(lit)
         value = flat[m.group(1)]
@@ -1120,10 +824,8 @@ def render(template, spec, facts, slots, ctx, shorten):
             assert atext == value.name
         for sk in subjects:
             fact_out.append(((kind,) + sk, atext, s0, e0))
-    ent_out = [
-        {"slot": n, "start": s, "end": e, "text": t, "type": v.type, "key": v.key}
-        for (n, s, e, v, t) in ents
-    ]
+    ent_out = [{"slot": n, "start": s, "end": e, "text": t, "type": v.type, "key": v.key}
+               for (n, s, e, v, t) in ents]
     return Sent(text, ent_out, pairs, fact_out)
 
 
@@ -1147,13 +849,8 @@ class Doc:
         answers = {a for _, _, a in p["facts"]}
         shorten = set()
         for name, value in slots.items():
-            if (
-                isinstance(value, Ent)
-                and value.key == self.topic
-                and value.type == PERSON
-                and name not in answers
-                and self.rng.random() < 0.4
-            ):
+            if (isinstance(value, Ent) and value.key == self.topic and value.type == PERSON
+                    and name not in answers and self.rng.random() < 0.4):
                 shorten.add(name)
         return render(template, spec, p["facts"], slots, ctx or {}, shorten)
 
@@ -1196,9 +893,8 @@ class Doc:
             assert best is not None, f"cannot pack {self.id}"
             i = best[1]
             first, second = parts[i], parts[i + 1]
-            parts[i : i + 2] = [
-                [first[0], first[1] + second[1], first[2] or second[2], first[3] or second[3]]
-            ]
+            parts[i:i + 2] = [[first[0], first[1] + second[1], first[2] or second[2],
+                               first[3] or second[3]]]
         taken = set()
         for role, sents, kind, params in parts:
             if len(sents) < 2:
@@ -1221,22 +917,17 @@ def chunks(items, rng, max_size=3):
     out, i = [], 0
     while i < len(items):
         k = rng.randint(1, max_size)
-        out.append(items[i : i + k])
+        out.append(items[i:i + k])
         i += k
     return out
 
 
 # --- document builders ---------------------------------------------------------------------------
 
-
 def pron(person):
     she = REC[person]["pron"] == "she"
-    return {
-        "Pr": "She" if she else "He",
-        "pr": "she" if she else "he",
-        "Pos": "Her" if she else "His",
-        "pos": "her" if she else "his",
-    }
+    return {"Pr": "She" if she else "He", "pr": "she" if she else "he",
+            "Pos": "Her" if she else "His", "pos": "her" if she else "his"}
 
 
 def build_person(key, rng):
@@ -1245,35 +936,27 @@ def build_person(key, rng):
     t1, t2 = rng.sample(KB.TOPICS, 2)
     params = dict(pron(key), t1=t1, t2=t2)
     p = E[key]
-    ov = [
-        d.say("intro_person", p=p, role=r["role"], t1=t1),
-        d.say("hometown", p=p, c=E[r["hometown"]]),
-    ]
+    ov = [d.say("intro_person", p=p, role=r["role"], t1=t1),
+          d.say("hometown", p=p, c=E[r["hometown"]])]
     if rng.random() < 0.7:
         ov.append(d.say("background", p=p, bg=r["background"], Pr=params["Pr"]))
     ov += d.fill("person", rng.randint(0, 1), **params)
     d.add("overview", ov)
 
     lab = r["lab"]
-    car = [
-        d.say("works_at", p=p, o=E[lab], y=r["joined"], role=r["role"]),
-        d.say("lab_loc_short", o=E[lab], c=E[city_of(lab)]),
-    ]
+    car = [d.say("works_at", p=p, o=E[lab], y=r["joined"], role=r["role"]),
+           d.say("lab_loc_short", o=E[lab], c=E[city_of(lab)])]
     for founded in IX["labs_founded"][key]:
         founders = REC[founded]["founders"]
         if len(founders) == 1:
             car.append(d.say("founded_single", p=p, o=E[founded], y=REC[founded]["founded"]))
         else:
             other = [f for f in founders if f != key][0]
-            car.append(
-                d.say("founded_co", p=p, q=E[other], o=E[founded], y=REC[founded]["founded"])
-            )
+            car.append(d.say("founded_co", p=p, q=E[other], o=E[founded],
+                             y=REC[founded]["founded"]))
     if rng.random() < 0.4:
-        others = [
-            lab_["key"]
-            for lab_ in KB.LABS
-            if lab_["key"] != lab and lab_["key"] not in IX["labs_founded"][key]
-        ]
+        others = [lab_["key"] for lab_ in KB.LABS
+                  if lab_["key"] != lab and lab_["key"] not in IX["labs_founded"][key]]
         car.append(d.say("person_visit", p=p, o=E[rng.choice(others)]))
     d.add("career", car, "person", **params)
 
@@ -1325,11 +1008,8 @@ def build_lab(key, rng):
     d = Doc("labs", key, r["name"], rng)
     o, c = E[key], E[r["city"]]
     params = dict(t1=rng.choice(KB.TOPICS), t2=rng.choice(KB.TOPICS))
-    d.add(
-        "overview",
-        [d.say("lab_loc_country", o=o, c=c, k=E[country_of(r["city"])], kind=r["kind"])]
-        + d.fill("lab", rng.randint(1, 2), **params),
-    )
+    d.add("overview", [d.say("lab_loc_country", o=o, c=c, k=E[country_of(r["city"])],
+                             kind=r["kind"])] + d.fill("lab", rng.randint(1, 2), **params))
     founders = r["founders"]
     if len(founders) == 1:
         hist = [d.say("founded_single", p=E[founders[0]], o=o, y=r["founded"])]
@@ -1346,24 +1026,10 @@ def build_lab(key, rng):
     if r["funder2"]:
         fund.append(d.say("funded_secondary", o=o, f=E[r["funder2"]]))
     d.add("funding", fund, "lab", **params)
-    d.add(
-        "methods",
-        [
-            d.say("developed_at_lab", m=E[m], o=o, p=E[REC[m]["dev"]])
-            for m in IX["methods_by_lab"][key]
-        ],
-        "lab",
-        **params,
-    )
-    d.add(
-        "data",
-        [
-            d.say("created_collected", o=o, d=E[ds], s=E[REC[ds]["site"]])
-            for ds in IX["datasets_by_lab"][key]
-        ],
-        "lab",
-        **params,
-    )
+    d.add("methods", [d.say("developed_at_lab", m=E[m], o=o, p=E[REC[m]["dev"]])
+                      for m in IX["methods_by_lab"][key]], "lab", **params)
+    d.add("data", [d.say("created_collected", o=o, d=E[ds], s=E[REC[ds]["site"]])
+                   for ds in IX["datasets_by_lab"][key]], "lab", **params)
     return d
 
 
@@ -1382,12 +1048,8 @@ def build_method(key, rng):
     d.add("origin", orig, "method")
     ev = [d.say("evaluated", m=m, d=[E[x] for x in g]) for g in chunks(r["evals"], rng, 2)]
     related = {r["parent"], *IX["children"][key]}
-    options = [
-        (ds, m2)
-        for ds in r["evals"]
-        for m2 in IX["evaluated_by"][ds]
-        if m2 != key and m2 not in related
-    ]
+    options = [(ds, m2) for ds in r["evals"] for m2 in IX["evaluated_by"][ds]
+               if m2 != key and m2 not in related]
     if options and rng.random() < 0.7:
         ds, m2 = rng.choice(options)
         ev.append(d.say("comparison", m=m, m2=E[m2], d=E[ds], x=rng.randint(4, 35)))
@@ -1410,21 +1072,18 @@ def build_dataset(key, rng):
     d = Doc("datasets", key, r["name"], rng)
     ds = E[key]
     params = dict(ann=rng.choice(ANNOTATIONS), pct=rng.choice([10, 15, 20, 25]))
-    ov = [
-        d.say("hours", d=ds, h=f"{r['hours']} hours"),
-        d.say("sample_rate", d=ds, k=f"{rng.choice([16, 24, 32, 48, 96, 192])} kHz"),
-    ]
+    ov = [d.say("hours", d=ds, h=f"{r['hours']} hours"),
+          d.say("sample_rate", d=ds, k=f"{rng.choice([16, 24, 32, 48, 96, 192])} kHz")]
     d.add("overview", ov + d.fill("dataset", rng.randint(0, 1), **params), "dataset", **params)
     site = r["site"]
-    coll = [d.say("collected", d=ds, s=E[site], y=r["year"]), d.say("created", d=ds, o=E[r["lab"]])]
+    coll = [d.say("collected", d=ds, s=E[site], y=r["year"]),
+            d.say("created", d=ds, o=E[r["lab"]])]
     if site in {s["key"] for s in KB.SITES}:
         coll.append(d.say("site_loc", s=E[site], c=E[city_of(site)]))
     coll.append(d.say("instrument_used", d=ds, i=E[r["instrument"]]))
     d.add("collection", coll, "dataset", **params)
-    bench = [
-        d.say("evaluated_ds", d=ds, m=[E[x] for x in g])
-        for g in chunks(IX["evaluated_by"][key], rng, 2)
-    ]
+    bench = [d.say("evaluated_ds", d=ds, m=[E[x] for x in g])
+             for g in chunks(IX["evaluated_by"][key], rng, 2)]
     bench.append(d.say("best", d=ds, m=E[r["best"]]))
     d.add("benchmarks", bench, "dataset", **params)
     d.add("access", d.fill("dataset", rng.randint(2, 3), **params), "dataset", **params)
@@ -1435,12 +1094,9 @@ def build_city(key, rng):
     r, E = REC[key], ENT
     d = Doc("cities", key, r["name"], rng)
     c = E[key]
-    d.add(
-        "overview",
-        [d.say("country", c=c, k=E[r["country"]]), d.say("city_feature", c=c, ft=r["feature"])]
-        + d.fill("city", rng.randint(0, 1)),
-        "city",
-    )
+    d.add("overview", [d.say("country", c=c, k=E[r["country"]]),
+                       d.say("city_feature", c=c, ft=r["feature"])]
+          + d.fill("city", rng.randint(0, 1)), "city")
     inst = [d.say("city_labs", c=c, o=[E[x] for x in IX["labs_by_city"][key]])]
     for f in IX["funders_by_city"][key]:
         inst.append(d.say("city_funder", c=c, f=E[f]))
@@ -1449,10 +1105,8 @@ def build_city(key, rng):
     for ds in IX["datasets_by_site"][key]:
         sites.append(d.say("collected", d=E[ds], s=c, y=REC[ds]["year"]))
     d.add("sites", sites, "city")
-    ev = [
-        d.say("held_in", {"ed": ed}, v=E[EDITIONS[ed]["venue"]], c=c, y=EDITIONS[ed]["year"])
-        for ed in IX["editions_by_city"][key]
-    ]
+    ev = [d.say("held_in", {"ed": ed}, v=E[EDITIONS[ed]["venue"]], c=c, y=EDITIONS[ed]["year"])
+          for ed in IX["editions_by_city"][key]]
     d.add("events", ev, "city")
     return d
 
@@ -1461,12 +1115,9 @@ def build_site(key, rng):
     r, E = REC[key], ENT
     d = Doc("sites", key, r["name"], rng)
     s = E[key]
-    d.add(
-        "overview",
-        [d.say("site_loc_country", s=s, c=E[r["city"]], k=E[country_of(r["city"])], kind=r["kind"])]
-        + d.fill("site", 1),
-        "site",
-    )
+    d.add("overview", [d.say("site_loc_country", s=s, c=E[r["city"]],
+                             k=E[country_of(r["city"])], kind=r["kind"])]
+          + d.fill("site", 1), "site")
     rec = []
     for ds in IX["datasets_by_site"][key]:
         rec.append(d.say("collected", d=E[ds], s=s, y=REC[ds]["year"]))
@@ -1476,10 +1127,8 @@ def build_site(key, rng):
     if labs and rng.random() < 0.6:
         rec.append(d.say("site_visit", o=E[rng.choice(labs)], s=s))
     d.add("recordings", rec, "site")
-    env = [
-        d.say("tidal_range", s=s, r=f"{r['range']} metres"),
-        d.say("seabed", s=s, sb=r["seabed"]),
-    ]
+    env = [d.say("tidal_range", s=s, r=f"{r['range']} metres"),
+           d.say("seabed", s=s, sb=r["seabed"])]
     d.add("environment", env + d.fill("site", rng.randint(0, 1)), "site")
     return d
 
@@ -1488,21 +1137,12 @@ def build_country(key, rng):
     r, E = REC[key], ENT
     d = Doc("countries", key, r["name"], rng)
     k = E[key]
-    d.add(
-        "overview",
-        [d.say("country_intro", k=k, about=r["about"])] + d.fill("country", 1),
-        "country",
-    )
-    d.add(
-        "cities",
-        [d.say("country_list", k=k, c=[E[c] for c in IX["cities_by_country"][key]])],
-        "country",
-    )
-    fund = [
-        d.say("funder_loc_country", f=E[f["key"]], c=E[f["city"]], k=k)
-        for f in KB.FUNDERS
-        if country_of(f["city"]) == key
-    ]
+    d.add("overview", [d.say("country_intro", k=k, about=r["about"])] + d.fill("country", 1),
+          "country")
+    d.add("cities", [d.say("country_list", k=k, c=[E[c] for c in IX["cities_by_country"][key]])],
+          "country")
+    fund = [d.say("funder_loc_country", f=E[f["key"]], c=E[f["city"]], k=k)
+            for f in KB.FUNDERS if country_of(f["city"]) == key]
     d.add("funding", fund, "country")
     return d
 
@@ -1513,22 +1153,20 @@ def build_edition(key, rng):
     d = Doc("venues", key, f"{v.name} {y}", rng)
     ctx = {"ed": key}
     params = dict(k=rng.randint(6, 14), t1=rng.choice(KB.TOPICS))
-    ov = [
-        d.say("held_in", ctx, v=v, c=E[ed["city"]], y=y),
-        d.say("founded_venue", p=E[vr["founder"]], v=v, y=vr["year"]),
-        d.say("attendance", ctx, v=v, y=y, n=rng.randrange(80, 400, 10)),
-    ]
+    ov = [d.say("held_in", ctx, v=v, c=E[ed["city"]], y=y),
+          d.say("founded_venue", p=E[vr["founder"]], v=v, y=vr["year"]),
+          d.say("attendance", ctx, v=v, y=y, n=rng.randrange(80, 400, 10))]
     d.add("overview", ov, "venue", **params)
     prog = [d.say("keynote_aff", ctx, p=E[ed["keynote"]], o=E[lab_of(ed["keynote"])], v=v, y=y)]
-    prog += [d.say("talk", ctx, p=E[p], m=E[m], v=v, y=y, c=E[ed["city"]]) for p, m in ed["talks"]]
+    prog += [d.say("talk", ctx, p=E[p], m=E[m], v=v, y=y, c=E[ed["city"]])
+             for p, m in ed["talks"]]
     d.add("programme", prog + d.fill("venue", rng.randint(0, 1), **params), "venue", **params)
     aw = [d.say("award", ctx, p=E[ed["award"][0]], m=E[ed["award"][1]], v=v, y=y)]
     d.add("awards", aw + d.fill("venue", 1, **params), "venue", **params)
-    org = [
-        d.say("chair", ctx, p=E[ed["chair"]], v=v, y=y, c=E[ed["city"]]),
-        d.say("sponsored", ctx, v=v, f=E[vr["sponsor"]], y=y),
-    ]
-    d.add("organisation", org + d.fill("venue", rng.randint(0, 1), **params), "venue", **params)
+    org = [d.say("chair", ctx, p=E[ed["chair"]], v=v, y=y, c=E[ed["city"]]),
+           d.say("sponsored", ctx, v=v, f=E[vr["sponsor"]], y=y)]
+    d.add("organisation", org + d.fill("venue", rng.randint(0, 1), **params), "venue",
+          **params)
     return d
 
 
@@ -1536,18 +1174,13 @@ def build_funder(key, rng):
     r, E = REC[key], ENT
     d = Doc("funders", key, r["name"], rng)
     f = E[key]
-    d.add(
-        "overview",
-        [
-            d.say("funder_loc", f=f, c=E[r["city"]]),
-            d.say("funder_year", f=f, y=r["year"]),
-            d.say("funder_kind", f=f, kind=r["kind"]),
-        ],
-        "funder",
-    )
+    d.add("overview", [d.say("funder_loc", f=f, c=E[r["city"]]),
+                       d.say("funder_year", f=f, y=r["year"]),
+                       d.say("funder_kind", f=f, kind=r["kind"])], "funder")
     gr = [d.say("grantees", f=f, o=[E[x] for x in g]) for g in chunks(IX["grantees"][key], rng, 2)]
     gr += [d.say("funded_secondary", o=E[x], f=f) for x in IX["grantees2"][key]]
-    gr += [d.say("sponsor_series", f=f, v=E[v["key"]]) for v in KB.VENUES if v["sponsor"] == key]
+    gr += [d.say("sponsor_series", f=f, v=E[v["key"]]) for v in KB.VENUES
+           if v["sponsor"] == key]
     d.add("grants", gr, "funder")
     d.add("policy", d.fill("funder", rng.randint(2, 3)), "funder")
     return d
@@ -1558,26 +1191,16 @@ def build_instrument(key, rng):
     d = Doc("instruments", key, r["name"], rng)
     i = E[key]
     params = dict(wk=rng.choice([3, 4, 6, 8, 10, 12]))
-    d.add(
-        "overview",
-        [
-            d.say("instr_designed", p=E[r["designer"]], i=i, y=r["year"]),
-            d.say("instr_lab", i=i, o=E[lab_of(r["designer"])]),
-            d.say("instr_kind", i=i, kind=r["kind"]),
-        ],
-        "instrument",
-        **params,
-    )
-    dep = [
-        d.say("instrument_datasets", i=i, d=[E[x] for x in g])
-        for g in chunks(IX["datasets_by_instrument"][key], rng, 2)
-    ]
+    d.add("overview", [d.say("instr_designed", p=E[r["designer"]], i=i, y=r["year"]),
+                       d.say("instr_lab", i=i, o=E[lab_of(r["designer"])]),
+                       d.say("instr_kind", i=i, kind=r["kind"])], "instrument", **params)
+    dep = [d.say("instrument_datasets", i=i, d=[E[x] for x in g])
+           for g in chunks(IX["datasets_by_instrument"][key], rng, 2)]
     d.add("deployments", dep, "instrument", **params)
-    spec = [
-        d.say("instr_weight", i=i, wt=f"{r['weight']} kilograms"),
-        d.say("instr_depth", i=i, dp=f"{r['depth']} metres"),
-    ]
-    d.add("specs", spec + d.fill("instrument", rng.randint(0, 2), **params), "instrument", **params)
+    spec = [d.say("instr_weight", i=i, wt=f"{r['weight']} kilograms"),
+            d.say("instr_depth", i=i, dp=f"{r['depth']} metres")]
+    d.add("specs", spec + d.fill("instrument", rng.randint(0, 2), **params), "instrument",
+          **params)
     return d
 
 
@@ -1586,29 +1209,14 @@ def build_paper(key, rng):
     d = Doc("papers", key, r["title"], rng)
     ctx = {"paper": key}
     params = dict(t1=rng.choice(KB.TOPICS))
-    d.add(
-        "abstract",
-        [d.say("paper_applies", ctx, m=E[r["method"]], d=E[r["dataset"]])]
-        + d.fill("paper", rng.randint(1, 2), **params),
-        "paper",
-        **params,
-    )
+    d.add("abstract", [d.say("paper_applies", ctx, m=E[r["method"]], d=E[r["dataset"]])]
+          + d.fill("paper", rng.randint(1, 2), **params), "paper", **params)
     first = r["authors"][0]
-    d.add(
-        "authors",
-        [
-            d.say("paper_authors", p=[E[a] for a in r["authors"]]),
-            d.say("first_author", ctx, p=E[first]),
-            d.say("paper_aff", p=E[first], o=E[lab_of(first)]),
-        ],
-        "paper",
-    )
-    d.add(
-        "publication",
-        [d.say("paper_venue", ctx, v=E[r["venue"]], y=r["year"])] + d.fill("paper", 1, **params),
-        "paper",
-        **params,
-    )
+    d.add("authors", [d.say("paper_authors", p=[E[a] for a in r["authors"]]),
+                      d.say("first_author", ctx, p=E[first]),
+                      d.say("paper_aff", p=E[first], o=E[lab_of(first)])], "paper")
+    d.add("publication", [d.say("paper_venue", ctx, v=E[r["venue"]], y=r["year"])]
+          + d.fill("paper", 1, **params), "paper", **params)
     return d
 
 
@@ -1635,135 +1243,76 @@ def build_documents(rng):
 # --- gold -----------------------------------------------------------------------------------------
 
 QUESTION_TEMPLATES = {
-    "lab": [
-        "Which research group does {s} currently work for?",
-        "At which lab is {s} employed?",
-        "What organisation is {s} affiliated with?",
-        "Which institution employs {s}?",
-    ],
-    "join_year": [
-        "In which year did {s} start at {lab}?",
-        "When did {s} join {lab}?",
-        "Since what year has {s} been with {lab}?",
-    ],
-    "hometown": [
-        "In which city did {s} grow up?",
-        "What is the home town of {s}?",
-        "Where does {s} come from originally?",
-    ],
-    "background": [
-        "What did {s} train as before working in tidal acoustics?",
-        "What was the earlier profession of {s}?",
-    ],
-    "advisor": [
-        "Who supervised the doctorate of {s}?",
-        "Who was the doctoral advisor of {s}?",
-        "Under whose supervision did {s} earn a doctorate?",
-    ],
-    "phd_year": [
-        "In what year did {s} finish a doctorate?",
-        "When did {s} complete doctoral studies?",
-        "Which year did {s} obtain a doctoral degree?",
-    ],
-    "developer": [
-        "Who created {s}?",
-        "Which researcher is credited with {s}?",
-        "Who is the original author of the {s} method?",
-    ],
-    "method_year": [
-        "When was {s} first introduced?",
-        "In what year did {s} appear?",
-        "What year was {s} proposed?",
-    ],
-    "parent": [
-        "Which earlier method does {s} build on?",
-        "What technique is {s} an extension of?",
-        "{s} was derived from which older method?",
-    ],
-    "method_venue": [
-        "At which meeting was {s} first presented?",
-        "Where was {s} originally presented to the community?",
-    ],
+    "lab": ["Which research group does {s} currently work for?",
+            "At which lab is {s} employed?", "What organisation is {s} affiliated with?",
+            "Which institution employs {s}?"],
+    "join_year": ["In which year did {s} start at {lab}?", "When did {s} join {lab}?",
+                  "Since what year has {s} been with {lab}?"],
+    "hometown": ["In which city did {s} grow up?", "What is the home town of {s}?",
+                 "Where does {s} come from originally?"],
+    "background": ["What did {s} train as before working in tidal acoustics?",
+                   "What was the earlier profession of {s}?"],
+    "advisor": ["Who supervised the doctorate of {s}?", "Who was the doctoral advisor of {s}?",
+                "Under whose supervision did {s} earn a doctorate?"],
+    "phd_year": ["In what year did {s} finish a doctorate?",
+                 "When did {s} complete doctoral studies?",
+                 "Which year did {s} obtain a doctoral degree?"],
+    "developer": ["Who created {s}?", "Which researcher is credited with {s}?",
+                  "Who is the original author of the {s} method?"],
+    "method_year": ["When was {s} first introduced?", "In what year did {s} appear?",
+                    "What year was {s} proposed?"],
+    "parent": ["Which earlier method does {s} build on?",
+               "What technique is {s} an extension of?",
+               "{s} was derived from which older method?"],
+    "method_venue": ["At which meeting was {s} first presented?",
+                     "Where was {s} originally presented to the community?"],
     "task": ["What is {s} used for?", "What problem does {s} address?"],
-    "window": ["How long are the analysis windows of {s}?", "What window length does {s} use?"],
-    "lab_city": [
-        "In which city is {s} located?",
-        "Where is {s} based?",
-        "Which city is home to {s}?",
-    ],
-    "founder": [
-        "Who established {s}?",
-        "Who is the founder of {s}?",
-        "Which researcher set up {s}?",
-    ],
-    "cofounder": ["Who co-founded {o} together with {p}?", "Besides {p}, who else founded {o}?"],
-    "founded_year": [
-        "When was {s} established?",
-        "In which year was {s} founded?",
-        "How old is {s}, that is, in what year did it start?",
-    ],
+    "window": ["How long are the analysis windows of {s}?",
+               "What window length does {s} use?"],
+    "lab_city": ["In which city is {s} located?", "Where is {s} based?",
+                 "Which city is home to {s}?"],
+    "founder": ["Who established {s}?", "Who is the founder of {s}?",
+                "Which researcher set up {s}?"],
+    "cofounder": ["Who co-founded {o} together with {p}?",
+                  "Besides {p}, who else founded {o}?"],
+    "founded_year": ["When was {s} established?", "In which year was {s} founded?",
+                     "How old is {s}, that is, in what year did it start?"],
     "staff_size": ["How many people work at {s}?", "What is the size of the staff of {s}?"],
-    "funder": [
-        "Which agency provides the main funding for {s}?",
-        "Who is the principal funder of {s}?",
-        "Where does {s} get most of its money?",
-    ],
+    "funder": ["Which agency provides the main funding for {s}?",
+               "Who is the principal funder of {s}?", "Where does {s} get most of its money?"],
     "venue_founder": ["Who started the {s} series?", "Who founded the {s}?"],
-    "venue_year": ["In what year was the {s} series founded?", "When did the {s} begin?"],
-    "site": [
-        "Where were the recordings of {s} made?",
-        "At which location was {s} collected?",
-        "Which site did {s} come from?",
-    ],
+    "venue_year": ["In what year was the {s} series founded?",
+                   "When did the {s} begin?"],
+    "site": ["Where were the recordings of {s} made?", "At which location was {s} collected?",
+             "Which site did {s} come from?"],
     "collect_year": ["When was {s} recorded?", "In what year were the recordings of {s} made?"],
-    "creator": ["Which lab assembled {s}?", "Which group produced {s}?", "Who compiled the {s}?"],
-    "instrument": [
-        "Which device was used to capture {s}?",
-        "What instrument recorded {s}?",
-        "Which recorder was used for {s}?",
-    ],
+    "creator": ["Which lab assembled {s}?", "Which group produced {s}?",
+                "Who compiled the {s}?"],
+    "instrument": ["Which device was used to capture {s}?",
+                   "What instrument recorded {s}?", "Which recorder was used for {s}?"],
     "hours": ["How much audio does {s} contain?", "How many hours of recordings are in {s}?"],
-    "sample_rate": [
-        "At what sampling rate was {s} recorded?",
-        "What is the sample rate of the audio in {s}?",
-    ],
-    "best": [
-        "Which method holds the best reported result on {s}?",
-        "What is the top-performing method on {s}?",
-    ],
+    "sample_rate": ["At what sampling rate was {s} recorded?",
+                    "What is the sample rate of the audio in {s}?"],
+    "best": ["Which method holds the best reported result on {s}?",
+             "What is the top-performing method on {s}?"],
     "country": ["Which country is {s} in?", "In what country is the city of {s}?"],
     "feature": ["What is {s} known for?", "What is the city of {s} famous for?"],
     "site_city": ["Which city is closest to {s}?", "Near which city does {s} lie?"],
-    "tidal_range": [
-        "How large is the tidal range at {s}?",
-        "By how much does the water level change at {s}?",
-    ],
+    "tidal_range": ["How large is the tidal range at {s}?",
+                    "By how much does the water level change at {s}?"],
     "seabed": ["What is the seabed like at {s}?", "What is the bottom of {s} made of?"],
-    "edition_city": [
-        "Where was the {y} {v} held?",
-        "Which city hosted {v} in {y}?",
-        "In which city did the {y} edition of {v} take place?",
-    ],
-    "keynote": [
-        "Who gave the keynote at the {y} {v}?",
-        "Who was the keynote speaker of {v} in {y}?",
-    ],
-    "chair": [
-        "Who chaired the programme committee of {v} {y}?",
-        "Who was programme chair at the {y} {v}?",
-    ],
-    "sponsor": [
-        "Which funder sponsored the {y} {v}?",
-        "Who paid for most of the {y} edition of {v}?",
-    ],
-    "award": [
-        "Who won the best paper award at {v} {y}?",
-        "Who received the best paper prize at the {y} {v}?",
-    ],
-    "attendance": [
-        "How many participants attended {v} in {y}?",
-        "How large was the {y} {v} in terms of attendance?",
-    ],
+    "edition_city": ["Where was the {y} {v} held?", "Which city hosted {v} in {y}?",
+                     "In which city did the {y} edition of {v} take place?"],
+    "keynote": ["Who gave the keynote at the {y} {v}?",
+                "Who was the keynote speaker of {v} in {y}?"],
+    "chair": ["Who chaired the programme committee of {v} {y}?",
+              "Who was programme chair at the {y} {v}?"],
+    "sponsor": ["Which funder sponsored the {y} {v}?",
+                "Who paid for most of the {y} edition of {v}?"],
+    "award": ["Who won the best paper award at {v} {y}?",
+              "Who received the best paper prize at the {y} {v}?"],
+    "attendance": ["How many participants attended {v} in {y}?",
+                   "How large was the {y} {v} in terms of attendance?"],
     "funder_city": ["Where is {s} headquartered?", "In which city is the head office of {s}?"],
     "funder_year": ["When was {s} set up?", "In what year was {s} established?"],
     "designer": ["Who designed {s}?", "Which engineer or scientist designed the {s}?"],
@@ -1771,12 +1320,11 @@ QUESTION_TEMPLATES = {
     "instrument_lab": ["Where is {s} built?", "Which lab manufactures {s}?"],
     "weight": ["How heavy is {s}?", "What does {s} weigh in air?"],
     "depth_rating": ["How deep can {s} operate?", "To what depth is {s} rated?"],
-    "paper_dataset": [
-        "Which dataset is used in the paper '{t}'?",
-        "On what data are the experiments of '{t}' run?",
-    ],
+    "paper_dataset": ["Which dataset is used in the paper '{t}'?",
+                      "On what data are the experiments of '{t}' run?"],
     "first_author": ["Who is the first author of '{t}'?", "Who led the paper '{t}'?"],
-    "paper_venue": ["At which venue did the paper '{t}' appear?", "Where was '{t}' presented?"],
+    "paper_venue": ["At which venue did the paper '{t}' appear?",
+                    "Where was '{t}' presented?"],
     "paper_year": ["In what year was '{t}' published?", "When did '{t}' appear?"],
 }
 
@@ -1797,7 +1345,7 @@ def question_text(fact_key, rng):
             fields["lab"] = ENT[lab_of(subj[0])]
     out, last = [], 0
     for m in re.finditer(r"\{(\w+)\}", tpl):
-        out.append(tpl[last : m.start()])
+        out.append(tpl[last:m.start()])
         value = fields[m.group(1)]
         if isinstance(value, Ent):
             if value.article and not _HAS_THE.search("".join(out)):
@@ -1834,28 +1382,17 @@ def assemble(docs):
                 span = (off, off + len(sent.text))
                 for i, j, label in sent.pairs:
                     e1, e2 = sent.ents[i], sent.ents[j]
-                    relations.append(
-                        {
-                            "doc_id": doc.id,
-                            "section": heading,
-                            "sentence": {"start": span[0], "end": span[1]},
-                            "e1": {
-                                "text": e1["text"],
-                                "type": e1["type"],
-                                "start": off + e1["start"],
-                                "end": off + e1["end"],
-                            },
-                            "e2": {
-                                "text": e2["text"],
-                                "type": e2["type"],
-                                "start": off + e2["start"],
-                                "end": off + e2["end"],
-                            },
-                            "label": label,
-                        }
-                    )
+                    relations.append({
+                        "doc_id": doc.id, "section": heading,
+                        "sentence": {"start": span[0], "end": span[1]},
+                        "e1": {"text": e1["text"], "type": e1["type"],
+                               "start": off + e1["start"], "end": off + e1["end"]},
+                        "e2": {"text": e2["text"], "type": e2["type"],
+                               "start": off + e2["start"], "end": off + e2["end"]},
+                        "label": label})
                 for key, answer, _s, _e in sent.facts:
-                    statements[key].append((doc.id, heading, span[0], span[1], answer, sent.text))
+                    statements[key].append((doc.id, heading, span[0], span[1], answer,
+                                            sent.text))
     for i, r in enumerate(relations, start=1):
         r["id"] = f"r{i:04d}"
     relations = [{"id": r["id"], **{k: v for k, v in r.items() if k != "id"}} for r in relations]
@@ -1874,7 +1411,8 @@ def make_questions(statements, docs, rng):
         for doc_id, heading, start, end, _a, sentence in stmts:
             if answer in sentence and (doc_id, heading, start) not in seen:
                 seen.add((doc_id, heading, start))
-                relevant.append({"doc_id": doc_id, "section": heading, "start": start, "end": end})
+                relevant.append({"doc_id": doc_id, "section": heading, "start": start,
+                                 "end": end})
         if relevant:
             candidates.append((key, answer, relevant))
     rng.shuffle(candidates)
@@ -1912,24 +1450,16 @@ def make_questions(statements, docs, rng):
             rest.append(c)
     need = max(0, N_QUESTIONS - len(chosen))
     chosen += rest[:need]
-    chosen.sort(
-        key=lambda c: (doc_order[c[2][0]["doc_id"]], c[2][0]["section"], c[2][0]["start"], c[0])
-    )
+    chosen.sort(key=lambda c: (doc_order[c[2][0]["doc_id"]], c[2][0]["section"],
+                               c[2][0]["start"], c[0]))
     questions = []
     for i, (key, answer, relevant) in enumerate(chosen, start=1):
-        questions.append(
-            {
-                "id": f"q{i:04d}",
-                "question": question_text(key, rng),
-                "answer": answer,
-                "relevant": relevant,
-            }
-        )
+        questions.append({"id": f"q{i:04d}", "question": question_text(key, rng),
+                          "answer": answer, "relevant": relevant})
     return questions
 
 
 # --- writing -----------------------------------------------------------------------------------
-
 
 def _dump_json(obj, **kw):
     return json.dumps(obj, ensure_ascii=True, **kw)
@@ -1948,11 +1478,8 @@ def write_corpus(out: Path, docs, questions, relations):
     bundles = defaultdict(list)
     for doc in docs:
         fmt = formats[doc.id]
-        obj = {
-            "id": doc.id,
-            "title": doc.title,
-            "sections": [{"heading": h, "text": t} for h, t in doc.texts],
-        }
+        obj = {"id": doc.id, "title": doc.title,
+               "sections": [{"heading": h, "text": t} for h, t in doc.texts]}
         if fmt == "jsonl":
             bundles[doc.category].append(obj)
             continue
@@ -1974,91 +1501,46 @@ def write_corpus(out: Path, docs, questions, relations):
     (droot / "collections").mkdir()
     for cat in sorted(bundles):
         lines = [_dump_json(o) for o in bundles[cat]]
-        (droot / "collections" / f"{cat}.jsonl").write_text(
-            "\n".join(lines) + "\n", encoding="utf-8", newline="\n"
-        )
+        (droot / "collections" / f"{cat}.jsonl").write_text("\n".join(lines) + "\n",
+                                                             encoding="utf-8", newline="\n")
     for name, rows in (("questions.jsonl", questions), ("relations.jsonl", relations)):
-        (out / "gold" / name).write_text(
-            "".join(_dump_json(r) + "\n" for r in rows), encoding="utf-8", newline="\n"
-        )
+        (out / "gold" / name).write_text("".join(_dump_json(r) + "\n" for r in rows),
+                                         encoding="utf-8", newline="\n")
     return formats
 
 
 RELATION_DOC = [
-    (
-        "works_at",
-        "PERSON -> ORG (a lab)",
-        "Mateo Ferrandiz joined the Northreach Tidal Computing Lab in 2012",
-    ),
-    (
-        "founded",
-        "PERSON -> ORG (a lab) or VENUE (a conference series)",
-        "Edda Marrowby founded the Halvard Institute for Tidal Acoustics in 1979",
-    ),
-    (
-        "developed",
-        "PERSON -> METHOD or INSTRUMENT",
-        "In 2010, Jasper Quillon introduced Neap Cycle Attention Network",
-    ),
-    (
-        "evaluated_on",
-        "METHOD -> DATASET",
-        "Multi-Bore Tracking was tested on the Oldwater Strait Bore Archive",
-    ),
-    (
-        "collected_at",
-        "DATASET -> LOCATION (field site or city)",
-        "The Korrin Neap Cycle Benchmark was recorded at Korrin Estuary in 2009",
-    ),
-    (
-        "recorded_with",
-        "DATASET -> INSTRUMENT",
-        "The Ivel Narrows Glider Survey was captured using the Gullwing Acoustic Glider",
-    ),
-    (
-        "advised_by",
-        "PERSON (doctoral student) -> PERSON (advisor)",
-        "Olwen Tregarth was advised by Nadia Osterholm",
-    ),
-    (
-        "located_in",
-        "ORG or LOCATION -> LOCATION (lab or funder in a city, site near a city, "
-        "city in a country)",
-        "The Oszell Coastal Observatory is based in Oszell",
-    ),
-    (
-        "funded_by",
-        "ORG (a lab) or VENUE (sponsorship) -> ORG (a funder)",
-        "The Kestrel Sound Ecology Group is funded chiefly by the Aldmoor Trust",
-    ),
-    (
-        "extends",
-        "METHOD -> METHOD (the earlier method it builds on)",
-        "Sparse Lattice Inversion extends Reverb Lattice Inversion by ...",
-    ),
-    (
-        "coauthored_with",
-        "PERSON <-> PERSON (symmetric; e1 is the first mention)",
-        "Bram Oudekerk has published jointly with Saoirse Mallaghan",
-    ),
-    (
-        "presented_at",
-        "PERSON or METHOD -> VENUE",
-        "Mirela Kovanek gave a talk on Tidal Graph Propagation at the Workshop on Estuarine "
-        "Signal Processing in 2018 (both the person and the method)",
-    ),
-    (
-        "held_in",
-        "VENUE -> LOCATION (host city of an edition)",
-        "The Coastal Listening Forum met in Sellick Bay in 2013",
-    ),
-    (
-        "no_relation",
-        "two entities in one sentence that states none of the relations above",
-        "colleagues listed together (not co-authors), a person and the city they grew up in, a "
-        "programme chair and the conference (chairing is not presenting), a research visit (not "
-        "employment), a method not tested on a dataset, two datasets or methods in one list",
-    ),
+    ("works_at", "PERSON -> ORG (a lab)",
+     "Mateo Ferrandiz joined the Northreach Tidal Computing Lab in 2012"),
+    ("founded", "PERSON -> ORG (a lab) or VENUE (a conference series)",
+     "Edda Marrowby founded the Halvard Institute for Tidal Acoustics in 1979"),
+    ("developed", "PERSON -> METHOD or INSTRUMENT",
+     "In 2010, Jasper Quillon introduced Neap Cycle Attention Network"),
+    ("evaluated_on", "METHOD -> DATASET",
+     "Multi-Bore Tracking was tested on the Oldwater Strait Bore Archive"),
+    ("collected_at", "DATASET -> LOCATION (field site or city)",
+     "The Korrin Neap Cycle Benchmark was recorded at Korrin Estuary in 2009"),
+    ("recorded_with", "DATASET -> INSTRUMENT",
+     "The Ivel Narrows Glider Survey was captured using the Gullwing Acoustic Glider"),
+    ("advised_by", "PERSON (doctoral student) -> PERSON (advisor)",
+     "Olwen Tregarth was advised by Nadia Osterholm"),
+    ("located_in", "ORG or LOCATION -> LOCATION (lab or funder in a city, site near a city, "
+     "city in a country)", "The Oszell Coastal Observatory is based in Oszell"),
+    ("funded_by", "ORG (a lab) or VENUE (sponsorship) -> ORG (a funder)",
+     "The Kestrel Sound Ecology Group is funded chiefly by the Aldmoor Trust"),
+    ("extends", "METHOD -> METHOD (the earlier method it builds on)",
+     "Sparse Lattice Inversion extends Reverb Lattice Inversion by ..."),
+    ("coauthored_with", "PERSON <-> PERSON (symmetric; e1 is the first mention)",
+     "Bram Oudekerk has published jointly with Saoirse Mallaghan"),
+    ("presented_at", "PERSON or METHOD -> VENUE",
+     "Mirela Kovanek gave a talk on Tidal Graph Propagation at the Workshop on Estuarine "
+     "Signal Processing in 2018 (both the person and the method)"),
+    ("held_in", "VENUE -> LOCATION (host city of an edition)",
+     "The Coastal Listening Forum met in Sellick Bay in 2013"),
+    ("no_relation", "two entities in one sentence that states none of the relations above",
+     "colleagues listed together (not co-authors), a person and the city they grew up in, a "
+     "programme chair and the conference (chairing is not presenting), a research visit (not "
+     "employment), a method not tested on a dataset, two datasets or methods in one list"),
 ]
 
 
@@ -2107,9 +1589,7 @@ def write_readme(out: Path, docs, formats, questions, relations):
             "what each dataset was recorded, where labs, funders and sites are, which funder "
             "supports which lab or conference, who co-authored with whom, who presented at or "
             "chaired which conference edition, and so on. People, places and organisations are "
-            "invented.",
-            92,
-        ),
+            "invented.", 92),
         "",
         "Each document is about one entity, with 2-5 sections of 2-6 sentences. Sentences are",
         "rendered from several templates per fact type, so the same fact is phrased differently",
@@ -2195,8 +1675,7 @@ def write_readme(out: Path, docs, formats, questions, relations):
     lines += [
         "",
         "Entity mentions by type (e1 and e2 together): "
-        + ", ".join(f"{t} {n}" for t, n in sorted(type_counts.items()))
-        + ".",
+        + ", ".join(f"{t} {n}" for t, n in sorted(type_counts.items())) + ".",
         "",
     ]
     (out / "README.md").write_text("\n".join(lines), encoding="utf-8", newline="\n")
@@ -2256,9 +1735,8 @@ def _read_docs(root: Path):
         if ext == "md":
             lines = text.split("\n")
             assert lines[0].startswith("# ") and lines[1] == "" and lines[-1] == "", rel
-            secs = _sections_from_lines(
-                lines[2:], lambda x: x.startswith("## "), lambda x: x[3:], rel
-            )
+            secs = _sections_from_lines(lines[2:], lambda x: x.startswith("## "), lambda x: x[3:],
+                                        rel)
             add(doc_id, lines[0][2:], secs, rel, "md")
         elif ext == "txt":
             lines = text.split("\n")
@@ -2266,30 +1744,19 @@ def _read_docs(root: Path):
 
             def is_h(x):
                 return x.startswith("== ") and x.endswith(" ==")
-
             assert not is_h(lines[0]), rel
             secs = _sections_from_lines(lines[2:], is_h, lambda x: x[3:-3], rel)
             add(doc_id, lines[0], secs, rel, "txt")
         elif ext == "json":
             obj = json.loads(text)
             assert obj["id"] == doc_id, f"{rel}: id {obj['id']} != path"
-            add(
-                obj["id"],
-                obj["title"],
-                [(s["heading"], s["text"]) for s in obj["sections"]],
-                rel,
-                "json",
-            )
+            add(obj["id"], obj["title"], [(s["heading"], s["text"]) for s in obj["sections"]],
+                rel, "json")
         elif ext == "jsonl":
             for n, line in enumerate(text.split("\n")[:-1], start=1):
                 obj = json.loads(line)
-                add(
-                    obj["id"],
-                    obj["title"],
-                    [(s["heading"], s["text"]) for s in obj["sections"]],
-                    f"{rel}:{n}",
-                    "jsonl",
-                )
+                add(obj["id"], obj["title"], [(s["heading"], s["text"]) for s in obj["sections"]],
+                    f"{rel}:{n}", "jsonl")
         else:
             raise AssertionError(f"unexpected file {rel}")
     return docs, by_format
@@ -2325,9 +1792,8 @@ def verify(out_dir: Path, quiet=False):
     def sentence_ok(text, start, end):
         return (start, end) in set(split_sentences(text))
 
-    questions = [
-        json.loads(x) for x in (out_dir / "gold" / "questions.jsonl").read_text().splitlines()
-    ]
+    questions = [json.loads(x) for x in (out_dir / "gold" / "questions.jsonl").read_text()
+                 .splitlines()]
     ids = [q["id"] for q in questions]
     assert len(set(ids)) == len(ids), "duplicate question ids"
     q_docs, multi = set(), 0
@@ -2340,15 +1806,14 @@ def verify(out_dir: Path, quiet=False):
             text = section_text(r["doc_id"], r["section"])
             assert 0 <= r["start"] < r["end"] <= len(text), q["id"]
             assert sentence_ok(text, r["start"], r["end"]), f"{q['id']}: not a sentence span"
-            assert q["answer"] in text[r["start"] : r["end"]], f"{q['id']}: answer not in evidence"
-            assert q["question"].lower() != text[r["start"] : r["end"]].lower()
+            assert q["answer"] in text[r["start"]:r["end"]], f"{q['id']}: answer not in evidence"
+            assert q["question"].lower() != text[r["start"]:r["end"]].lower()
             docs_here.add(r["doc_id"])
         q_docs |= docs_here
         multi += len(docs_here) > 1
 
-    relations = [
-        json.loads(x) for x in (out_dir / "gold" / "relations.jsonl").read_text().splitlines()
-    ]
+    relations = [json.loads(x) for x in (out_dir / "gold" / "relations.jsonl").read_text()
+                 .splitlines()]
     rids = [r["id"] for r in relations]
     assert len(set(rids)) == len(rids), "duplicate relation ids"
     labels = Counter()
@@ -2358,7 +1823,7 @@ def verify(out_dir: Path, quiet=False):
         s, e = r["sentence"]["start"], r["sentence"]["end"]
         assert sentence_ok(text, s, e), f"{r['id']}: not a sentence span"
         for ent in (r["e1"], r["e2"]):
-            assert text[ent["start"] : ent["end"]] == ent["text"], r["id"]
+            assert text[ent["start"]:ent["end"]] == ent["text"], r["id"]
             assert s <= ent["start"] < ent["end"] <= e, r["id"]
             assert ent["type"] in {PERSON, ORG, LOCATION, METHOD, DATASET, VENUE, INSTRUMENT}
         a, b = r["e1"], r["e2"]
@@ -2375,10 +1840,8 @@ def verify(out_dir: Path, quiet=False):
         (len(q_docs) >= 120, f"documents with a relevant passage {len(q_docs)} >= 120"),
         (multi >= 30, f"multi-document questions {multi} >= 30"),
         (len(relations) >= 600, f"relation mentions {len(relations)} >= 600"),
-        (
-            len(types) >= 8 and min(types.values()) >= 40,
-            f"relation types {len(types)} >= 8 with >= 40 each (min {min(types.values())})",
-        ),
+        (len(types) >= 8 and min(types.values()) >= 40,
+         f"relation types {len(types)} >= 8 with >= 40 each (min {min(types.values())})"),
         (no_rel >= 0.15, f"no_relation share {no_rel:.1%} >= 15%"),
     ]
     for ok, what in checks:
@@ -2386,21 +1849,13 @@ def verify(out_dir: Path, quiet=False):
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     assert size < 3_000_000, f"data too large: {size} bytes"
     if not quiet:
-        print(
-            f"verified {out_dir}: {n_docs} documents {dict(sorted(by_format.items()))}, "
-            f"{n_sent} sentences, {size / 1e6:.2f} MB"
-        )
+        print(f"verified {out_dir}: {n_docs} documents {dict(sorted(by_format.items()))}, "
+              f"{n_sent} sentences, {size / 1e6:.2f} MB")
         print(f"  questions: {len(questions)} ({multi} multi-document, {len(q_docs)} documents)")
-        print(
-            f"  relation mentions: {len(relations)} "
-            f"(no_relation {no_rel:.1%}): {dict(sorted(labels.items()))}"
-        )
-    return {
-        "documents": n_docs,
-        "by_format": dict(by_format),
-        "questions": len(questions),
-        "relations": dict(labels),
-    }
+        print(f"  relation mentions: {len(relations)} "
+              f"(no_relation {no_rel:.1%}): {dict(sorted(labels.items()))}")
+    return {"documents": n_docs, "by_format": dict(by_format), "questions": len(questions),
+            "relations": dict(labels)}
 
 
 def _same_tree(a: Path, b: Path) -> bool:
@@ -2411,17 +1866,10 @@ def _same_tree(a: Path, b: Path) -> bool:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--out",
-        type=Path,
-        default=REPO / "data",
-        help="output folder (default: data/ at the repository root)",
-    )
-    ap.add_argument(
-        "--check-determinism",
-        action="store_true",
-        help="also generate twice into temporary folders and compare the bytes",
-    )
+    ap.add_argument("--out", type=Path, default=REPO / "data",
+                    help="output folder (default: data/ at the repository root)")
+    ap.add_argument("--check-determinism", action="store_true",
+                    help="also generate twice into temporary folders and compare the bytes")
     args = ap.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
