@@ -109,14 +109,14 @@ def passages_with_entities(
 
 
 def extract_relations(
-    relation_dir: Path, pairs: list[dict[str, Any]], batch_size: int
+    relation_dir: Path | None, pairs: list[dict[str, Any]], batch_size: int
 ) -> list[Relation | None]:
     """The relation the trained extractor in ``relation_dir`` finds for each pair; None for every
-    pair when the release has no extractor (skipped for want of labelled pairs): the graphs then
-    hold entity nodes only, the same at build and at serve time."""
+    pair when the release has no extractor (``relation_dir`` None: skipped for want of labelled
+    pairs): the graphs then hold entity nodes only, the same at build and at serve time."""
     from sphana import relation
 
-    if read_skipped(relation_dir) is not None:
+    if relation_dir is None:
         return [None] * len(pairs)
     extractor, tokenizer, meta = relation.load_trained(relation_dir)
     return relation.extract(
@@ -219,7 +219,8 @@ def build(
     from sphana.io import write_jsonl
 
     pairs = detected_pairs(ingest_dir / "relations.jsonl")
-    extracted = extract_relations(relation_dir, pairs, batch_size)
+    has_extractor = read_skipped(relation_dir) is None
+    extracted = extract_relations(relation_dir if has_extractor else None, pairs, batch_size)
     passages = passages_with_entities(ingest_dir / "chunks.jsonl", pairs, extracted)
     emb = datasets_dir / "embedding"
     validation_docs = {c["doc_id"] for c in load_jsonl(emb / "validation_corpus.jsonl")}
@@ -228,7 +229,7 @@ def build(
     # questions where a split has them; otherwise the documents' own pseudo-queries (a
     # sentence or a heading whose passage is the positive).
     splits: dict[str, dict[str, dict[str, Any]]] = {}
-    graphs = {"relation_nodes": read_skipped(relation_dir) is None, "queries": {}}
+    graphs = {"relation_nodes": has_extractor, "queries": {}}
     for name, file in (("train", "held_out.jsonl"), ("validation", "validation.jsonl")):
         records = load_jsonl(emb / file)
         gold = any(r["kind"] == "gold" for r in records)
