@@ -16,8 +16,8 @@ module, a section per documented class or function) and the licenses in
 /usr/share/common-licenses, copied under distinct ids until the size is reached. Copies repeat
 section texts, so the parse cache is off unless ``--parse-cache`` (each section is then parsed,
 as in a corpus of distinct text). It prints documents/s, MB/s and the peak RSS of a fresh
-process that only runs the ingest (``--src DIR`` runs another checkout's ``sphana`` on the same
-corpus, to compare).
+process that only runs the ingest, then the same for ``build_datasets`` on what the ingest wrote
+(``--src DIR`` runs another checkout's ``sphana`` on the same corpus, to compare).
 
 It measures; it asserts nothing.
 """
@@ -182,6 +182,34 @@ def _child(corpus: str, out: str, parse_cache: bool, src: str | None) -> None:
     )
 
 
+def _datasets_child(ingest: str, out: str, src: str | None) -> None:
+    """Run in a fresh process: ``datasets.run`` alone on ``ingest``'s outputs."""
+    import resource
+
+    if src:
+        sys.path.insert(0, src)
+    from sphana import datasets
+    from sphana.config import DatasetConfig
+
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    report = datasets.run(
+        DatasetConfig(), Path(ingest), Path(out) / "gold", Path(out), Path(out) / "report.json"
+    )
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "pairs": report["embedding"]["pairs"],
+                "baseline_rss_mb": baseline / 1024,
+                "peak_rss_mb": peak / 1024,
+            }
+        )
+    )
+
+
 def corpus_throughput(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(args.keep) if args.keep else Path(tmp) / "documents"
@@ -209,6 +237,18 @@ def corpus_throughput(args: argparse.Namespace) -> None:
             f"({r['baseline_rss_mb']:.0f} MB after imports and the tokenizer); "
             f"parse cache hits/misses {r['parse_cache']['hits']}/{r['parse_cache']['misses']}"
         )
+        cmd = [sys.executable, __file__, "--datasets-child", str(Path(tmp) / "ingest")]
+        cmd += [str(Path(tmp) / "datasets")] + (["--src", args.src] if args.src else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+        if proc.returncode:
+            raise SystemExit(f"build_datasets failed:\n{proc.stderr[-4000:]}")
+        d = json.loads(proc.stdout.strip().splitlines()[-1])
+        chunks_mb = (Path(tmp) / "ingest" / "chunks.jsonl").stat().st_size / 1e6
+        print(
+            f"datasets.run: {r['chunks']} chunks ({chunks_mb:.1f} MB) -> embedding pairs "
+            f"{d['pairs']} in {d['seconds']:.1f} s -> {r['chunks'] / d['seconds']:,.0f} chunks/s; "
+            f"peak RSS {d['peak_rss_mb']:.0f} MB ({d['baseline_rss_mb']:.0f} MB after imports)"
+        )
 
 
 def main() -> None:
@@ -221,9 +261,12 @@ def main() -> None:
     parser.add_argument("--keep", help="corpus mode: build (or reuse) the corpus here")
     parser.add_argument("--src", help="corpus mode: import sphana from this directory")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--datasets-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(*args.child, args.parse_cache, args.src)
+    elif args.datasets_child:
+        _datasets_child(*args.datasets_child, args.src)
     elif args.corpus_mb:
         corpus_throughput(args)
     else:

@@ -4,7 +4,8 @@ that name existing nodes).
 
 - :func:`validate_file` checks a JSON Lines file (or the manifest) and returns every violation;
   ``sphana validate FILE --type KIND`` prints them.
-- :func:`check_records` is for writers: it raises before a malformed file is written.
+- :func:`check_records` and :func:`checked_jsonl` (streaming) are for writers: they raise before
+  a malformed file is written.
 - :func:`stats` summarises a JSON Lines file (label/kind counts, text lengths);
   ``sphana stats FILE``.
 
@@ -13,6 +14,7 @@ The schemas live in ``sphana/schemas/<kind>.schema.json`` (draft 2020-12).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sphana.errors import ConfigError, InputError
-from sphana.io import read_jsonl
+from sphana.io import atomic_path, read_jsonl
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 KINDS: dict[str, str] = {
@@ -178,32 +180,42 @@ def violations(records: Iterable[tuple[int | None, Any]], kind: str) -> list[Vio
     Schema errors come first for each record, sorted by path; the semantic checks run only on
     records that match the schema, so they can rely on its types.
     """
-    import fastjsonschema
+    checker = _Checker(kind)
+    return [v for line, record in records for v in checker(line, record)]
 
-    fast = _fast_check(kind)
-    check = SEMANTIC_CHECKS.get(kind)
-    first_line: dict[str, int | None] = {}  # id -> line it first appeared on
-    found: list[Violation] = []
-    for line, record in records:
+
+class _Checker:
+    """Checks records one at a time against the ``kind`` contract, remembering the ids seen
+    (for the kinds whose ids must be unique)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.fast = _fast_check(kind)
+        self.check = SEMANTIC_CHECKS.get(kind)
+        self.first_line: dict[str, int | None] = {}  # id -> line it first appeared on
+
+    def __call__(self, line: int | None, record: Any) -> list[Violation]:
+        import fastjsonschema
+
         try:
-            fast(record)
+            self.fast(record)
             errors = []
         except fastjsonschema.JsonSchemaException:
             errors = sorted(
-                _validator(kind).iter_errors(record),
+                _validator(self.kind).iter_errors(record),
                 key=lambda e: [(isinstance(p, str), p) for p in e.absolute_path],
             )
-        found += [Violation(line, _json_path(e.absolute_path), e.message) for e in errors]
-        if not errors and check is not None:
-            found += [Violation(line, path, message) for path, message in check(record)]
+        found = [Violation(line, _json_path(e.absolute_path), e.message) for e in errors]
+        if not errors and self.check is not None:
+            found += [Violation(line, path, message) for path, message in self.check(record)]
         key = record.get("id") if isinstance(record, dict) else None
-        if kind in UNIQUE_ID_KINDS and isinstance(key, str):
-            if key in first_line:
-                message = f"duplicate id {key!r} (first on line {first_line[key]})"
+        if self.kind in UNIQUE_ID_KINDS and isinstance(key, str):
+            if key in self.first_line:
+                message = f"duplicate id {key!r} (first on line {self.first_line[key]})"
                 found.append(Violation(line, "$.id", message))
             else:
-                first_line[key] = line
-    return found
+                self.first_line[key] = line
+        return found
 
 
 def _reject_constant(name: str) -> Any:
@@ -290,13 +302,41 @@ def check_records(records: list[dict[str, Any]], kind: str, path: Path) -> None:
             in the file. Valid inputs never cause it: it is a bug in the code producing them.
     """
     found = violations(enumerate(records, start=1), kind)
-    if not found:
-        return
+    if found:
+        raise _refusal(path, kind, len(records), found)
+
+
+@contextlib.contextmanager
+def checked_jsonl(path: Path, kind: str) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """Yield ``write(record)``: each record is checked against the ``kind`` contract and
+    streamed to a temporary file, so memory holds one record, not the file. On leaving the
+    block the file is moved into place (atomically) if every record passed.
+
+    Raises:
+        InputError: as :func:`check_records`, and ``path`` is left as it was.
+    """
+    checker = _Checker(kind)
+    found: list[Violation] = []
+    count = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+
+        def write(record: dict[str, Any]) -> None:
+            nonlocal count
+            count += 1
+            found.extend(checker(count, record))
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+        yield write
+        if found:
+            raise _refusal(path, kind, count, found)
+
+
+def _refusal(path: Path, kind: str, count: int, found: list[Violation]) -> InputError:
     listed = "\n".join(f"  {v}" for v in found[:MAX_LISTED])
     more = f"\n  ... and {len(found) - MAX_LISTED} more" if len(found) > MAX_LISTED else ""
-    raise InputError(
+    return InputError(
         path,
-        f"refusing to write {len(records)} records: {len(found)} violation(s) of the {kind} "
+        f"refusing to write {count} records: {len(found)} violation(s) of the {kind} "
         f"schema (a bug in the code that produces this file, please report it):\n{listed}{more}",
     )
 

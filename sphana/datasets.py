@@ -15,8 +15,8 @@ Embedding pairs (``datasets/embedding/``):
   that none shares a relevant passage with a question it trains on): the graph
   ranker trains on them, so it learns from first-stage scores as good as on unseen questions
   (stacking on out-of-fold predictions) rather than from scores the encoder has memorised.
-  Without gold questions, the same share of the training self-supervised pairs (whole passages'
-  worth: pseudo-queries) is held out instead.
+  Without gold questions, the self-supervised pairs (pseudo-queries) of a seeded draw of the
+  training passages (the same share) are held out instead.
 
 Relation examples (``datasets/relation/``): ``{train,validation}.jsonl`` with ``{"id", "doc_id",
 "text" (the sentence), "entity1"/"entity2": {"text", "start", "end", "type"}, "label"}`` (offsets
@@ -30,6 +30,9 @@ question with an ``answer`` a chat example (``kind: qa``): "Context: <its first 
 passage>\nQuestion: <question>" -> the answer. Every file is checked against its JSON Schema
 (:mod:`sphana.contracts`) before it is written.
 
+The chunks are streamed (read, turned into records and written one at a time), so memory grows
+with the number of documents and gold questions, not with the corpus text.
+
 Documents are split, never pairs, with one split for every component: documents that share a
 gold question form one group and every group goes wholly to train or to validation, so no
 validation passage is seen in training.
@@ -37,13 +40,16 @@ validation passage is seen in training.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import random
-from collections import defaultdict
-from collections.abc import Iterable
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sphana import contracts
 from sphana.config import DatasetConfig
 from sphana.documents import split_sentences
 from sphana.errors import InputError
@@ -112,23 +118,35 @@ def held_out_questions(questions: list[dict], fraction: float, seed: int) -> set
 
 @dataclass
 class Corpus:
-    """Ingested chunks, resolved gold questions and the document split shared by every dataset."""
+    """The gold questions and the document split shared by every dataset; the chunks are read
+    from ``chunks_file`` one at a time (:meth:`chunks`), so memory does not grow with the corpus
+    text, only the passages gold questions point to (``contexts``) are kept."""
 
     chunks_file: Path
-    chunks: list[dict[str, Any]]
     questions: list[dict]
     split: dict[str, str]  # doc_id -> "train" | "validation"
+    contexts: dict[str, dict[str, Any]]  # chunk id -> chunk, for chunks gold questions name
+
+    def chunks(self) -> Iterator[dict[str, Any]]:
+        for _, chunk in read_jsonl(self.chunks_file):
+            yield chunk
 
 
 def load_corpus(chunks_file: Path, questions_file: Path | None, cfg: DatasetConfig) -> Corpus:
-    """The ingested chunks and gold questions (``questions_file``: ``ingest``'s resolved
-    ``questions.jsonl``; None or empty when the corpus has none) with the document split."""
-    chunks = [c for _, c in read_jsonl(chunks_file)]
-    if not chunks:
-        raise InputError(chunks_file, "no chunks: did ingest read any document?")
+    """The gold questions (``questions_file``: ``ingest``'s resolved ``questions.jsonl``; None or
+    empty when the corpus has none) and the document split, from one pass over the chunks."""
     questions = load_jsonl(questions_file) if questions_file is not None else []
-    doc_ids = dict.fromkeys(c["doc_id"] for c in chunks)
-    return Corpus(chunks_file, chunks, questions, split_documents(doc_ids, questions, cfg))
+    wanted = {cid for q in questions for r in q["relevant"] for cid in r["chunk_ids"]}
+    doc_ids: dict[str, None] = {}
+    contexts: dict[str, dict[str, Any]] = {}
+    for _, chunk in read_jsonl(chunks_file):
+        doc_ids[chunk["doc_id"]] = None
+        if chunk["id"] in wanted:
+            contexts[chunk["id"]] = chunk
+    if not doc_ids:
+        raise InputError(chunks_file, "no chunks: did ingest read any document?")
+    split = split_documents(doc_ids, questions, cfg)
+    return Corpus(chunks_file, questions, split, contexts)
 
 
 def build_embedding(
@@ -139,16 +157,15 @@ def build_embedding(
 
 
 def write_embedding(corpus: Corpus, cfg: DatasetConfig, out_dir: Path) -> dict[str, Any]:
-    chunks, questions, split = corpus.chunks, corpus.questions, corpus.split
-    by_id = {c["id"]: c for c in chunks}
-    rng = random.Random(cfg.seed)
-
+    """Stream the embedding datasets: gold records first, then each chunk's self-supervised
+    pairs as the chunk is read."""
+    questions, split = corpus.questions, corpus.split
     held_out = held_out_questions(
         [q for q in questions if split[q["relevant"][0]["doc_id"]] == "train"],
         cfg.held_out_fraction,
         cfg.seed,
     )
-    records: dict[str, list[dict[str, Any]]] = {"train": [], "validation": [], "held_out": []}
+    gold: dict[str, list[dict[str, Any]]] = {"train": [], "validation": [], "held_out": []}
     covered: set[str] = set()
     for q in questions:
         name = "held_out" if q["id"] in held_out else split[q["relevant"][0]["doc_id"]]
@@ -157,86 +174,87 @@ def write_embedding(corpus: Corpus, cfg: DatasetConfig, out_dir: Path) -> dict[s
         # train: one pair per relevant passage; validation, held out: one query, its relevant set
         positives = [r["chunk_ids"][0] for r in q["relevant"]]
         for pid in positives if name == "train" else positives[:1]:
-            records[name].append(_pair(q["question"], by_id[pid], relevant_ids, "gold", q["id"]))
-
-    self_supervised: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
-    first_of_section: set[tuple[str, int]] = set()
-    for c in chunks:
-        if c["id"] in covered:
-            continue
-        name = split[c["doc_id"]]
-        key = (c["doc_id"], c["section_index"])
-        if cfg.heading_pairs and key not in first_of_section:
-            first_of_section.add(key)
-            query = f"{c['title']}: {c['section']}" if c["section"] else c["title"]
-            self_supervised[name].append(_pair(query, c, [c["id"]], "heading", f"{c['id']}/h"))
-        sentences = [
-            c["text"][s:e] for s, e in split_sentences(c["text"]) if e - s >= cfg.min_sentence_chars
-        ]
-        for k, sentence in enumerate(
-            rng.sample(sentences, min(len(sentences), cfg.sentence_pairs_per_chunk))
-        ):
-            self_supervised[name].append(
-                _pair(sentence, c, [c["id"]], "sentence", f"{c['id']}/s{k}")
+            gold[name].append(
+                _pair(q["question"], corpus.contexts[pid], relevant_ids, "gold", q["id"])
             )
+    # no gold question to hold out: the graph ranker trains on pseudo-queries instead, whole
+    # passages' worth of self-supervised pairs that the embedding never trains on
+    pseudo = not gold["held_out"]
 
-    if not records["held_out"]:
-        # no gold question to hold out: the graph ranker trains on pseudo-queries instead, whole
-        # passages' worth of self-supervised pairs that the embedding never trains on
-        pseudo = sample_groups(
-            linked_groups(
-                (r["query_id"] for r in self_supervised["train"]),
-                _by_passage(self_supervised["train"]),
-            ),
-            cfg.held_out_fraction,
-            cfg.seed,
+    names = ("train", "validation", "held_out")
+    counts = {name: Counter[str]() for name in names}
+    passages = 0
+    with contextlib.ExitStack() as stack:
+        sinks = {
+            name: stack.enter_context(
+                contracts.checked_jsonl(out_dir / f"{name}.jsonl", "embedding")
+            )
+            for name in names
+        }
+        pool = stack.enter_context(
+            contracts.checked_jsonl(out_dir / "validation_corpus.jsonl", "embedding_corpus")
         )
-        records["held_out"] = [r for r in self_supervised["train"] if r["query_id"] in pseudo]
-        self_supervised["train"] = [
-            r for r in self_supervised["train"] if r["query_id"] not in pseudo
-        ]
-    records["train"].extend(self_supervised["train"])
-    # validation: held-out documents' self-supervised pairs; their gold questions add to them
-    records["validation"].extend(self_supervised["validation"])
-    if not records["train"] or not records["validation"]:
-        raise InputError(
-            corpus.chunks_file,
-            "too few documents to build both a train and a validation "
-            "split; add documents or change dataset.validation_fraction",
-        )
-    val_docs = {d for d, s in split.items() if s == "validation"}
-    passages = [
-        {"id": c["id"], "doc_id": c["doc_id"], "text": c["text"]}
-        for c in chunks
-        if c["doc_id"] in val_docs
-    ]
-
-    leaked = {r["doc_id"] for r in records["train"]} & val_docs
-    if leaked:  # cannot happen by construction; never write a leaking split if it does
-        raise AssertionError(f"validation documents leaked into training: {sorted(leaked)[:5]}")
-    counts = {name: len(rs) for name, rs in records.items()}
-    _write(out_dir / "train.jsonl", records["train"], "embedding")
-    _write(out_dir / "validation.jsonl", records["validation"], "embedding")
-    _write(out_dir / "validation_corpus.jsonl", passages, "embedding_corpus")
-    _write(out_dir / "held_out.jsonl", records["held_out"], "embedding")
+        for name in names:
+            for record in gold[name]:
+                sinks[name](record)
+                counts[name][record["kind"]] += 1
+        rng = random.Random(cfg.seed)
+        headed: set[tuple[str, int]] = set()  # sections of this document with a heading pair
+        for chunk in corpus.chunks():
+            if headed and next(iter(headed))[0] != chunk["doc_id"]:
+                headed.clear()  # chunks come document by document
+            name = split[chunk["doc_id"]]
+            if name == "validation":
+                pool({"id": chunk["id"], "doc_id": chunk["doc_id"], "text": chunk["text"]})
+                passages += 1
+            if chunk["id"] in covered:
+                continue
+            if name == "train" and pseudo and _drawn(cfg.seed, chunk["id"], cfg.held_out_fraction):
+                name = "held_out"
+            section = (chunk["doc_id"], chunk["section_index"])
+            for record in _self_supervised(chunk, section not in headed, cfg, rng):
+                sinks[name](record)
+                counts[name][record["kind"]] += 1
+            headed.add(section)
+        if not counts["train"] or not counts["validation"]:
+            raise InputError(
+                corpus.chunks_file,
+                "too few documents to build both a train and a validation "
+                "split; add documents or change dataset.validation_fraction",
+            )
+    val_docs = sum(s == "validation" for s in split.values())
     return {
-        "documents": {"train": len(split) - len(val_docs), "validation": len(val_docs)},
-        "pairs": counts,
+        "documents": {"train": len(split) - val_docs, "validation": val_docs},
+        "pairs": {name: counts[name].total() for name in names},
         "pairs_by_kind": {
-            name: {k: sum(r["kind"] == k for r in rs) for k in ("gold", "heading", "sentence")}
-            for name, rs in records.items()
+            name: {k: counts[name][k] for k in ("gold", "heading", "sentence")} for name in names
         },
         "gold_questions": len(questions),
-        "validation_corpus": len(passages),
+        "validation_corpus": passages,
     }
 
 
-def _by_passage(pairs: list[dict[str, Any]]) -> list[list[str]]:
-    """Query ids of ``pairs`` grouped by their positive passage."""
-    groups: dict[str, list[str]] = defaultdict(list)
-    for r in pairs:
-        groups[r["positive_id"]].append(r["query_id"])
-    return list(groups.values())
+def _self_supervised(
+    chunk: dict[str, Any], first_in_section: bool, cfg: DatasetConfig, rng: random.Random
+) -> Iterator[dict[str, Any]]:
+    """A chunk's self-supervised pairs: "title: heading" -> the section's first passage (the
+    first one no gold question covers), and sampled sentences -> their passage."""
+    if cfg.heading_pairs and first_in_section:
+        query = f"{chunk['title']}: {chunk['section']}" if chunk["section"] else chunk["title"]
+        yield _pair(query, chunk, [chunk["id"]], "heading", f"{chunk['id']}/h")
+    text = chunk["text"]
+    sentences = [text[s:e] for s, e in split_sentences(text) if e - s >= cfg.min_sentence_chars]
+    for k, sentence in enumerate(
+        rng.sample(sentences, min(len(sentences), cfg.sentence_pairs_per_chunk))
+    ):
+        yield _pair(sentence, chunk, [chunk["id"]], "sentence", f"{chunk['id']}/s{k}")
+
+
+def _drawn(seed: int, key: str, fraction: float) -> bool:
+    """A seeded draw of ``key`` with probability ``fraction``, the same in every run and
+    independent of the order keys come in (so a stream can decide at once)."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
 def _pair(query: str, chunk: dict, relevant_ids: list[str], kind: str, query_id: str) -> dict:
@@ -288,8 +306,6 @@ def build_relation(
         write_skipped(out_dir, "relation", reason)
         return {"skipped": reason, "unlabelled_candidates": unlabelled}
     labels = sorted({r["label"] for rs in records.values() for r in rs})
-    from sphana import contracts
-
     for name, rs in records.items():
         contracts.check_records(rs, "relation", out_dir / f"{name}.jsonl")
     with atomic_dir(out_dir) as tmp:  # the whole directory: no skipped.json of an earlier run
@@ -323,40 +339,44 @@ def build_llm(corpus: Corpus, out_dir: Path) -> dict[str, Any]:
     """Write llm train/validation examples: every passage (language modelling) and, for each gold
     question with an ``answer``, a chat example: the question with its first relevant passage as
     context -> the answer. Split by the shared document split; returns the report."""
-    by_id = {c["id"]: c for c in corpus.chunks}
-    records: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
-    for c in corpus.chunks:
-        records[corpus.split[c["doc_id"]]].append(
-            {
-                "id": c["id"],
-                "doc_id": c["doc_id"],
-                "kind": "passage",
-                "prompt": "",
-                "text": c["text"],
-            }
-        )
+    names = ("train", "validation")
+    counts = {name: Counter[str]() for name in names}
     without_answer = 0
-    for q in corpus.questions:
-        if q["answer"] is None:
-            without_answer += 1
-            continue
-        context = by_id[q["relevant"][0]["chunk_ids"][0]]
-        records[corpus.split[context["doc_id"]]].append(
-            {
-                "id": q["id"],
-                "doc_id": context["doc_id"],
-                "kind": "qa",
-                "prompt": qa_prompt(context["text"], q["question"]),
-                "text": q["answer"],
-            }
-        )
-    for name, rs in records.items():
-        _write(out_dir / f"{name}.jsonl", rs, "llm")
+    with contextlib.ExitStack() as stack:
+        sinks = {
+            name: stack.enter_context(contracts.checked_jsonl(out_dir / f"{name}.jsonl", "llm"))
+            for name in names
+        }
+        for c in corpus.chunks():
+            name = corpus.split[c["doc_id"]]
+            sinks[name](
+                {
+                    "id": c["id"],
+                    "doc_id": c["doc_id"],
+                    "kind": "passage",
+                    "prompt": "",
+                    "text": c["text"],
+                }
+            )
+            counts[name]["passage"] += 1
+        for q in corpus.questions:
+            if q["answer"] is None:
+                without_answer += 1
+                continue
+            context = corpus.contexts[q["relevant"][0]["chunk_ids"][0]]
+            name = corpus.split[context["doc_id"]]
+            sinks[name](
+                {
+                    "id": q["id"],
+                    "doc_id": context["doc_id"],
+                    "kind": "qa",
+                    "prompt": qa_prompt(context["text"], q["question"]),
+                    "text": q["answer"],
+                }
+            )
+            counts[name]["qa"] += 1
     return {
-        "examples": {
-            name: {k: sum(r["kind"] == k for r in rs) for k in ("passage", "qa")}
-            for name, rs in records.items()
-        },
+        "examples": {name: {k: counts[name][k] for k in ("passage", "qa")} for name in names},
         "questions_without_answer": without_answer,
     }
 
@@ -364,14 +384,6 @@ def build_llm(corpus: Corpus, out_dir: Path) -> dict[str, Any]:
 def qa_prompt(context: str, question: str) -> str:
     """The user turn of a question-answer example (the generator answers from the context)."""
     return f"Context: {context}\nQuestion: {question}"
-
-
-def _write(path: Path, records: list[dict[str, Any]], kind: str) -> None:
-    """Check ``records`` against the ``kind`` schema, then write them (atomically)."""
-    from sphana import contracts
-
-    contracts.check_records(records, kind, path)
-    write_jsonl(path, records)
 
 
 def run(

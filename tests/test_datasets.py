@@ -238,13 +238,65 @@ def test_without_gold_validation_is_self_supervised(
     val = read(tmp_path / "o/validation.jsonl")
     assert val and {r["kind"] for r in val} <= {"heading", "sentence"}
     # the graph ranker's training queries: pseudo-queries of whole passages the embedding never
-    # trains on (a quarter of the training pairs, dataset.held_out_fraction)
+    # trains on (a seeded draw of dataset.held_out_fraction of the training passages)
     train, held_out = read(tmp_path / "o/train.jsonl"), read(tmp_path / "o/held_out.jsonl")
     assert held_out and {r["kind"] for r in held_out} <= {"heading", "sentence"}
     held_passages = {r["positive_id"] for r in held_out}
     assert not held_passages & {r["positive_id"] for r in train}
     assert len(held_out) == report["pairs"]["held_out"]
-    assert 0.2 < len(held_out) / (len(held_out) + len(train)) < 0.35
+    again = build_embedding(chunks_file, None, DatasetConfig(), tmp_path / "again")
+    assert again == report and read(tmp_path / "again/held_out.jsonl") == held_out  # seeded
+
+
+def test_held_out_passages_are_a_seeded_draw_of_the_fraction() -> None:
+    from sphana.datasets import _drawn
+
+    keys = [f"doc{i}#{j}" for i in range(500) for j in range(8)]
+    drawn = [k for k in keys if _drawn(0, k, 0.25)]
+    assert abs(len(drawn) / len(keys) - 0.25) < 0.02
+    assert drawn == [k for k in reversed(keys) if _drawn(0, k, 0.25)][::-1]  # order-free
+    assert drawn != [k for k in keys if _drawn(1, k, 0.25)]  # the seed decides
+    assert not any(_drawn(0, k, 0.0) for k in keys)
+
+
+def test_datasets_stream_the_corpus(tmp_path: Path) -> None:
+    """Memory grows with the number of documents, not with the corpus text: building the
+    datasets of ~12 MB of chunks allocates a small fraction of that at its peak."""
+    import tracemalloc
+
+    from sphana.datasets import run
+
+    ingest = tmp_path / "ingest"
+    ingest.mkdir()
+    text = " ".join(
+        f"Sentence number {k} of this passage says something long enough." for k in range(40)
+    )
+    chunks = [
+        {
+            "id": f"doc{d:04d}#{c}",
+            "doc_id": f"doc{d:04d}",
+            "title": f"Doc {d}",
+            "section": "Body",
+            "section_index": 0,
+            "start": 0,
+            "end": len(text),
+            "n_tokens": 400,
+            "text": text,
+            "source": f"doc{d:04d}.md",
+        }
+        for d in range(1200)
+        for c in range(4)
+    ]
+    size = write_jsonl(ingest / "chunks.jsonl", chunks).stat().st_size
+    write_jsonl(ingest / "relations.jsonl", [])
+    write_jsonl(ingest / "questions.jsonl", [])
+    del chunks
+    tracemalloc.start()
+    report = run(DatasetConfig(), ingest, tmp_path / "gold", tmp_path / "out", tmp_path / "r.json")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert size > 10e6 and report["llm"]["examples"]["train"]["passage"] > 3000
+    assert peak < size / 5, f"peak {peak / 1e6:.1f} MB for {size / 1e6:.1f} MB of chunks"
 
 
 def test_without_relation_labels_the_extractor_is_skipped_with_the_reason(
@@ -274,7 +326,7 @@ def test_llm_examples_follow_the_document_split(corpus: tuple[Path, Path], tmp_p
     for name, records in examples.items():
         assert all(corpus_.split[r["doc_id"]] == name for r in records)
     passages = sum(r["kind"] == "passage" for rs in examples.values() for r in rs)
-    assert passages == len(corpus_.chunks)  # every passage, once
+    assert passages == len(list(corpus_.chunks()))  # every passage, once
     (qa,) = [r for rs in examples.values() for r in rs if r["kind"] == "qa"]
     assert qa["text"] == "It opens with a sentence." and qa["id"] == "q0"
     assert qa["prompt"].startswith("Context: Doc 0 opens") and qa["prompt"].endswith(
