@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def sh(*cmd: str, cwd: Path) -> str:
     env = dict(os.environ)  # stages call `python`: this interpreter's environment first
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(cwd)  # the clone's sphana, not an editable install's working tree
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
