@@ -9,7 +9,6 @@ import json
 import shutil
 import subprocess
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,9 @@ from sphana.errors import InputError, VerifyError
 from sphana.io import atomic_dir, atomic_path, dumps_json, sha256_file, write_json_atomic
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "manifest.schema.json"
+# the fields an existing consumer (a typed .NET reader) deserializes, with their types
+CONSUMER_SCHEMA_PATH = Path(__file__).parent / "schemas" / "consumer_manifest.schema.json"
+SCHEMA_VERSION = 2  # 2: flat numeric `metrics` + nested `evaluation`; consumer names added
 MANIFEST_NAME = "manifest.json"  # name inside a tarball / bundle directory
 # The stages whose dvc.lock entries prove where each component came from.
 COMPONENT_STAGES = {
@@ -108,6 +110,95 @@ def git_state(repo: Path) -> tuple[str | None, bool | None]:
         return None, None
 
 
+# The flat metrics a consumer reads under its own name: name -> (evaluation section, key).
+CONSUMER_METRICS = {
+    "embedding": {"val_cosine_sim": ("validation", "mean_cosine")},
+    "relation": {"val_macro_f1": ("validation", "macro_f1")},
+    "gnn": {"val_ndcg_at_10": ("validation", "ndcg@10")},
+    "llm": {},
+}
+# model_config keys a consumer reads under another name: consumer name -> Sphana's key (both kept)
+CONSUMER_CONFIG = {
+    "embedding": {"output_dimension": "dimension"},
+    "relation": {},
+    "gnn": {"hidden_dim": "hidden", "num_layers": "layers"},
+    "llm": {"model_name": "base_model"},
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _metric_name(section: str, key: str = "") -> str:
+    """``("onnx_int8_validation", "recall@10")`` -> ``"onnx_int8_val_recall_at_10"``."""
+    name = f"{section}_{key}" if key else section
+    name = name.replace("validation", "val").replace("@", "_at_")
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+
+
+def flat_metrics(component: str, evaluation: dict[str, Any]) -> dict[str, float]:
+    """The ``metrics`` of a component entry: name -> number, what a typed consumer reads.
+
+    Every number of ``evaluation`` at most one level down (``validation.recall@10`` ->
+    ``val_recall_at_10``, ``int8_token_agreement`` as it is), plus the consumer's names
+    (:data:`CONSUMER_METRICS`). Deeper figures (per-class scores, baselines) stay in
+    ``evaluation`` only."""
+    out: dict[str, float] = {}
+    for section, value in evaluation.items():
+        if _is_number(value):
+            out[_metric_name(section)] = value
+        elif isinstance(value, dict):
+            for key, number in value.items():
+                if _is_number(number):
+                    out[_metric_name(section, key)] = number
+    for name, (section, key) in CONSUMER_METRICS.get(component, {}).items():
+        value = (evaluation.get(section) or {}).get(key)
+        if _is_number(value):  # a missing one fails the consumer schema, by name
+            out[name] = value
+    return out
+
+
+def consumer_config(component: str, model_config: dict[str, Any], release: str) -> dict[str, Any]:
+    """``model_config`` with the keys a consumer reads under its own names added
+    (:data:`CONSUMER_CONFIG`; Sphana's keys stay). The generator's ``model_name`` is the
+    checkpoint it fine-tuned (``llm.base_model``), or ``<release>/llm`` for the model Sphana
+    built from scratch (``base_model`` null)."""
+    out = dict(model_config)
+    for name, key in CONSUMER_CONFIG.get(component, {}).items():
+        if out.get(name) is None and model_config.get(key) is not None:
+            out[name] = model_config[key]
+    if component == "llm" and out.get("model_name") is None:
+        out["model_name"] = f"{release}/llm"
+    return out
+
+
+def gpu_requirements(min_onnxruntime: str) -> dict[str, str]:
+    """The CUDA and cuDNN versions a consumer on ONNX Runtime's CUDA execution provider needs,
+    from ``min_onnxruntime`` on (the models need nothing more): the official onnxruntime-gpu
+    packages are built with CUDA 11.8 and cuDNN 8 before 1.19, with CUDA 12 and cuDNN 9 since."""
+    parts = [int(p) for p in min_onnxruntime.split(".")[:2] if p.isdigit()]
+    if tuple(parts) >= (1, 19):
+        return {"cuda": ">=12.0", "cudnn": ">=9.0"}
+    return {"cuda": ">=11.8", "cudnn": ">=8.2"}
+
+
+def consumer_schema() -> dict[str, Any]:
+    return json.loads(CONSUMER_SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+def validate_consumer(manifest: dict[str, Any], source: str) -> None:
+    """Raise :class:`VerifyError` unless ``manifest`` has every field the consumer reads, with
+    its type (``schemas/consumer_manifest.schema.json``)."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(consumer_schema())
+    errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.path))
+    if errors:
+        lines = [f"  {'/'.join(map(str, e.path)) or '<root>'}: {e.message}" for e in errors[:20]]
+        raise VerifyError(f"{source}: manifest breaks the consumer contract:\n" + "\n".join(lines))
+
+
 def build(
     *,
     name: str,
@@ -123,8 +214,10 @@ def build(
     """Assemble the manifest.
 
     Args:
-        components: per component: ``onnx_dir`` (Path), ``version``, ``metrics``, ``parity``
-            (the export report) and ``model_config``.
+        components: per component: ``onnx_dir`` (Path), ``version``, ``evaluation`` (its
+            quality figures, nested: written as they are under ``evaluation``, and flattened to
+            numbers under ``metrics``, :func:`flat_metrics`), ``parity`` (the export report) and
+            ``model_config`` (with the consumer's names added, :func:`consumer_config`).
         skipped: per component the release leaves out: ``{"reason"}`` (what to add to build it).
         gold: ``ingest``'s account of the gold annotations and where each component's training
             signal came from (``report.json`` ``gold``).
@@ -143,9 +236,10 @@ def build(
             "version": info["version"],
             "path": model.relative_to(artifacts_root).as_posix(),
             "checksum": f"sha256:{sha256_file(model)}",
-            "metrics": info["metrics"],
+            "metrics": flat_metrics(component, info["evaluation"]),
+            "evaluation": info["evaluation"],
             "model_config": {
-                **info["model_config"],
+                **consumer_config(component, info["model_config"], name),
                 "quantized": quantized,
                 "quantization": report["quantization"],
                 "fp32_path": (onnx_dir / report["files"]["fp32"])
@@ -161,7 +255,7 @@ def build(
     recorded = {path: md5 for s in stages.values() for path, md5 in s["deps"].items()}
     data = {path: recorded[path] for path in data_paths if path in recorded}
     manifest = {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "name": name,
         "version": version,
         "created_at": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
@@ -169,6 +263,8 @@ def build(
         "skipped_components": skipped,
         "training_signals": gold,
         "system_requirements": {
+            "onnx_runtime": f">={min_onnxruntime}",  # the consumer's name
+            **gpu_requirements(min_onnxruntime),
             "onnxruntime": f">={min_onnxruntime}",
             "opset": max(e["model_config"]["opset"] for e in entries.values()),
             "execution_providers": ["CPUExecutionProvider"],
@@ -176,6 +272,7 @@ def build(
         "provenance": {"git_commit": commit, "git_dirty": dirty, "data": data, "stages": stages},
     }
     validate_schema(manifest, "manifest")
+    validate_consumer(manifest, "manifest")
     return manifest
 
 
@@ -298,22 +395,28 @@ def check_lock(manifest: dict[str, Any], lock_file: Path) -> list[str]:
 
 
 def verify(target: Path, root: Path | None = None, lock_file: Path | None = None) -> dict[str, Any]:
-    """Verify a manifest file, an unpacked bundle directory or a ``.tar.gz`` bundle.
+    """Verify a manifest file, an unpacked bundle directory or a ``.tar.gz`` bundle (streamed
+    by :func:`sphana.release.read_tarball`: never unpacked, an unsafe member refused at once).
 
     Raises:
         VerifyError: listing every mismatch (schema, missing/extra/altered files, provenance).
     """
     if target.is_file() and target.name.endswith((".tar.gz", ".tgz")):
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                with tarfile.open(target) as tar:
-                    tar.extractall(tmp, filter="data")
-            except (tarfile.TarError, EOFError, OSError) as e:
-                raise VerifyError(f"{target}: not a readable bundle ({e})") from None
-            return {
-                **verify(Path(tmp), lock_file=lock_file),
-                "manifest": f"{target}:{MANIFEST_NAME}",
-            }
+        # streamed and checked member by member, nothing written (see sphana.release)
+        from sphana.release import read_tarball
+
+        manifest, problems = read_tarball(target, None)
+        if lock_file is not None:
+            problems += check_lock(manifest, lock_file)
+        if problems:
+            raise VerifyError(
+                f"{target}: {len(problems)} mismatch(es):\n  " + "\n  ".join(problems)
+            )
+        return {
+            "manifest": f"{target}:{MANIFEST_NAME}",
+            "components": sorted(manifest["components"]),
+            "files": sum(len(c["files"]) for c in manifest["components"].values()),
+        }
     bundle = target.is_dir()
     manifest_file = target / MANIFEST_NAME if bundle else target
     if not manifest_file.is_file():
@@ -323,6 +426,8 @@ def verify(target: Path, root: Path | None = None, lock_file: Path | None = None
     except json.JSONDecodeError as e:
         raise VerifyError(f"{manifest_file}:{e.lineno}: invalid JSON ({e.msg})") from None
     validate_schema(manifest, str(manifest_file))
+    if manifest["schema_version"] >= 2:  # manifests from before the contract lack its fields
+        validate_consumer(manifest, str(manifest_file))
     root = root or manifest_file.parent
     problems = check_files(manifest, root)
     if bundle:

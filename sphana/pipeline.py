@@ -163,7 +163,8 @@ def manifest(cfg: SphanaConfig, lock_file: Path = Path("dvc.lock")) -> dict[str,
         components[component] = {
             "onnx_dir": component_dir(cfg, component, "onnx"),
             "version": getattr(cfg, component).version,
-            "metrics": _component_metrics(component, train, report),
+            # nested as it is under `evaluation`; manifest.build flattens it into `metrics`
+            "evaluation": _component_metrics(component, train, report),
             "parity": report,
             "model_config": report["model_config"],
         }

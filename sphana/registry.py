@@ -33,7 +33,8 @@ import yaml
 from sphana.errors import SphanaError, VerifyError
 
 RELEASE = "release"  # the artifact of the whole tarball; the others are components
-# the figure `list` shows per component: (metrics section, key), read from each version's manifest
+# the figure `list` shows per component: (evaluation section, key), read from each version's
+# manifest (`evaluation`; schema version 1 manifests had these nested figures under `metrics`)
 KEY_METRICS = {
     "embedding": ("validation", "recall@5"),
     "relation": ("validation", "macro_f1"),
@@ -331,10 +332,16 @@ def key_metrics(manifest: dict[str, Any] | None) -> dict[str, float]:
     out = {}
     for component, entry in manifest["components"].items():
         section, key = KEY_METRICS[component]
-        value = (entry["metrics"].get(section) or {}).get(key)
+        value = (_evaluation(entry).get(section) or {}).get(key)
         if value is not None:
             out[f"{component} {key}"] = value
     return out
+
+
+def _evaluation(entry: dict[str, Any]) -> dict[str, Any]:
+    """A component's nested quality figures: ``evaluation``, or, in a schema version 1
+    manifest, ``metrics`` (since version 2 a flat name -> number map for consumers)."""
+    return entry["evaluation"] if "evaluation" in entry else entry["metrics"]
 
 
 def listing(root: Path, names: list[str] | None = None) -> list[dict[str, Any]]:
@@ -571,7 +578,7 @@ def _facets(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
         data.update(stage["outs"])
     metrics, files = {}, {}
     for component, entry in manifest["components"].items():
-        metrics.update(_flat(entry["metrics"], component))
+        metrics.update(_flat(_evaluation(entry), component))
         files.update({f["path"]: f["sha256"] for f in entry["files"]})
     return {"params": params, "data": data, "metrics": metrics, "files": files}
 

@@ -140,6 +140,9 @@ def test_manifest_matches_files_and_dvc_lock(repo: Path) -> None:
     )
     assert manifest["provenance"]["data"] == {"data": prov["ingest"]["deps"]["data"]}
     assert manifest["provenance"]["git_commit"]
+    from sphana.manifest import validate_consumer
+
+    validate_consumer(manifest, "latest.json")  # every field the .NET consumer reads, typed
     sphana("verify", "target/manifests/latest.json", "--lock", "dvc.lock", cwd=repo)
     sphana("verify", "target/manifests/latest.tar.gz", cwd=repo)
     # each component's bundle (the registry's artifact) verifies alone, against its excerpt
