@@ -13,12 +13,12 @@ import enum
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from typing import TYPE_CHECKING, Any
 
 from sphana.errors import ConfigError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 SCHEMA_NAME = "sphana_schema"
 
@@ -490,6 +490,9 @@ def validate(cfg: DictConfig | dict[str, Any], source: str = "params.yaml") -> S
         ConfigError: naming the offending key, for unknown keys, wrong types or values that a
             section's own checks reject.
     """
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         if isinstance(cfg, DictConfig):  # drop flags: a forced `+key=...` must not slip through
             cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
@@ -508,6 +511,8 @@ def compose(config_dir: Path, overrides: list[str] | None = None) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     register_configs()
     try:
@@ -533,6 +538,8 @@ def read_paths(params_file: Path = Path("params.yaml")) -> PathsConfig:
 
 def write_params(config_dir: Path, params_file: Path, overrides: list[str] | None = None) -> str:
     """Compose ``conf/`` and write it to ``params_file`` (atomically). Returns the YAML."""
+    from omegaconf import OmegaConf
+
     from sphana.io import write_text_atomic
 
     cfg = compose(config_dir, overrides)
@@ -544,4 +551,6 @@ def write_params(config_dir: Path, params_file: Path, overrides: list[str] | Non
 
 def to_plain(section: Any) -> Any:
     """A typed config section as plain JSON-able data (enums as their values)."""
+    from omegaconf import OmegaConf
+
     return OmegaConf.to_container(OmegaConf.structured(section), enum_to_str=True)

@@ -4,6 +4,9 @@ with an in-batch-negatives contrastive (InfoNCE) loss, and its retrieval evaluat
 A fine-tune on the corpus alone gains in domain but can forget general retrieval, so :func:`train`
 also measures a general out-of-domain set (:mod:`sphana.general_eval`) and ships a mix of the
 base and fine-tuned weights (WiSE-FT: ``w = (1 - a) * base + a * tuned``) that keeps it.
+
+Texts are tokenized by :mod:`sphana.tokenization` (:func:`tokenize`), the torch-free code a runtime
+feeds ``sentence_embedding.onnx`` with.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from torch import nn
 from sphana.config import EmbeddingConfig, PathsConfig, RuntimeConfig
 from sphana.errors import GateError, InputError
 from sphana.io import atomic_dir, load_jsonl, write_json_atomic, write_text_atomic
+from sphana.tokenization import backend
+from sphana.tokenization import encode as encode_texts
 
 ENCODER_FILE = "sphana_encoder.json"  # pooling settings saved beside the weights
 OOD_METRICS = ("mrr", "recall@10")  # out-of-domain metrics the shipped model must keep
@@ -74,14 +79,12 @@ def load_trained(model_dir: Path) -> tuple[Encoder, Any]:
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-    return tokenizer(
-        texts,
-        padding=True,
-        truncation=True,
-        max_length=max_length,
-        return_tensors="pt",
-        return_token_type_ids=True,
-    )
+    """``texts`` padded to the longest and truncated to ``max_length``:
+    :func:`sphana.tokenization.encode` (what a runtime feeds the ONNX encoder) on the transformers
+    tokenizer's backend."""
+    backend_tokenizer, pad = backend(tokenizer)
+    inputs = encode_texts(backend_tokenizer, texts, max_length, pad)
+    return {name: torch.from_numpy(array) for name, array in inputs.items()}
 
 
 @torch.inference_mode()

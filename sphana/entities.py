@@ -12,12 +12,15 @@
 - ``spacy``: a spaCy pipeline (``ingest.spacy_model``: installed package or local path); its
   sentences when the pipeline sets them (else ``split_sentences``) and its entities with labels.
 
-Every pair of mentions in a sentence is a candidate (``e1`` the earlier one). Gold annotations
-(``relations.jsonl`` of the corpus) are joined by span: a candidate whose two spans match a gold
-pair takes its label and orientation; a gold pair the parser missed is still written
-(``detected: false``, with the records of its document), so no gold label is ever dropped, and the
-report counts both. Work is per document (:class:`Extractor`, :class:`GoldReader`): records are
-sorted within each document, documents keep the order they are read in.
+Every pair of mentions in a sentence is a candidate (``e1`` the earlier one), unless it spans
+more than ``ingest.max_pair_chars`` characters (:func:`sentence_pairs`); :func:`detect` finds the
+mentions and candidates of one text as ``ingest`` does, for a runtime (this module imports no
+torch). Gold annotations (``relations.jsonl`` of the corpus) are joined by span: a candidate whose
+two spans match a gold pair takes its label and orientation; a gold pair the parser missed is
+still written (``detected: false``, with the records of its document), so no gold label is ever
+dropped, and the report counts both. Work is per document (:class:`Extractor`,
+:class:`GoldReader`): records are sorted within each document, documents keep the order they are
+read in.
 
 Parses are cached in ``<ingest>/parse_cache/<parser version>.jsonl``, keyed by the sha256 of the
 section text, so a rerun with the same parser parses nothing again, and adding a document parses
@@ -33,7 +36,7 @@ import re
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -272,6 +275,61 @@ def _parse_of(r: dict[str, Any]) -> Parse:
 
 # --- candidates and gold -----------------------------------------------------------------------
 
+Mention = tuple[int, int, str | None]  # (start, end, type) in the parsed text
+
+
+def sentence_pairs(
+    parse: Parse, max_pair_chars: int
+) -> Iterator[tuple[tuple[int, int], list[Mention], list[tuple[Mention, Mention]], int]]:
+    """For each sentence of ``parse``: its span, the mentions inside it, its candidate pairs
+    (every two of those mentions, the earlier first, spanning at most ``max_pair_chars``
+    characters) and how many pairs were left out for spanning more."""
+    for s_start, s_end in parse.sentences:
+        inside = [m for m in parse.mentions if s_start <= m[0] and m[1] <= s_end]
+        candidates, too_far = [], 0
+        for i, a in enumerate(inside):
+            for b in inside[i + 1 :]:
+                if b[1] - a[0] > max_pair_chars:
+                    too_far += 1
+                    continue
+                candidates.append((a, b))
+        yield (s_start, s_end), inside, candidates, too_far
+
+
+def detect(text: str, max_pair_chars: int, parser: Parser | None = None) -> list[dict[str, Any]]:
+    """The entity mentions and candidate pairs of each sentence of ``text``, as ``ingest`` finds
+    them in a section (``parser``: the ``simple`` one by default; ``max_pair_chars``:
+    ``ingest.max_pair_chars``), without gold annotations.
+
+    ``ingest`` parses each section's normalized text (:func:`sphana.documents.normalize`), and
+    the ``simple`` parser looks at the whole text (a lone sentence-initial word is a name only if
+    the text also has it capitalized mid-sentence): give it the same text to get the same result.
+
+    Returns ``[{"start", "end", "text", "mentions", "pairs"}]``, one per sentence (offsets in
+    ``text``): ``mentions`` are entities ``{"text", "start", "end", "type"}``; ``pairs`` are
+    ``{"sentence": {"start", "end", "text"}, "e1", "e2"}`` (``e1`` the earlier entity), the keys
+    of a ``relations.jsonl`` row that :func:`sphana.relation_inputs.pair_examples` and
+    :func:`sphana.graph_inputs.passage` read, in ``relations.jsonl`` order.
+    """
+    parse = (parser or SimpleParser()).parse(text)
+    out = []
+    for (start, end), inside, candidates, _ in sentence_pairs(parse, max_pair_chars):
+        sentence = {"start": start, "end": end, "text": text[start:end]}
+        pairs = [
+            {"sentence": dict(sentence), "e1": _entity(text, *a), "e2": _entity(text, *b)}
+            for a, b in candidates
+        ]
+        # the order of ingest's records: first entity, then id (whose prefix a section shares)
+        pairs.sort(key=lambda p: (p["e1"]["start"], _pair_id("", 0, p["e1"], p["e2"])))
+        out.append(
+            {
+                **sentence,
+                "mentions": [_entity(text, *m) for m in inside],
+                "pairs": pairs,
+            }
+        )
+    return out
+
 
 def _entity(text: str, start: int, end: int, type_: str | None) -> dict[str, Any]:
     return {"text": text[start:end], "start": start, "end": end, "type": type_}
@@ -444,25 +502,19 @@ class Extractor:
             parse = self.cache.parse(self.parser, text)
             self.sentences += len(parse.sentences)
             self.mentions += len(parse.mentions)
-            for s_start, s_end in parse.sentences:
-                inside = [m for m in parse.mentions if s_start <= m[0] and m[1] <= s_end]
-                for i, a in enumerate(inside):
-                    for b in inside[i + 1 :]:
-                        if b[1] - a[0] > self.max_pair_chars:
-                            self.too_far += 1
-                            continue
-                        e1, e2 = _entity(text, *a), _entity(text, *b)
-                        pair_key = (doc.id, section.heading, frozenset({a[:2], b[:2]}))
-                        g = pairs.get(pair_key)
-                        if g is not None:
-                            joined.add(pair_key)
-                            if (g["e1"]["start"], g["e1"]["end"]) != a[:2]:
-                                e1, e2 = e2, e1  # the gold orientation: e1 is the subject
-                            e1["type"] = g["e1"].get("type") or e1["type"]
-                            e2["type"] = g["e2"].get("type") or e2["type"]
-                        records.append(
-                            _record(doc, index, text, (s_start, s_end), e1, e2, g, detected=True)
-                        )
+            for sentence, _, candidates, too_far in sentence_pairs(parse, self.max_pair_chars):
+                self.too_far += too_far
+                for a, b in candidates:
+                    e1, e2 = _entity(text, *a), _entity(text, *b)
+                    pair_key = (doc.id, section.heading, frozenset({a[:2], b[:2]}))
+                    g = pairs.get(pair_key)
+                    if g is not None:
+                        joined.add(pair_key)
+                        if (g["e1"]["start"], g["e1"]["end"]) != a[:2]:
+                            e1, e2 = e2, e1  # the gold orientation: e1 is the subject
+                        e1["type"] = g["e1"].get("type") or e1["type"]
+                        e2["type"] = g["e2"].get("type") or e2["type"]
+                    records.append(_record(doc, index, text, sentence, e1, e2, g, detected=True))
         self.candidates += len(records)
         headings = {s.heading: i for i, s in enumerate(doc.sections)}
         for pair_key, g in pairs.items():

@@ -6,17 +6,15 @@ out from embedding training, ``held_out.jsonl``; validation) — or, on a corpus
 every pseudo-query (a sentence or heading whose own passage is the positive) — the candidates are
 the top ``gnn.graph.top_k`` passages of its pool by embedding similarity plus ``hard_negatives``
 non-relevant passages of the documents that hold the answer (the usual confusers). Each candidate
-is a small graph (entity nodes only when the release has no relation extractor:
-``relation_nodes: false`` in ``gnn.json``):
+is a small graph, made by :mod:`sphana.graph_inputs` (its docstring has the layout), the
+torch-free code a runtime builds its graphs with, so training and serving cannot drift apart:
 
 - node 0: the passage, node 1: the query, nodes 2…: the entities the parser found in the
-  passage (the detected candidate pairs of ``relations.jsonl``), those also named in the query
-  first, at most ``max_entities``, then one node per relation the trained relation extractor finds
-  in the passage between two of them (its label, e.g. "works at"); gold relation labels are never
-  used, so training sees the graphs a deployed system builds;
-- edges (``edge_index`` as ``[src, dst]`` pairs) query→passage, passage→entity, query→entity
-  (for an entity named in the query), subject→relation→object; every edge also appears reversed
-  with ``edge_directions`` 1 (0 = as stated);
+  passage (the detected candidate pairs of ``relations.jsonl``), at most ``max_entities``, then
+  one node per relation the trained relation extractor finds in the passage between two of them
+  (entity nodes only when the release has no relation extractor: ``relation_nodes: false`` in
+  ``gnn.json``); gold relation labels are never used, so training sees the graphs a deployed
+  system builds;
 - node features: the trained embedding model's vector of the node's text, a node-type one-hot, the
   cosine to the query, whether the query names it, and the passage's retrieval rank as 1/(1+rank);
 - label 1.0 for a relevant passage (gold question → passage annotations), else 0.0.
@@ -26,19 +24,18 @@ is a small graph (entity nodes only when the release has no relation extractor:
 so direction matters), and a readout MLP on the passage node's final and initial states: one score
 per candidate. Trained with the ListNet loss over each query's candidates.
 
-A batch of candidates is one disjoint union of their graphs: ``node_features [nodes, F]``,
-``edge_index [2, edges]``, ``edge_directions [edges]`` and ``readout_index [candidates]`` (the
-passage node of each candidate) -> ``scores [candidates]``: the ONNX signature too.
+A batch of candidates is one disjoint union of their graphs
+(:func:`sphana.graph_inputs.ranker_inputs`): ``node_features [nodes, F]``, ``edge_index [2,
+edges]``, ``edge_directions [edges]`` and ``readout_index [candidates]`` (the passage node of each
+candidate) -> ``scores [candidates]``: the ONNX signature too.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import re
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +45,20 @@ from torch import nn
 
 from sphana.config import GnnConfig, GraphConfig, PathsConfig, RuntimeConfig
 from sphana.errors import InputError
+from sphana.graph_inputs import (
+    COSINE,
+    EXTRA_FEATURES,
+    NODE_TYPES,
+    RANK,
+    Passage,
+    candidate_graphs,
+    node_texts,
+    passage,
+    ranker_inputs,
+)
 from sphana.io import atomic_dir, load_jsonl, read_jsonl, read_skipped, write_json_atomic
+from sphana.relation_inputs import NO_RELATION, Relation
 
-NODE_TYPES = ("passage", "query", "entity", "relation")
-EXTRA_FEATURES = len(NODE_TYPES) + 3  # type one-hot, cosine to the query, named in query, rank
 MODEL_FILE = "model.safetensors"
 META_FILE = "gnn.json"
 # beside the graph datasets: whether they hold relation nodes (no extractor in the release: entity
@@ -60,18 +67,6 @@ GRAPHS_FILE = "graphs.json"
 
 
 # --- graph construction --------------------------------------------------------------------------
-
-
-@dataclass
-class Passage:
-    id: str
-    doc_id: str
-    text: str
-    entities: list[str]  # distinct entity texts, in order of first mention
-    relations: list[tuple[str, str, str]]  # (subject, object, label) of stated relations
-
-
-Relation = tuple[dict[str, Any], dict[str, Any], str]  # (subject, object, label) entity spans
 
 
 def detected_pairs(relations_file: Path) -> list[dict[str, Any]]:
@@ -85,26 +80,29 @@ def passages_with_entities(
 ) -> dict[str, Passage]:
     """Every ingested passage with the entities of the candidate ``pairs`` inside it (by
     document, section and character span) and the ``relations`` extracted from those pairs
-    (:func:`sphana.relation.extract`, one per pair) whose subject and object both lie inside it."""
-    by_section: dict[tuple[str, int], list[tuple[dict[str, Any], Relation | None]]] = defaultdict(
-        list
+    (:func:`sphana.relation.extract`, one per pair) whose subject and object both lie inside it:
+    :func:`sphana.graph_inputs.passage` of each chunk."""
+    by_section: dict[tuple[str, int], tuple[list[dict[str, Any]], list[Relation | None]]] = (
+        defaultdict(lambda: ([], []))
     )
     for pair, relation in zip(pairs, relations, strict=True):
-        by_section[(pair["doc_id"], pair["section_index"])].append((pair, relation))
+        section_pairs, section_relations = by_section[(pair["doc_id"], pair["section_index"])]
+        section_pairs.append(pair)
+        section_relations.append(relation)
     passages = {}
     for _, c in read_jsonl(chunks_file):
-
-        def inside(e: dict[str, Any], c: dict[str, Any] = c) -> bool:
-            return c["start"] <= e["start"] and e["end"] <= c["end"]
-
-        entities: dict[str, None] = {}
-        stated: dict[tuple[str, str, str], None] = {}
-        for pair, relation in by_section.get((c["doc_id"], c["section_index"]), []):
-            for e in sorted(filter(inside, (pair["e1"], pair["e2"])), key=lambda e: e["start"]):
-                entities.setdefault(e["text"])
-            if relation is not None and inside(relation[0]) and inside(relation[1]):
-                stated.setdefault((relation[0]["text"], relation[1]["text"], relation[2]))
-        passages[c["id"]] = Passage(c["id"], c["doc_id"], c["text"], list(entities), list(stated))
+        section_pairs, section_relations = by_section.get(
+            (c["doc_id"], c["section_index"]), ([], [])
+        )
+        passages[c["id"]] = passage(
+            c["id"],
+            c["text"],
+            section_pairs,
+            section_relations,
+            doc_id=c["doc_id"],
+            start=c["start"],
+            end=c["end"],
+        )
     return passages
 
 
@@ -127,8 +125,6 @@ def extract_relations(
 def extraction_agreement(pairs: list[dict[str, Any]], relations: list[Relation | None]) -> dict:
     """How often the extracted relation of a gold-labelled pair is its gold relation (label and
     direction; ``no_relation`` = none extracted)."""
-    from sphana.relation import NO_RELATION
-
     labelled = [(p, r) for p, r in zip(pairs, relations, strict=True) if p["label"] is not None]
 
     def key(p: dict[str, Any]) -> tuple[int, int]:
@@ -144,59 +140,6 @@ def extraction_agreement(pairs: list[dict[str, Any]], relations: list[Relation |
     return {
         "gold_pairs": len(labelled),
         "agreement": round(agree / len(labelled), 4) if labelled else None,
-    }
-
-
-def named_in(query: str, entity: str) -> bool:
-    return re.search(rf"(?<!\w){re.escape(entity)}(?!\w)", query) is not None
-
-
-def relation_text(label: str) -> str:
-    """What a relation node's vector embeds: its label as words (``works_at`` -> "works at")."""
-    return label.replace("_", " ")
-
-
-def candidate_graph(
-    query: str,
-    query_vec: np.ndarray,
-    passage: Passage,
-    passage_vec: np.ndarray,
-    text_vecs: dict[str, np.ndarray],
-    rank: int,
-    max_entities: int,
-    label: float,
-    decimals: int = 4,
-) -> dict[str, Any]:
-    """One candidate's subgraph (see the module docstring for its layout)."""
-    in_query = {e: named_in(query, e) for e in passage.entities}
-    entities = sorted(passage.entities, key=lambda e: not in_query[e])[:max_entities]
-    index = {e: i + 2 for i, e in enumerate(entities)}
-
-    def node(vec: np.ndarray, kind: str, named: bool, rank_feature: float) -> list[float]:
-        onehot = [float(kind == t) for t in NODE_TYPES]
-        cosine = float(np.dot(vec, query_vec))
-        values = [*vec.tolist(), *onehot, cosine, float(named), rank_feature]
-        return [round(v, decimals) for v in values]
-
-    features = [
-        node(passage_vec, "passage", False, 1.0 / (1 + rank)),
-        node(query_vec, "query", True, 0.0),
-        *(node(text_vecs[e], "entity", in_query[e], 0.0) for e in entities),
-    ]
-    edges = [(1, 0)]
-    edges += [(0, index[e]) for e in entities]
-    edges += [(1, index[e]) for e in entities if in_query[e]]
-    for subject, obj, relation in passage.relations:  # subject -> relation node -> object
-        if subject in index and obj in index:
-            features.append(node(text_vecs[relation_text(relation)], "relation", False, 0.0))
-            edges += [(index[subject], len(features) - 1), (len(features) - 1, index[obj])]
-    edge_index = [[s, d] for s, d in edges] + [[d, s] for s, d in edges]
-    return {
-        "id": passage.id,
-        "node_features": features,
-        "edge_index": edge_index,
-        "edge_directions": [0] * len(edges) + [1] * len(edges),
-        "label": label,
     }
 
 
@@ -254,10 +197,7 @@ def build(
     ]
     ids = sorted(passages)
     position = {pid: i for i, pid in enumerate(ids)}
-    entity_texts = sorted(
-        {e for p in passages.values() for e in p.entities}
-        | {relation_text(r[2]) for p in passages.values() for r in p.relations}
-    )
+    entity_texts = node_texts(list(passages.values()))
     queries = [(name, qid) for name, qs in splits.items() for qid in sorted(qs)]
     texts = (
         [passages[i].text for i in ids] + entity_texts + [splits[n][q]["query"] for n, q in queries]
@@ -306,19 +246,16 @@ def build(
                             f"{ingest_dir / 'chunks.jsonl'}; rerun build_datasets",
                         )
                     chosen.append(min(pooled, key=rank_of.__getitem__))
-            candidates = [
-                candidate_graph(
-                    q["query"],
-                    qvec,
-                    passages[pid],
-                    passage_vecs[position[pid]],
-                    text_vecs,
-                    rank_of[pid],
-                    cfg.max_entities,
-                    1.0 if pid in relevant else 0.0,
-                )
-                for pid in chosen
-            ]
+            candidates = candidate_graphs(
+                q["query"],
+                qvec,
+                [passages[pid] for pid in chosen],
+                [passage_vecs[position[pid]] for pid in chosen],
+                text_vecs,
+                [rank_of[pid] for pid in chosen],
+                cfg.max_entities,
+                [1.0 if pid in relevant else 0.0 for pid in chosen],
+            )
             records.append({"query_id": qid, "query": q["query"], "candidates": candidates})
         check_records(records, "gnn", out_dir / f"{name}.jsonl")
         written[name] = records
@@ -344,10 +281,6 @@ def build(
 
 
 # --- model ---------------------------------------------------------------------------------------
-
-
-COSINE = -3  # position of the cosine-to-query feature, from the end of a node's features
-RANK = -1  # position of the passage's first-stage rank feature 1/(1+rank)
 
 
 class GraphRanker(nn.Module):
@@ -384,27 +317,13 @@ class GraphRanker(nn.Module):
 def collate(
     queries: list[dict[str, Any]],
 ) -> tuple[dict[str, torch.Tensor], list[int], torch.Tensor]:
-    """The disjoint union of every candidate graph of ``queries``: model inputs, the number of
-    candidates per query, and the labels."""
-    features, edges, directions, readout, labels, counts = [], [], [], [], [], []
-    offset = 0
-    for q in queries:
-        counts.append(len(q["candidates"]))
-        for c in q["candidates"]:
-            x = np.asarray(c["node_features"], dtype=np.float32)
-            features.append(x)
-            edges.append(np.asarray(c["edge_index"], dtype=np.int64).reshape(-1, 2) + offset)
-            directions.append(np.asarray(c["edge_directions"], dtype=np.int64))
-            readout.append(offset)  # node 0 is the passage
-            labels.append(c["label"])
-            offset += len(x)
-    inputs = {
-        "node_features": torch.from_numpy(np.concatenate(features)),
-        "edge_index": torch.from_numpy(np.concatenate(edges).T.copy()),
-        "edge_directions": torch.from_numpy(np.concatenate(directions)),
-        "readout_index": torch.tensor(readout, dtype=torch.int64),
-    }
-    return inputs, counts, torch.tensor(labels, dtype=torch.float32)
+    """The disjoint union of every candidate graph of ``queries``
+    (:func:`sphana.graph_inputs.ranker_inputs`): model inputs, the number of candidates per
+    query, and the labels."""
+    candidates = [c for q in queries for c in q["candidates"]]
+    inputs = {name: torch.from_numpy(array) for name, array in ranker_inputs(candidates).items()}
+    counts = [len(q["candidates"]) for q in queries]
+    return inputs, counts, torch.tensor([c["label"] for c in candidates], dtype=torch.float32)
 
 
 def hide_first_stage(

@@ -1,11 +1,16 @@
 """Relation extractor: an entity-marked sentence classifier on a transformer backbone.
 
-An example is a sentence with two entity spans. :func:`mark` wraps them in marker tokens,
-``[E1]subject[/E1]`` and ``[E2]object[/E2]`` (added to the tokenizer as special tokens), and the
-classifier reads the hidden states at the ``[E1]`` and ``[E2]`` markers ("entity start" pooling),
-concatenated, through a linear layer to one logit per label. The marker positions are found
-inside the model from ``input_ids``, so the ONNX graph takes the plain tokenizer outputs. If
-truncation cuts a marker off, its position falls back to ``[CLS]``.
+An example is a sentence with two entity spans. :func:`sphana.relation_inputs.mark` wraps them in
+marker tokens, ``[E1]subject[/E1]`` and ``[E2]object[/E2]`` (added to the tokenizer as special
+tokens), and the classifier reads the hidden states at the ``[E1]`` and ``[E2]`` markers ("entity
+start" pooling), concatenated, through a linear layer to one logit per label. The marker positions
+are found inside the model from ``input_ids``, so the ONNX graph takes the plain tokenizer
+outputs. If truncation cuts a marker off, its position falls back to ``[CLS]``.
+
+The inputs are made by :mod:`sphana.relation_inputs` (:func:`tokenize` is its
+:func:`~sphana.relation_inputs.relation_inputs` on the transformers tokenizer's backend) and the
+predictions read by it (:func:`extract`): the torch-free code a runtime calls, so training,
+``build_graphs`` and serving cannot drift apart.
 
 Training runs on the shared runtime with class-weighted cross-entropy (``relation.class_weighting``)
 and keeps the epoch with the best validation macro-F1, stopping after ``relation.patience`` epochs
@@ -27,39 +32,11 @@ from torch import nn
 from sphana.config import ClassWeighting, PathsConfig, RelationConfig, RuntimeConfig
 from sphana.errors import InputError
 from sphana.io import atomic_dir, load_jsonl, write_json_atomic
+from sphana.relation_inputs import MARKERS, pair_examples, pair_relations, relation_inputs
+from sphana.tokenization import Padding, backend
 
-MARKERS = ("[E1]", "[/E1]", "[E2]", "[/E2]")
 HEAD_FILE = "head.safetensors"  # the classification layer, beside the transformer's weights
 META_FILE = "relation.json"  # labels, markers, pooling, max_seq_length
-NO_RELATION = "no_relation"  # the gold label of a pair that states no relation
-
-
-def mark(text: str, e1: dict[str, Any], e2: dict[str, Any]) -> str:
-    """``text`` with ``[E1]…[/E1]`` around ``e1`` and ``[E2]…[/E2]`` around ``e2``.
-
-    Raises:
-        ValueError: a span outside ``text``, not matching its ``text`` field, or the two overlap.
-    """
-    spans = []
-    for name, entity, (open_tag, close_tag) in (
-        ("entity1", e1, MARKERS[:2]),
-        ("entity2", e2, MARKERS[2:]),
-    ):
-        start, end = entity["start"], entity["end"]
-        if not 0 <= start < end <= len(text):
-            raise ValueError(f"{name} span {start}:{end} is outside the text ({len(text)} chars)")
-        if "text" in entity and text[start:end] != entity["text"]:
-            raise ValueError(
-                f"{name} text {entity['text']!r} != {text[start:end]!r} at {start}:{end}"
-            )
-        spans.append((start, end, open_tag, close_tag))
-    (s1, e1_, *_), (s2, e2_, *_) = spans
-    if s1 < e2_ and s2 < e1_:
-        raise ValueError(f"entity spans {s1}:{e1_} and {s2}:{e2_} overlap")
-    out = text
-    for start, end, open_tag, close_tag in sorted(spans, reverse=True):  # right to left
-        out = out[:start] + open_tag + out[start:end] + close_tag + out[end:]
-    return out
 
 
 class RelationClassifier(nn.Module):
@@ -139,18 +116,13 @@ def load_trained(model_dir: Path) -> tuple[RelationClassifier, Any, dict[str, An
 
 
 def tokenize(
-    tokenizer: Any, examples: list[dict[str, Any]], max_length: int, padding: str = "longest"
+    tokenizer: Any, examples: list[dict[str, Any]], max_length: int, padding: Padding = "longest"
 ) -> dict[str, torch.Tensor]:
-    """Marked, tokenized examples (``padding``: ``longest`` in the batch, or ``max_length``)."""
-    texts = [mark(x["text"], x["entity1"], x["entity2"]) for x in examples]
-    return tokenizer(
-        texts,
-        padding=padding,
-        truncation=True,
-        max_length=max_length,
-        return_tensors="pt",
-        return_token_type_ids=True,
-    )
+    """Marked, tokenized examples (``padding``: ``longest`` in the batch, or ``max_length``):
+    :func:`sphana.relation_inputs.relation_inputs` on the transformers tokenizer's backend."""
+    backend_tokenizer, pad = backend(tokenizer)
+    inputs = relation_inputs(backend_tokenizer, examples, max_length, pad, padding)
+    return {name: torch.from_numpy(array) for name, array in inputs.items()}
 
 
 @torch.inference_mode()
@@ -184,42 +156,18 @@ def extract(
 
     A candidate pair is unordered (entities in text order) while the classifier reads ``entity1``
     as the subject, so both orders are scored; the more probable of the two predicted relations
-    wins, and a pair whose both orders are predicted ``no_relation`` states none.
+    wins, and a pair whose both orders are predicted ``no_relation`` states none: the examples and
+    the choice are :func:`sphana.relation_inputs.pair_examples` and
+    :func:`~sphana.relation_inputs.pair_relations`, as at serve time (where ONNX logits go through
+    :func:`~sphana.relation_inputs.softmax`).
     """
-    from sphana.datasets import pair_example
-
-    examples = [pair_example(p) for p in pairs]
-    swapped = [{**x, "entity1": x["entity2"], "entity2": x["entity1"]} for x in examples]
     probs = torch.softmax(
         torch.from_numpy(
-            predict_logits(model, tokenizer, examples + swapped, batch_size, max_length)
+            predict_logits(model, tokenizer, pair_examples(pairs), batch_size, max_length)
         ),
         dim=-1,
     ).numpy()
-    found: list[tuple[dict[str, Any], dict[str, Any], str] | None] = []
-    for p, forward, backward in zip(pairs, probs[: len(pairs)], probs[len(pairs) :], strict=True):
-        choice = orient(forward, backward, labels)
-        if choice is None:
-            found.append(None)
-        else:
-            reverse, label = choice
-            found.append((p["e2"], p["e1"], label) if reverse else (p["e1"], p["e2"], label))
-    return found
-
-
-def orient(forward: np.ndarray, backward: np.ndarray, labels: list[str]) -> tuple[bool, str] | None:
-    """Given label probabilities for a pair read in text order (``forward``) and reversed:
-    ``(reversed, label)`` of the more probable predicted relation (forward on a tie), or ``None``
-    when both orders predict ``no_relation``."""
-    options = [
-        (float(probs.max()), reverse, labels[int(probs.argmax())])
-        for reverse, probs in ((False, forward), (True, backward))
-    ]
-    options = [o for o in options if o[2] != NO_RELATION]
-    if not options:
-        return None
-    _, reverse, label = max(options, key=lambda o: o[0])
-    return reverse, label
+    return pair_relations(pairs, probs, labels)
 
 
 # --- metrics and baselines -----------------------------------------------------------------------

@@ -54,22 +54,12 @@ def array(entry: dict[str, Any]) -> np.ndarray:
 
 
 def _tokenize(tokenizer_file: Path, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
-    """What a consumer does with ``tokenizer.json``: encode, truncate, pad to the longest."""
-    from tokenizers import Tokenizer
+    """What a consumer does with ``tokenizer.json``: encode, truncate, pad to the longest (the
+    build's own :func:`sphana.tokenization.encode`)."""
+    from sphana import tokenization
 
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    tokenizer.enable_truncation(max_length)
-    pad = tokenizer.padding or {}
-    tokenizer.enable_padding(
-        pad_id=pad.get("pad_id", tokenizer.token_to_id("[PAD]") or 0),
-        pad_token=pad.get("pad_token", "[PAD]"),
-    )
-    encodings = tokenizer.encode_batch(texts)
-    return {
-        "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-        "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-        "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
-    }
+    tokenizer, pad = tokenization.load(tokenizer_file.parent)
+    return tokenization.encode(tokenizer, texts, max_length, pad)
 
 
 def _graphs(feature_dim: int) -> list[dict[str, np.ndarray]]:

@@ -12,10 +12,7 @@ import torch
 
 from sphana.export.gnn import random_graphs, same_rankings
 from sphana.gnn import (
-    EXTRA_FEATURES,
     GraphRanker,
-    Passage,
-    candidate_graph,
     collate,
     detected_pairs,
     extraction_agreement,
@@ -24,6 +21,7 @@ from sphana.gnn import (
     ranking_metrics,
     similarity_baseline,
 )
+from sphana.graph_inputs import EXTRA_FEATURES, Passage, candidate_graph
 from sphana.io import load_jsonl
 
 

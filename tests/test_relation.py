@@ -19,9 +19,9 @@ from sphana.relation import (
     baselines,
     class_weights,
     classification_metrics,
-    orient,
 )
-from sphana.relation import mark as mark_entities
+from sphana.relation_inputs import mark as mark_entities
+from sphana.relation_inputs import orient
 
 TEXT = "The Halvard Lab hired Edda Marrowby in 1979."
 LAB = {"text": "Halvard Lab", "start": 4, "end": 15}
