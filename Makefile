@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0  # CPU build first: an unpinned torch pulls CUDA
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[build,serve,dev]'
 	touch $@
 
 ## Build every artifact from the embedded corpus: dvc repro reruns only what changed.

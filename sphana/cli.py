@@ -6,6 +6,8 @@
 - ``stats FILE [--json]``: record count, label/kind counts and text lengths of a JSON Lines file.
 - ``artifacts list|register|promote|rollback|diff|bundle|parity-samples``: the model registry
   (git tags in GTO's format over the ``artifacts:`` of dvc.yaml; see sphana/registry.py).
+- ``serve RELEASE``: serve a release on ONNX Runtime (sphana/serving/); needs only
+  ``pip install 'sphana[serve]'``, no torch.
 """
 
 from __future__ import annotations
@@ -238,12 +240,18 @@ def cmd_artifacts_parity_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sphana.serving.server import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # The module docstring is reStructuredText for readers of the code; --help gets plain text.
     parser = argparse.ArgumentParser(
         prog="sphana",
         description="Sphana build tooling: compose the configuration, check manifests and data "
-        "files, and manage the model registry.",
+        "files, manage the model registry, and serve a release.",
         epilog="'sphana <command> --help' shows the arguments of a command. The pipeline itself "
         "runs with 'dvc repro', or one stage at a time: python stages/<stage>.py [overrides].",
     )
@@ -331,6 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
         "version",
     )
     p.add_argument("-o", "--output", default="-", help="JSON file (default: stdout)")
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve a release on ONNX Runtime (HTTP, or JSON lines with --stdio)",
+        description="Verify a release (every sha256), load and warm its ONNX Runtime sessions, "
+        "then serve it: OpenAI and TEI embeddings, relations, rerank, generation, the Open "
+        "Inference Protocol v2, /health, /info, /metrics; OpenAPI page at /docs.",
+    )
+    from sphana.serving.server import add_arguments
+
+    add_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -14,7 +14,7 @@ baseline the decode-speed benchmark compares against).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,48 @@ def _pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> n
     return out
 
 
+def decode_steps(
+    step: Step,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    cache_shape: tuple[int, int, int],
+    eos_ids: Sequence[int],
+    pad_id: int,
+    sampling: Sampling = Sampling(),
+    use_cache: bool = True,
+) -> Iterator[np.ndarray]:
+    """The decode loop: yields each step's new token per prompt (``pad_id`` for a prompt that
+    has ended), until every prompt has produced an end token or ``max_new_tokens`` steps.
+
+    ``cache_shape`` is ``(layers, kv_heads, head_dim)``.
+    """
+    if not prompts:
+        return
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    batch = len(prompts)
+    ids, mask = pad(prompts, pad_id, side="left")
+    rng = np.random.default_rng(sampling.seed)
+    ends = np.asarray(list(eos_ids), dtype=np.int64)
+    done = np.zeros(batch, dtype=bool)
+    past, step_ids, step_mask = empty_cache(batch, cache_shape), ids, mask
+    for k in range(max_new_tokens):
+        position = positions(step_mask)
+        if use_cache and k:
+            position = position[:, -1:]
+        logits, present = step(step_ids, step_mask, position, past)
+        token = np.where(done, pad_id, _pick(logits[:, -1], sampling, rng))
+        yield token
+        done |= np.isin(token, ends)
+        if done.all():
+            break
+        step_mask = np.concatenate([step_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        if use_cache:
+            past, step_ids = present, token[:, None]
+        else:
+            step_ids = np.concatenate([step_ids, token[:, None]], axis=1)
+
+
 def generate_ids(
     step: Step,
     prompts: Sequence[Sequence[int]],
@@ -113,38 +155,15 @@ def generate_ids(
     sampling: Sampling = Sampling(),
     use_cache: bool = True,
 ) -> list[list[int]]:
-    """New token ids for each prompt (up to and without the first end token).
-
-    ``cache_shape`` is ``(layers, kv_heads, head_dim)``.
-    """
-    if not prompts:
-        return []
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    batch = len(prompts)
-    ids, mask = pad(prompts, pad_id, side="left")
-    rng = np.random.default_rng(sampling.seed)
-    ends = np.asarray(list(eos_ids), dtype=np.int64)
-    done = np.zeros(batch, dtype=bool)
-    generated: list[np.ndarray] = []
-    past, step_ids, step_mask = empty_cache(batch, cache_shape), ids, mask
-    for _ in range(max_new_tokens):
-        position = positions(step_mask)
-        if use_cache and generated:
-            position = position[:, -1:]
-        logits, present = step(step_ids, step_mask, position, past)
-        token = np.where(done, pad_id, _pick(logits[:, -1], sampling, rng))
-        generated.append(token)
-        done |= np.isin(token, ends)
-        if done.all():
-            break
-        step_mask = np.concatenate([step_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-        if use_cache:
-            past, step_ids = present, token[:, None]
-        else:
-            step_ids = np.concatenate([step_ids, token[:, None]], axis=1)
+    """New token ids for each prompt (up to and without the first end token), from
+    :func:`decode_steps`."""
+    generated = list(
+        decode_steps(
+            step, prompts, max_new_tokens, cache_shape, eos_ids, pad_id, sampling, use_cache
+        )
+    )
     out = []
-    for row in np.stack(generated, axis=1) if generated else np.zeros((batch, 0), np.int64):
+    for row in np.stack(generated, axis=1) if generated else np.zeros((len(prompts), 0), np.int64):
         tokens = row.tolist()
         end = next((k for k, t in enumerate(tokens) if t in set(eos_ids)), len(tokens))
         out.append(tokens[:end])
@@ -171,19 +190,41 @@ class OnnxGenerator:
     """``llm_generator.onnx`` (or its INT8 sibling) with its tokenizer, from an export directory
     (``target/artifacts/llm/<version>/onnx/`` or a bundle)."""
 
-    def __init__(self, onnx_dir: Path, file_name: str = ONNX_FILE, threads: int = 0) -> None:
-        import onnxruntime as ort
+    def __init__(
+        self, onnx_dir: Path, file_name: str = ONNX_FILE, threads: int = 0, session: Any = None
+    ) -> None:
+        """``session``: an ONNX Runtime session of the file already made (the server's, with
+        its options); else one is created on the CPU with ``threads`` intra-op threads."""
         from tokenizers import Tokenizer
 
         self.info = json.loads((onnx_dir / "llm.json").read_text(encoding="utf-8"))
         self.tokenizer = Tokenizer.from_file(str(onnx_dir / "tokenizer.json"))
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(
-            str(onnx_dir / file_name), options, providers=["CPUExecutionProvider"]
-        )
+        if session is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            session = ort.InferenceSession(
+                str(onnx_dir / file_name), options, providers=["CPUExecutionProvider"]
+            )
+        self.session = session
         self.step = ort_step(self.session)
+
+    def steps(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling()
+    ) -> Iterator[np.ndarray]:
+        """:func:`decode_steps` on this model (with the KV cache)."""
+        info = self.info
+        return decode_steps(
+            self.step,
+            prompts,
+            max_new_tokens,
+            (info["layers"], info["kv_heads"], info["head_dim"]),
+            info["eos_token_ids"],
+            info["pad_token_id"],
+            sampling,
+        )
 
     def generate_ids(
         self,

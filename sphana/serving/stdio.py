@@ -1,0 +1,116 @@
+"""``sphana serve --stdio``: the engine over JSON lines, for a host that runs the server as a
+child process (a Rust or .NET host, say) and talks to it through pipes.
+
+One request per line on stdin, one response per line on stdout, in order::
+
+    {"id": 1, "op": "ping"}                                  -> {"id": 1, "ok": true}
+    {"id": 2, "op": "info"}                                  -> {"id": 2, "info": {...}}
+    {"id": 3, "op": "embed", "inputs": ["a", "b"]}           -> {"id": 3, "embeddings": [[...]]}
+    {"id": 4, "op": "generate", "prompt": "...", "max_new_tokens": 16}
+                                                             -> {"id": 4, "generated_text": ...}
+
+``truncate`` (embed) and ``chat``, ``top_k``, ``top_p``, ``temperature``, ``seed``, ``stop``
+(generate) are optional, as over HTTP. A bad request gets ``{"id", "error"}`` and the process
+goes on; end of input ends it. Logs go to stderr, never stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import IO, Any
+
+from sphana.serving.engine import Engine, InputTooLong
+
+OPS = ("ping", "info", "embed", "generate")
+
+
+class _Refused(ValueError):
+    pass
+
+
+def _texts(request: dict[str, Any], field: str, max_inputs: int) -> list[str]:
+    value = request.get(field)
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise _Refused(f"{field}: a text or a non-empty list of texts")
+    if len(texts) > max_inputs:
+        raise _Refused(f"{field}: {len(texts)} texts, more than max_inputs={max_inputs}")
+    return texts
+
+
+def handle(engine: Engine, request: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The response to one request (without its id)."""
+    if not isinstance(request, dict):
+        raise _Refused("each line must be a JSON object with an 'op'")
+    op = request.get("op")
+    if op == "ping":
+        return {"ok": True, "version": engine.version}
+    if op == "info":
+        return {"info": engine.describe()}
+    if op == "embed":
+        if engine.embedder is None:
+            raise _Refused("this release has no embedding component")
+        texts = _texts(request, "inputs", args.max_inputs)
+        truncate = request.get("truncate", args.auto_truncate)
+        try:
+            vectors = engine.embedder.embed(texts, bool(truncate))
+        except InputTooLong as e:
+            raise _Refused(f"inputs[{e.index}]: {e}") from None
+        return {"embeddings": vectors.tolist()}
+    if op == "generate":
+        from sphana.generation import Sampling
+
+        if engine.generator is None:
+            raise _Refused("this release has no llm component")
+        prompt = request.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise _Refused("prompt: a non-empty text")
+        new_tokens = request.get("max_new_tokens", 64)
+        if not isinstance(new_tokens, int) or not 1 <= new_tokens <= args.max_new_tokens:
+            raise _Refused(f"max_new_tokens: an integer from 1 to {args.max_new_tokens}")
+        try:
+            sampling = Sampling(
+                int(request.get("top_k", 1)),
+                float(request.get("top_p", 1.0)),
+                float(request.get("temperature", 1.0)),
+                int(request.get("seed", 0)),
+            )
+        except (TypeError, ValueError) as e:
+            raise _Refused(f"sampling: {e}") from None
+        decoding = engine.decoding(
+            prompt,
+            chat=bool(request.get("chat", True)),
+            max_new_tokens=new_tokens,
+            sampling=sampling,
+            stop=request.get("stop") or [],
+        )
+        for _ in decoding:
+            pass
+        return {
+            "generated_text": decoding.text,
+            "finish_reason": decoding.finish_reason,
+            "generated_tokens": decoding.tokens,
+        }
+    raise _Refused(f"op: {op!r} is not one of {', '.join(OPS)}")
+
+
+def serve_stdio(engine: Engine, args: argparse.Namespace, stdin: IO[str], stdout: IO[str]) -> int:
+    """Answer every line of ``stdin`` until it ends."""
+    for line in stdin:
+        if not line.strip():
+            continue
+        request_id = None
+        try:
+            request = json.loads(line)
+            request_id = request.get("id") if isinstance(request, dict) else None
+            response = handle(engine, request, args)
+        except json.JSONDecodeError as e:
+            response = {"error": f"not a JSON line ({e.msg} at column {e.colno})"}
+        except _Refused as e:
+            response = {"error": str(e)}
+        except Exception as e:  # the engine failed on this request: say so, keep serving
+            response = {"error": f"{type(e).__name__}: {e}"}
+        stdout.write(json.dumps({"id": request_id, **response}) + "\n")
+        stdout.flush()
+    return 0
