@@ -83,6 +83,11 @@ class RerankRequest(BaseModel):
     texts: list[str] = Field(description="the candidate passages")
     top_n: int | None = Field(None, ge=1)
     return_text: bool = False
+    ranks: list[int] | None = Field(
+        None,
+        description="each text's rank in the first-stage retrieval (0 = best), a feature of the "
+        "ranker's graphs as in training; default: its rank among texts by embedding similarity",
+    )
 
 
 class ApiError(Exception):
@@ -464,7 +469,11 @@ def create_app(engine: Engine, limits: ServeLimits, batch: BatchLimits) -> Any:
         if not body.query.strip():
             raise ApiError(422, "query: empty", "query")
         texts = texts_of(body.texts, "texts")
-        out, headers = await in_thread(request, engine.rerank, body.query, texts)
+        if body.ranks is not None and (
+            len(body.ranks) != len(texts) or any(r < 0 for r in body.ranks)
+        ):
+            raise ApiError(422, f"ranks: one rank >= 0 per text ({len(texts)})", "ranks")
+        out, headers = await in_thread(request, engine.rerank, body.query, texts, body.ranks)
         if out is None:
             return Response(status_code=499)
         scores, scorer = out

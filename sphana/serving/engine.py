@@ -421,11 +421,16 @@ class Engine:
         mentions = [m for s in sentences for m in s["mentions"]]
         return {"entities": mentions, "pairs": out}
 
-    def rerank(self, query: str, texts: Sequence[str]) -> tuple[list[float], str]:
+    def rerank(
+        self, query: str, texts: Sequence[str], ranks: Sequence[int] | None = None
+    ) -> tuple[list[float], str]:
         """A score per text for ``query`` (higher is better) and what scored it: the graph
         ranker over the candidates' graphs, built as in training (:mod:`sphana.graph_inputs`;
         relation nodes from the relation extractor when the ranker was trained with them), or
-        the embedding's cosine similarity when the release has no ranker."""
+        the embedding's cosine similarity when the release has no ranker.
+
+        ``ranks``: each text's rank in the first stage that retrieved it (0 = best), a feature
+        of its graph as in training; by default its rank among ``texts`` by cosine."""
         assert self.embedder is not None
         vectors = self.embedder.run([query, *texts])
         query_vec, passage_vecs = vectors[0], vectors[1:]
@@ -435,9 +440,11 @@ class Engine:
         from sphana.graph_inputs import passage, query_graphs, ranker_inputs
 
         ranker = self.models["gnn"]
-        order = np.argsort(-cosine, kind="stable")
-        ranks = np.empty(len(texts), dtype=np.int64)
-        ranks[order] = np.arange(len(texts))
+        if ranks is None:
+            order = np.argsort(-cosine, kind="stable")
+            by_cosine = np.empty(len(texts), dtype=np.int64)
+            by_cosine[order] = np.arange(len(texts))
+            ranks = by_cosine.tolist()
         with_relations = bool(ranker.config.get("relation_nodes")) and self.extractor is not None
         passages = []
         for i, text in enumerate(texts):

@@ -1,0 +1,236 @@
+"""Serving parity: what ``sphana serve`` answers on the build's validation data, next to what the
+build's export gates measured (``target/metrics/export_*.json``), in one run.
+
+Run from a built repository (after ``make run``)::
+
+    python benchmarks/serve_parity.py [--release target/manifests/latest.tar.gz]
+
+- embedding: the served vectors (``/v1/embeddings``) of the validation queries and passages
+  against the same file run in process with the build's transformers tokenizer (max abs
+  difference, next to the fp32 gate), and the retrieval metrics recomputed from the served
+  vectors next to the export's INT8 figures;
+- relation: each validation example sent with its two entity spans (``/v1/relations``), the
+  served label of the reading with the example's subject first, macro-F1 and accuracy next to
+  the export's;
+- ranker: each validation query's candidates (their chunk texts and first-stage ranks) sent to
+  ``/v1/rerank``; nDCG@10 and MRR next to the export's, and the share of queries ranked exactly
+  as the build's graphs are;
+- generator: greedy generations of the export's parity prompts, served against in process.
+
+It measures; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+
+def start(release: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sphana.cli",
+            "serve",
+            str(release),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--max-inputs",
+            "4096",
+            "--auto-truncate",  # as the build's evaluation truncates long passages
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited: {proc.stderr.read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+
+
+def load_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def served_embed(url: str):
+    def embed(texts: list[str]) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), 64):
+            r = httpx.post(f"{url}/v1/embeddings", json={"input": texts[i : i + 64]}, timeout=120)
+            r.raise_for_status()
+            out.extend(d["embedding"] for d in r.json()["data"])
+        return np.asarray(out, dtype=np.float32)
+
+    return embed
+
+
+def embedding(url: str, target: Path, manifest: dict) -> None:
+    from sphana.embedding import ValidationSet
+
+    entry = manifest["components"]["embedding"]
+    report = json.loads((target / "metrics/export_embedding.json").read_text())
+    validation = ValidationSet.load(target / "datasets/embedding")
+    served = validation.evaluate(served_embed(url))
+    model = target / "artifacts" / entry["path"]
+    texts = [r["query"] for r in load_jsonl(target / "datasets/embedding/validation.jsonl")][:256]
+    reference = in_process_embed(model, entry["model_config"]["max_seq_length"])(texts)
+    diff = float(np.abs(served_embed(url)(texts) - reference).max())
+    print(
+        f"embedding: served vs in process (same file, transformers tokenizer), {len(texts)} "
+        f"queries: max abs diff {diff:.2e} (fp32 gate {entry['parity']['fp32']['threshold']})"
+    )
+    shipped = (
+        report["int8"]["metrics"]
+        if entry["model_config"]["quantized"]
+        else report["fp32"]["metrics"]
+    )
+    for k in ("recall@5", "recall@10", "mrr"):
+        print(f"  {k:10s} served {served[k]:.4f}   export {shipped[k]:.4f}")
+
+
+def in_process_embed(model: Path, max_length: int):
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    from sphana.export.embedding import ort_embed
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return ort_embed(session, AutoTokenizer.from_pretrained(str(model.parent)), max_length)
+
+
+def relation(url: str, target: Path, manifest: dict) -> None:
+    from sphana.relation import classification_metrics
+
+    entry = manifest["components"]["relation"]
+    labels = entry["model_config"]["labels"]
+    examples = load_jsonl(target / "datasets/relation/validation.jsonl")
+    gold, predicted, missing = [], [], 0
+    with httpx.Client(timeout=60) as client:
+        for x in examples:
+            spans = [x["entity1"], x["entity2"]]
+            body = {
+                "text": x["text"],
+                "entities": [{"start": e["start"], "end": e["end"]} for e in spans],
+            }
+            pairs = client.post(f"{url}/v1/relations", json=body).json()["pairs"]
+            if len(pairs) != 1:
+                missing += 1
+                continue
+            reading = "e1->e2" if x["entity1"]["start"] < x["entity2"]["start"] else "e2->e1"
+            scores = pairs[0]["scores"][reading]
+            gold.append(x["label"])
+            predicted.append(max(scores, key=scores.get))
+    served = classification_metrics(gold, predicted, labels)
+    report = json.loads((target / "metrics/export_relation.json").read_text())
+    shipped = (
+        report["int8"]["metrics"]
+        if entry["model_config"]["quantized"]
+        else report["fp32"]["metrics"]
+    )
+    print(
+        f"relation: {len(gold)} validation examples ({missing} not paired by the server): "
+        f"macro-F1 served {served['macro_f1']:.4f} export {shipped['macro_f1']:.4f}; "
+        f"accuracy served {served['accuracy']:.4f} export {shipped['accuracy']:.4f}"
+    )
+
+
+def ranker(url: str, target: Path, manifest: dict) -> None:
+    from sphana.gnn import ranking_metrics
+    from sphana.graph_inputs import RANK
+
+    chunks = {r["id"]: r["text"] for r in load_jsonl(target / "ingest/chunks.jsonl")}
+    queries = load_jsonl(target / "datasets/gnn/validation.jsonl")
+    scores, labels, same = [], [], 0
+    session = ranker_session(target, manifest)
+    from sphana.graph_inputs import ranker_inputs
+
+    with httpx.Client(timeout=120) as client:
+        for q in queries:
+            cands = q["candidates"]
+            ranks = [round(1 / c["node_features"][0][RANK] - 1) for c in cands]
+            body = {"query": q["query"], "texts": [chunks[c["id"]] for c in cands], "ranks": ranks}
+            ranked = client.post(f"{url}/v1/rerank", json=body).json()
+            s = np.zeros(len(cands))
+            for r in ranked:
+                s[r["index"]] = r["score"]
+            scores.append(s)
+            labels.append(np.array([c["label"] for c in cands]))
+            build = session.run(None, ranker_inputs(cands))[0]
+            same += np.array_equal(np.argsort(-s, kind="stable"), np.argsort(-build, kind="stable"))
+    served = ranking_metrics(scores, labels)
+    report = json.loads((target / "metrics/export_gnn.json").read_text())
+    shipped = report["fp32"]["metrics"]
+    print(
+        f"ranker: {len(queries)} validation queries: nDCG@10 served {served['ndcg@10']:.4f} "
+        f"export {shipped['ndcg@10']:.4f}; MRR served {served['mrr']:.4f} export "
+        f"{shipped['mrr']:.4f}; rankings identical to the build's graphs: "
+        f"{same / len(queries):.1%}"
+    )
+
+
+def ranker_session(target: Path, manifest: dict):
+    import onnxruntime as ort
+
+    entry = manifest["components"]["gnn"]
+    return ort.InferenceSession(
+        str(target / "artifacts" / entry["path"]), providers=["CPUExecutionProvider"]
+    )
+
+
+def generator(url: str, target: Path, manifest: dict) -> None:
+    from sphana.generation import OnnxGenerator
+    from sphana.samples import PROMPTS
+
+    entry = manifest["components"]["llm"]
+    path = target / "artifacts" / entry["path"]
+    local = OnnxGenerator(path.parent, path.name)
+    same = 0
+    for prompt in PROMPTS:
+        body = {"prompt": prompt, "chat": False, "max_new_tokens": 16}
+        served = httpx.post(f"{url}/v1/generate", json=body, timeout=300).json()["generated_text"]
+        same += served == local.generate([prompt], 16)[0]
+    print(f"generator: greedy generations identical to in process: {same}/{len(PROMPTS)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--release", type=Path, default=Path("target/manifests/latest.tar.gz"))
+    parser.add_argument("--target", type=Path, default=Path("target"))
+    args = parser.parse_args()
+    manifest = json.loads((args.target / "manifests/latest.json").read_text())
+    proc, url = start(args.release)
+    try:
+        for name, check in (
+            ("embedding", embedding),
+            ("relation", relation),
+            ("gnn", ranker),
+            ("llm", generator),
+        ):
+            if name in manifest["components"]:
+                check(url, args.target, manifest)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+if __name__ == "__main__":
+    main()
