@@ -212,6 +212,13 @@ def test_tei_embed_and_timing_headers(server: str) -> None:
         ("/embed", {"inputs": "word " * 5000}, 413, "inputs[0]"),
         ("/embed", {"inputs": "x", "normalize": False}, 422, "normalize"),
         ("/v1/generate", {"prompt": "hi", "max_new_tokens": 100000}, 422, "max_new_tokens"),
+        ("/v1/rerank", {"query": "q", "texts": ["a"], "ranks": [0, 1]}, 422, "ranks"),
+        (
+            "/v1/relations",
+            {"text": "Ines Varga.", "entities": [{"start": 5, "end": 2}]},
+            422,
+            "entities[0]",
+        ),
         ("/v2/models/nonexistent/infer", {"inputs": []}, 404, "unknown model"),
         ("/v2/models/embedding/infer", {"inputs": [{"name": "x"}]}, 400, "not an input"),
     ],
