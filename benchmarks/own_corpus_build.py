@@ -87,10 +87,14 @@ def main() -> None:
         )
     ood = embedding.get("out_of_domain")
     if ood:
-        print("embedding out of domain:")
-        for label, m in ood.items():
-            if isinstance(m, dict) and "mrr" in m:
-                print(f"  {label:34s} recall@10 {m['recall@10']:.4f}  MRR {m['mrr']:.4f}")
+        print(
+            f"embedding out of domain ({ood['set']['source']}; the mix is chosen on the "
+            "selection half, the report half is held out):"
+        )
+        for label in ("base", "fine_tuned", "shipped"):
+            for half in ("selection", "report"):
+                m = ood[label][half]
+                print(f"  {label:12s} {half:9s} recall@10 {m['recall@10']:.4f}  MRR {m['mrr']:.4f}")
     if args.keep:
         print(f"kept: {repo}")
     else:
