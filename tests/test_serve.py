@@ -382,6 +382,9 @@ def test_stdio_answers_a_scripted_session(tarball: Path) -> None:
         {"id": 4, "op": "frobnicate"},
         {"id": 5, "op": "embed", "inputs": []},
         {"id": 6, "op": "generate", "prompt": "Where is Halvard?", "max_new_tokens": 4},
+        {"id": 7, "op": "relations", "text": "Ines Varga founded the Lab in Halvard."},
+        {"id": 8, "op": "rerank", "query": "Who founded it?", "texts": TEXTS},
+        {"id": 9, "op": "relations", "text": "Ines Varga.", "entities": [{"start": 0, "end": 99}]},
     ]
     script = "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines)
     proc = subprocess.run(
@@ -400,6 +403,12 @@ def test_stdio_answers_a_scripted_session(tarball: Path) -> None:
     assert out[2]["id"] == 3 and len(out[2]["embeddings"]) == 2
     assert "frobnicate" in out[3]["error"] and "inputs" in out[4]["error"]
     assert out[5]["id"] == 6 and isinstance(out[5]["generated_text"], str)
+    from sphana.entities import detect
+
+    expected = [m for s in detect(lines[6]["text"], 400) for m in s["mentions"]]
+    assert out[6]["entities"] == expected and len(out[6]["pairs"]) >= 1
+    assert sorted(r["index"] for r in out[7]["results"]) == [0, 1, 2]
+    assert out[7]["scored_by"] == "gnn" and "entities[0]" in out[8]["error"]
 
 
 def test_relations_detected_as_ingest_does_and_scored_both_ways(server: str) -> None:

@@ -6,8 +6,12 @@ One request per line on stdin, one response per line on stdout, in order::
     {"id": 1, "op": "ping"}                                  -> {"id": 1, "ok": true}
     {"id": 2, "op": "info"}                                  -> {"id": 2, "info": {...}}
     {"id": 3, "op": "embed", "inputs": ["a", "b"]}           -> {"id": 3, "embeddings": [[...]]}
-    {"id": 4, "op": "generate", "prompt": "...", "max_new_tokens": 16}
-                                                             -> {"id": 4, "generated_text": ...}
+    {"id": 4, "op": "relations", "text": "...", "entities": [{"start", "end"}]?}
+                                                             -> {"id": 4, "entities", "pairs"}
+    {"id": 5, "op": "rerank", "query": "...", "texts": [...], "ranks": [...]?}
+                                               -> {"id": 5, "results": [{"index", "score"}]}
+    {"id": 6, "op": "generate", "prompt": "...", "max_new_tokens": 16}
+                                                             -> {"id": 6, "generated_text": ...}
 
 ``truncate`` (embed) and ``chat``, ``top_k``, ``top_p``, ``temperature``, ``seed``, ``stop``
 (generate) are optional, as over HTTP. A bad request gets ``{"id", "error"}`` and the process
@@ -22,7 +26,7 @@ from typing import IO, Any
 
 from sphana.serving.engine import Engine, InputTooLong
 
-OPS = ("ping", "info", "embed", "generate")
+OPS = ("ping", "info", "embed", "relations", "rerank", "generate")
 
 
 class _Refused(ValueError):
@@ -58,6 +62,40 @@ def handle(engine: Engine, request: Any, args: argparse.Namespace) -> dict[str, 
         except InputTooLong as e:
             raise _Refused(f"inputs[{e.index}]: {e}") from None
         return {"embeddings": vectors.tolist()}
+    if op == "relations":
+        if engine.extractor is None:
+            raise _Refused("this release has no relation component")
+        text = request.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise _Refused("text: a non-empty text")
+        spans = request.get("entities")
+        if spans is not None:
+            if not isinstance(spans, list):
+                raise _Refused("entities: a list of {start, end} spans")
+            for i, e in enumerate(spans):
+                ok = isinstance(e, dict) and all(
+                    isinstance(e.get(k), int) for k in ("start", "end")
+                )
+                if not ok or not 0 <= e["start"] < e["end"] <= len(text):
+                    raise _Refused(f"entities[{i}]: give 0 <= start < end <= {len(text)}")
+        return engine.relations(text, spans)
+    if op == "rerank":
+        if engine.embedder is None:
+            raise _Refused("this release has no embedding component")
+        query = request.get("query")
+        if not isinstance(query, str) or not query.strip():
+            raise _Refused("query: a non-empty text")
+        texts = _texts(request, "texts", args.max_inputs)
+        ranks = request.get("ranks")
+        if ranks is not None and (
+            not isinstance(ranks, list)
+            or len(ranks) != len(texts)
+            or not all(isinstance(r, int) and r >= 0 for r in ranks)
+        ):
+            raise _Refused(f"ranks: one rank >= 0 per text ({len(texts)})")
+        scores, scorer = engine.rerank(query, texts, ranks)
+        order = sorted(range(len(texts)), key=lambda i: -scores[i])
+        return {"results": [{"index": i, "score": scores[i]} for i in order], "scored_by": scorer}
     if op == "generate":
         from sphana.generation import Sampling
 
