@@ -294,7 +294,9 @@ def test_generation_greedy_and_streamed(server: str, built: Path, tarball: Path)
         [chat_prompt("Where is Halvard?")], 12
     )
     body = {"prompt": "Where is Halvard?", "max_new_tokens": 12}
-    response = httpx.post(f"{server}/v1/generate", json=body, timeout=60).json()
+    raw = httpx.post(f"{server}/v1/generate", json=body, timeout=60)
+    assert float(raw.headers["x-inference-time"]) > 0
+    response = raw.json()
     assert response["generated_text"] == expected[0]
     assert response["finish_reason"] in ("eos", "length")
     pieces, final = [], None

@@ -550,7 +550,9 @@ def create_app(engine: Engine, limits: ServeLimits, batch: BatchLimits) -> Any:
             return StreamingResponse(stream(), media_type="text/event-stream")
         async for _ in pieces():
             pass
-        return JSONResponse(final())
+        seconds = time.perf_counter() - start
+        headers = {"x-inference-time": _ms(seconds), "x-total-time": _ms(seconds)}
+        return JSONResponse(final(), headers=headers)
 
     # --- Open Inference Protocol v2 ----------------------------------------------------------
 
