@@ -211,6 +211,22 @@ class RelationExtractor:
         return probs, pair_relations(pairs, probs, self.labels)
 
 
+class Spans:
+    """A parser that finds the entity spans it is given (``{"start", "end", "type"?}``) and the
+    sentences the ``simple`` parser finds, so given spans pair as detected ones do."""
+
+    version = "given-spans"
+
+    def __init__(self, spans: Sequence[dict[str, Any]]) -> None:
+        self.mentions = sorted((e["start"], e["end"], e.get("type")) for e in spans)
+
+    def parse(self, text: str) -> Any:
+        from sphana.documents import split_sentences
+        from sphana.entities import Parse
+
+        return Parse(split_sentences(text), list(self.mentions))
+
+
 def stage_params(manifest: dict[str, Any], stage: str, section: str) -> dict[str, Any]:
     """The params a build stage ran with (the manifest's provenance), e.g. ``ingest``'s
     ``ingest`` section; empty when the release does not record that stage."""
@@ -356,34 +372,7 @@ class Engine:
         every two of those spans that lie in one sentence within ``max_pair_chars``."""
         from sphana.entities import detect
 
-        if spans is None:
-            return detect(text, self.max_pair_chars, self.parser())
-        from sphana.documents import split_sentences
-
-        entities = sorted(
-            (
-                {
-                    "text": text[e["start"] : e["end"]],
-                    "start": e["start"],
-                    "end": e["end"],
-                    "type": e.get("type"),
-                }
-                for e in spans
-            ),
-            key=lambda e: (e["start"], e["end"]),
-        )
-        out = []
-        for start, end in split_sentences(text):
-            inside = [e for e in entities if start <= e["start"] and e["end"] <= end]
-            sentence = {"start": start, "end": end, "text": text[start:end]}
-            pairs = [
-                {"sentence": sentence, "e1": a, "e2": b}
-                for i, a in enumerate(inside)
-                for b in inside[i + 1 :]
-                if b["end"] - a["start"] <= self.max_pair_chars
-            ]
-            out.append({**sentence, "mentions": inside, "pairs": pairs})
-        return out
+        return detect(text, self.max_pair_chars, self.parser() if spans is None else Spans(spans))
 
     def relations(self, text: str, spans: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The entities of ``text`` and, for each candidate pair, the label probabilities of
