@@ -4,6 +4,7 @@ build's export gates measured (``target/metrics/export_*.json``), in one run.
 Run from a built repository (after ``make run``)::
 
     python benchmarks/serve_parity.py [--release target/manifests/latest.tar.gz]
+        [--precision embedding=fp32] [--only gnn]
 
 - embedding: the served vectors (``/v1/embeddings``) of the validation queries and passages
   against the same file run in process with the build's transformers tokenizer (max abs
@@ -34,7 +35,7 @@ import httpx
 import numpy as np
 
 
-def start(release: Path) -> tuple[subprocess.Popen, str]:
+def start(release: Path, precision: list[str]) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -52,6 +53,7 @@ def start(release: Path) -> tuple[subprocess.Popen, str]:
             "--max-inputs",
             "4096",
             "--auto-truncate",  # as the build's evaluation truncates long passages
+            *(f"--precision={p}" for p in precision),
         ],
         stderr=subprocess.PIPE,
         text=True,
@@ -215,9 +217,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--release", type=Path, default=Path("target/manifests/latest.tar.gz"))
     parser.add_argument("--target", type=Path, default=Path("target"))
+    parser.add_argument(
+        "--precision",
+        action="append",
+        default=[],
+        help="passed to sphana serve, e.g. embedding=fp32 (the build's graphs "
+        "hold vectors of the PyTorch encoder)",
+    )
+    parser.add_argument("--only", action="append", choices=["embedding", "relation", "gnn", "llm"])
     args = parser.parse_args()
     manifest = json.loads((args.target / "manifests/latest.json").read_text())
-    proc, url = start(args.release)
+    proc, url = start(args.release, args.precision)
     try:
         for name, check in (
             ("embedding", embedding),
@@ -225,7 +235,7 @@ def main() -> None:
             ("gnn", ranker),
             ("llm", generator),
         ):
-            if name in manifest["components"]:
+            if name in manifest["components"] and (not args.only or name in args.only):
                 check(url, args.target, manifest)
     finally:
         proc.terminate()
