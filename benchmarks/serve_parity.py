@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -36,37 +33,12 @@ import numpy as np
 
 
 def start(release: Path, precision: list[str]) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sphana.cli",
-            "serve",
-            str(release),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--max-inputs",
-            "4096",
-            "--auto-truncate",  # as the build's evaluation truncates long passages
-            *(f"--precision={p}" for p in precision),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {proc.stderr.read()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
+    """The server on ``release``, as the build evaluates: long passages truncated."""
+    from serve_load import start_server
+
+    flags = ["--max-inputs", "4096", "--auto-truncate", *(f"--precision={p}" for p in precision)]
+    proc, port, _ = start_server(release, 0, *flags)
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def load_jsonl(path: Path) -> list[dict]:

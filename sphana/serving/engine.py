@@ -435,11 +435,16 @@ class Engine:
             by_cosine[order] = np.arange(len(texts))
             ranks = by_cosine.tolist()
         with_relations = bool(ranker.config.get("relation_nodes")) and self.extractor is not None
-        passages = []
-        for i, text in enumerate(texts):
-            pairs = [p for s in self.candidates(text) for p in s["pairs"]]
-            relations = self.extractor.score(pairs)[1] if with_relations else None
-            passages.append(passage(str(i), text, pairs, relations))
+        pairs = [[p for s in self.candidates(text) for p in s["pairs"]] for text in texts]
+        relations: list[Any] = [None] * len(texts)
+        if with_relations:  # every candidate's pairs in one call of the relation model
+            found = self.extractor.score([p for ps in pairs for p in ps])[1]
+            bounds = np.cumsum([0, *map(len, pairs)])
+            relations = [found[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        passages = [
+            passage(str(i), text, ps, rs)
+            for i, (text, ps, rs) in enumerate(zip(texts, pairs, relations, strict=True))
+        ]
         graphs = query_graphs(
             query,
             passages,
