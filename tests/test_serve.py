@@ -8,6 +8,7 @@ unimportable, so every test here also proves that serving needs none of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import httpx
 import numpy as np
@@ -68,24 +70,12 @@ def tarball(built: Path) -> Path:
     return built / "target/manifests/latest.tar.gz"
 
 
-@pytest.fixture(scope="module")
-def server(tarball: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextlib.contextmanager
+def serving(*args: str, log: IO[str] | int = subprocess.DEVNULL) -> Iterator[str]:
+    """A server for ``sphana serve *args`` on a free port: its URL once ready; stopped after."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("serve") / "server.log", "w+")  # noqa: SIM115
     proc = launch(
-        "serve",
-        str(tarball),
-        "--port",
-        str(port),
-        "--threads",
-        "1",
-        "--max-concurrent-requests",
-        str(MAX_CONCURRENT),
-        "--max-inputs",
-        "8",
-        stdout=log,
-        stderr=subprocess.PIPE,
-        text=True,
+        "serve", *args, "--port", str(port), stdout=log, stderr=subprocess.PIPE, text=True
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -94,7 +84,24 @@ def server(tarball: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-        log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tarball: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with (
+        open(tmp_path_factory.mktemp("serve") / "server.log", "w+") as log,
+        serving(
+            str(tarball),
+            "--threads",
+            "1",
+            "--max-concurrent-requests",
+            str(MAX_CONCURRENT),
+            "--max-inputs",
+            "8",
+            log=log,
+        ) as url,
+    ):
+        yield url
 
 
 def manifest_of(tarball: Path) -> dict:
@@ -333,26 +340,49 @@ def test_a_short_overload_gets_429s_not_timeouts(server: str) -> None:
     assert httpx.get(f"{server}/health").status_code == 200
 
 
+def metric(url: str, name: str, **labels: str) -> float:
+    """A sample of the server's Prometheus ``/metrics`` (0 when it has none yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def test_a_request_whose_client_has_gone_is_dropped_before_inference(tarball: Path) -> None:
+    # a lone request waits up to 2 s for its batch to fill: time for its client to leave
+    with serving(str(tarball), "--max-wait-ms", "2000") as url:
+        port = int(url.rsplit(":", 1)[1])
+        body = json.dumps({"input": "Who founded Halvard?"}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                b"content-type: application/json\r\n"
+                + f"content-length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            time.sleep(0.5)  # queued, not yet run
+        deadline = time.monotonic() + 10
+        gone = {"endpoint": "/v1/embeddings", "reason": "client_gone"}
+        while metric(url, "sphana_request_failures_total", **gone) < 1:
+            assert time.monotonic() < deadline, "the server never noticed the client leave"
+            time.sleep(0.1)
+        time.sleep(2.5)  # past the batch deadline: the dropped request must not have run
+        assert metric(url, "sphana_batch_size_count", model="embedding") == 0
+        # and the server keeps serving: the next request runs (after its own wait)
+        response = httpx.post(f"{url}/v1/embeddings", json={"input": "Halvard"}, timeout=30)
+        assert response.status_code == 200
+        assert metric(url, "sphana_batch_size_count", model="embedding") == 1
+
+
 def test_bundles_load_and_a_tampered_release_never_starts(built: Path, tmp_path: Path) -> None:
     bundles = tmp_path / "bundles"
     shutil.copytree(built / "target/bundles", bundles)
-    port = free_port()
-    proc = launch(
-        "serve",
-        *(str(p) for p in sorted(bundles.iterdir())),
-        "--port",
-        str(port),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_ready(proc, f"http://127.0.0.1:{port}")
-        info = httpx.get(f"http://127.0.0.1:{port}/info").json()
+    with serving(*(str(p) for p in sorted(bundles.iterdir()))) as url:
+        info = httpx.get(f"{url}/info").json()
         assert set(info["components"]) == {p.name for p in bundles.iterdir()}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     model = next(p for p in (bundles / "embedding").rglob("*.onnx"))
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF
