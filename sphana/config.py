@@ -219,7 +219,7 @@ class EmbeddingConfig:
     # fine-tune): the best gate_metric in domain among those that keep out-of-domain MRR and
     # recall@10 >= the base's on the general set's selection half; one value = no choice.
     interpolation: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5, 1.0])
-    ood_pairs: int = 600  # general out-of-domain set (stdlib docstrings): both halves, in pairs
+    ood_pairs: int = 800  # general out-of-domain set (stdlib docstrings): both halves, in pairs
     # How far a mix's out-of-domain MRR and recall@10 (selection half) may fall below the base
     # model's and still be chosen; the stage fails when the shipped one falls further. 0 = none.
     # The held-out report half is only measured.

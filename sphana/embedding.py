@@ -108,17 +108,11 @@ def encode(
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def retrieval_metrics(
-    query_emb: np.ndarray,
-    corpus_emb: np.ndarray,
-    corpus_ids: list[str],
-    relevant: list[list[str]],
-    positive_emb: np.ndarray | None = None,
-) -> dict[str, float]:
-    """Recall@1/5/10 and MRR of cosine retrieval; mean cosine of each query to its positive.
-
-    Recall@k is the share of queries with at least one relevant passage in the top k.
-    """
+def retrieval_ranks(
+    query_emb: np.ndarray, corpus_emb: np.ndarray, corpus_ids: list[str], relevant: list[list[str]]
+) -> np.ndarray:
+    """Each query's rank (1 = best) of its first relevant passage under cosine retrieval;
+    ``inf`` when none of them is in the corpus."""
     scores = query_emb @ corpus_emb.T
     order = np.argsort(-scores, axis=1, kind="stable")
     id_index = {cid: i for i, cid in enumerate(corpus_ids)}
@@ -127,12 +121,58 @@ def retrieval_metrics(
         rel_idx = {id_index[r] for r in rel if r in id_index}
         hits = np.flatnonzero(np.isin(order[q], list(rel_idx)))
         ranks.append(int(hits[0]) + 1 if len(hits) else math.inf)
-    ranks_arr = np.array(ranks, dtype=float)
-    metrics = {f"recall@{k}": float(np.mean(ranks_arr <= k)) for k in (1, 5, 10)}
-    metrics["mrr"] = float(np.mean(1.0 / ranks_arr))
+    return np.array(ranks, dtype=float)
+
+
+def rank_metrics(ranks: np.ndarray) -> dict[str, float]:
+    """Recall@1/5/10 (the share of queries with a relevant passage in the top k) and MRR."""
+    metrics = {f"recall@{k}": float(np.mean(ranks <= k)) for k in (1, 5, 10)}
+    metrics["mrr"] = float(np.mean(1.0 / ranks))
+    return metrics
+
+
+def retrieval_metrics(
+    query_emb: np.ndarray,
+    corpus_emb: np.ndarray,
+    corpus_ids: list[str],
+    relevant: list[list[str]],
+    positive_emb: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Recall@1/5/10 and MRR of cosine retrieval (:func:`rank_metrics`); mean cosine of each
+    query to its positive."""
+    ranks = retrieval_ranks(query_emb, corpus_emb, corpus_ids, relevant)
+    return _rounded_metrics(ranks, query_emb, positive_emb)
+
+
+def _rounded_metrics(
+    ranks: np.ndarray, query_emb: np.ndarray, positive_emb: np.ndarray | None
+) -> dict[str, float]:
+    metrics = rank_metrics(ranks)
     if positive_emb is not None:
         metrics["mean_cosine"] = float(np.mean(np.sum(query_emb * positive_emb, axis=1)))
     return {k: round(v, 6) for k, v in metrics.items()}
+
+
+def paired_difference(
+    base: np.ndarray, other: np.ndarray, seed: int = 0, samples: int = 2000
+) -> dict[str, dict[str, float]]:
+    """``other`` minus ``base`` in MRR and recall@10 over the same queries (their
+    :func:`retrieval_ranks`), with a 95% paired-bootstrap confidence interval: whether a
+    difference of a few queries is more than chance."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(base), size=(samples, len(base)))
+    out = {}
+    for name, of in (("mrr", lambda r: 1.0 / r), ("recall@10", lambda r: (r <= 10) * 1.0)):
+        diff = of(other) - of(base)
+        means = diff[draws].mean(axis=1)
+        low, high = np.percentile(means, [2.5, 97.5])
+        out[name] = {
+            "difference": round(float(diff.mean()), 6),
+            "ci95": [round(float(low), 6), round(float(high), 6)],
+            "better": int((diff > 0).sum()),
+            "worse": int((diff < 0).sum()),
+        }
+    return out
 
 
 @dataclass
@@ -173,15 +213,19 @@ class ValidationSet:
 
     def evaluate(self, embed: Any) -> dict[str, float]:
         """Metrics for ``embed(texts) -> np.ndarray`` (any backend: PyTorch or ONNX Runtime)."""
+        return self.retrieve(embed)[0]
+
+    def retrieve(self, embed: Any) -> tuple[dict[str, float], np.ndarray]:
+        """:meth:`evaluate`'s metrics and each query's :func:`retrieval_ranks`."""
         corpus = embed(self.corpus_texts)
         row = {text: i for i, text in enumerate(self.corpus_texts)}
         if all(p in row for p in self.positives):  # positives from the corpus: embed them once
             positives = corpus[[row[p] for p in self.positives]]
         else:
             positives = embed(self.positives)
-        return retrieval_metrics(
-            embed(self.queries), corpus, self.corpus_ids, self.relevant, positives
-        )
+        queries = embed(self.queries)
+        ranks = retrieval_ranks(queries, corpus, self.corpus_ids, self.relevant)
+        return _rounded_metrics(ranks, queries, positives), ranks
 
 
 def contrastive_loss(
@@ -353,11 +397,16 @@ def train(
         return encode(encoder, tokenizer, texts, cfg.eval_batch_size, cfg.max_seq_length, device)
 
     added_seconds = 0.0  # what the general set and the mixes cost: building and evaluating
+    report_ranks: dict[str, np.ndarray] = {}  # model -> ranks on the report half
 
-    def general(**halves: ValidationSet) -> dict[str, dict[str, float]]:
+    def general(model: str, **halves: ValidationSet) -> dict[str, dict[str, float]]:
         nonlocal added_seconds
         start = time.perf_counter()
-        out = {name: half.evaluate(embed) for name, half in halves.items()}
+        out = {}
+        for name, half in halves.items():
+            out[name], ranks = half.retrieve(embed)
+            if name == "report":
+                report_ranks[model] = ranks
         added_seconds += time.perf_counter() - start
         return out
 
@@ -369,7 +418,7 @@ def train(
         added_seconds += time.perf_counter() - start
         selection = ValidationSet.from_pairs(general_set.selection)
         report = ValidationSet.from_pairs(general_set.report)
-        base_general = general(selection=selection, report=report)
+        base_general = general("base", selection=selection, report=report)
         base_state = cpu_state(encoder)
 
     job = training_job(cfg, encoder, tokenizer, pairs, [train_file])
@@ -377,7 +426,7 @@ def train(
     metrics: dict[str, Any] = {}
     if leader:
         tuned_metrics = validation.evaluate(embed)
-        tuned_general = general(selection=selection, report=report)
+        tuned_general = general("fine_tuned", selection=selection, report=report)
         tuned_state = cpu_state(encoder)
         grid = []
         for a in sorted(set(cfg.interpolation)):
@@ -390,7 +439,7 @@ def train(
                 encoder.load_state_dict(interpolate(base_state, tuned_state, a))
                 in_domain = validation.evaluate(embed)
                 added_seconds += time.perf_counter() - start
-                ood = general(selection=selection)["selection"]
+                ood = general(f"a={a}", selection=selection)["selection"]
             grid.append({"a": a, "in_domain": in_domain, "out_of_domain": ood})
             rt.log(
                 f"embedding mix a={a}: in-domain {cfg.gate_metric} "
@@ -406,10 +455,24 @@ def train(
         shipped_metrics = chosen["in_domain"]
         if a == 0.0:
             shipped_general = base_general
+            report_ranks["shipped"] = report_ranks["base"]
         elif a == 1.0:
             shipped_general = tuned_general
+            report_ranks["shipped"] = report_ranks["fine_tuned"]
         else:
-            shipped_general = {"selection": chosen["out_of_domain"], **general(report=report)}
+            shipped_general = {
+                "selection": chosen["out_of_domain"],
+                **general("shipped", report=report),
+            }
+        # held out, the report half says whether "keeps the base's figures" was more than luck
+        held_out = paired_difference(report_ranks["base"], report_ranks["shipped"], runtime.seed)
+        rt.log(
+            "embedding shipped vs base, out of domain (report half): "
+            + "; ".join(
+                f"{m} {d['difference']:+.4f} (95% CI {d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f})"
+                for m, d in held_out.items()
+            )
+        )
         rt.check_gate("embedding", shipped_metrics, cfg.gate_metric, cfg.metric_threshold)
         encoder.cpu().eval()
         with atomic_dir(out_dir) as tmp:
@@ -440,6 +503,7 @@ def train(
                 "base": base_general,
                 "fine_tuned": tuned_general,
                 "shipped": shipped_general,
+                "shipped_minus_base_report": held_out,
                 "seconds": round(added_seconds, 2),  # incl. the mixes' in-domain evaluation
             },
             "interpolation": {"chosen": a, "grid": grid},

@@ -14,6 +14,7 @@ from sphana.embedding import (
     contrastive_loss,
     cpu_state,
     interpolate,
+    paired_difference,
     retrieval_metrics,
     select_mix,
 )
@@ -30,6 +31,19 @@ def test_retrieval_metrics_by_hand() -> None:
     assert m["recall@5"] == 1.0 and m["recall@10"] == 1.0
     assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 4) / 3, abs=1e-6)
     assert m["mean_cosine"] == pytest.approx((1 + 0.5 + 0.1) / 3, abs=1e-6)
+
+
+def test_paired_difference_by_hand() -> None:
+    base = np.array([1.0, 2.0, 11.0, 4.0] * 25)
+    same = paired_difference(base, base)
+    assert same["mrr"] == {"difference": 0.0, "ci95": [0.0, 0.0], "better": 0, "worse": 0}
+    # one query in four moves from rank 11 to rank 1: +0.25 recall@10, +(1 - 1/11)/4 MRR
+    other = np.array([1.0, 2.0, 1.0, 4.0] * 25)
+    d = paired_difference(base, other)
+    assert d["recall@10"]["difference"] == pytest.approx(0.25)
+    assert d["mrr"]["difference"] == pytest.approx((1 - 1 / 11) / 4, abs=1e-6)
+    assert d["recall@10"]["better"] == 25 and d["recall@10"]["worse"] == 0
+    assert 0 < d["recall@10"]["ci95"][0] < 0.25 < d["recall@10"]["ci95"][1] < 0.5
 
 
 def test_unretrieved_query_counts_as_a_miss() -> None:
@@ -225,3 +239,10 @@ def test_train_metrics_report_out_of_domain_and_the_chosen_mix(built_tiny) -> No
     assert all(ood["shipped"]["selection"][m] >= base[m] for m in OOD_METRICS)
     assert set(ood["shipped"]["report"]) == set(base)
     assert select_mix(mix["grid"], ood["base"]["selection"], cfg.embedding.gate_metric) == chosen
+    # the held-out difference comes with its interval, and agrees with the two report figures
+    held_out = ood["shipped_minus_base_report"]
+    for m in ("mrr", "recall@10"):
+        d = held_out[m]
+        shipped_minus_base = ood["shipped"]["report"][m] - ood["base"]["report"][m]
+        assert d["difference"] == pytest.approx(shipped_minus_base, abs=2e-6)
+        assert d["ci95"][0] <= d["difference"] <= d["ci95"][1]
