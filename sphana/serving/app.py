@@ -22,19 +22,28 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Awaitable
 from dataclasses import asdict
 from typing import Any, Literal
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse as StdJSONResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from sphana.serving.batching import Batcher, BatchLimits, Timing
+from sphana.serving.batching import Batcher, BatchLimits, ClientGone, Timing
 from sphana.serving.engine import Engine, InputTooLong
 from sphana.serving.server import ServeLimits
+
+
+class JSONResponse(StdJSONResponse):
+    """JSON rendered by orjson: numpy arrays as they are (no ``tolist``), float vectors several
+    times faster than the standard library, which matters at hundreds of requests/s."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 class EmbeddingsRequest(BaseModel):
@@ -187,6 +196,7 @@ def create_app(engine: Engine, limits: ServeLimits, batch: BatchLimits) -> Any:
         version=version,
         description="Serves a Sphana release on ONNX Runtime: embeddings (OpenAI, TEI), "
         "relations, rerank, generation, and raw tensors over the Open Inference Protocol v2.",
+        default_response_class=JSONResponse,
     )
     batchers: dict[str, Batcher] = {}
     if engine.embedder is not None:
@@ -303,23 +313,13 @@ def create_app(engine: Engine, limits: ServeLimits, batch: BatchLimits) -> Any:
             return JSONResponse({"error": message}, status_code=status)
         return JSONResponse(error_body(status, message, param), status_code=status)
 
-    async def run_or_drop(request: Request, work: Awaitable[Any]) -> Any:
-        """``work``'s result; if the client goes first, the work is cancelled (a queued batch
-        item is dropped before inference) and ``None`` comes back."""
-        task = asyncio.ensure_future(work)
-
-        async def gone() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-
-        watcher = asyncio.ensure_future(gone())
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            watcher.cancel()
-            return task.result()
-        task.cancel()
-        metrics.failures.labels(request.url.path, "client_gone").inc()
-        return None
+    async def gone(request: Request) -> bool:
+        """Whether the client of ``request`` has left (asked before its work starts: a request
+        whose client has gone is dropped before inference)."""
+        if await request.is_disconnected():
+            metrics.failures.labels(request.url.path, "client_gone").inc()
+            return True
+        return False
 
     def need(name: str) -> None:
         if name not in engine.models:
@@ -355,10 +355,11 @@ def create_app(engine: Engine, limits: ServeLimits, batch: BatchLimits) -> Any:
         metrics.tokenize.labels("embedding").observe(tokenize)
         batcher = batchers["embedding"]
         metrics.queue_depth.labels("embedding").set(batcher.depth)
-        result = await run_or_drop(request, batcher.submit(list(zip(texts, lengths, strict=True))))
-        if result is None:
+        items = list(zip(texts, lengths, strict=True))
+        try:
+            vectors, timing = await batcher.submit(items, lambda: gone(request))
+        except ClientGone:
             return None
-        vectors, timing = result
         metrics.queue.labels("embedding").observe(timing.queue)
         headers = model_headers(timing, tokenize, time.perf_counter() - start)
         return vectors, sum(lengths), headers
@@ -386,7 +387,7 @@ def create_app(engine: Engine, limits: ServeLimits, batch: BatchLimits) -> Any:
         if body.encoding_format == "base64":
             data = [base64.b64encode(np.asarray(v, "<f4").tobytes()).decode() for v in vectors]
         else:
-            data = [v.tolist() for v in vectors]
+            data = list(vectors)  # rows of float32, as orjson writes them
         count("/v1/embeddings", "embedding")
         return JSONResponse(
             {
@@ -417,14 +418,16 @@ def create_app(engine: Engine, limits: ServeLimits, batch: BatchLimits) -> Any:
             return Response(status_code=499)
         vectors, _, headers = out
         count("/embed", "embedding")
-        return JSONResponse([v.tolist() for v in vectors], headers=headers)
+        return JSONResponse(vectors, headers=headers)
 
     # --- relations and rerank ------------------------------------------------------------
 
     async def in_thread(request: Request, fn: Any, *args: Any) -> tuple[Any, dict[str, str]]:
         """``fn(*args)`` on a worker thread (the event loop keeps serving), with timing headers."""
+        if await gone(request):
+            return None, {}
         start = time.perf_counter()
-        result = await run_or_drop(request, asyncio.to_thread(fn, *args))
+        result = await asyncio.to_thread(fn, *args)
         seconds = time.perf_counter() - start
         return result, {"x-inference-time": _ms(seconds), "x-total-time": _ms(seconds)}
 

@@ -3,21 +3,27 @@
 A request submits its inputs (:meth:`Batcher.submit`) and awaits their results. One worker per
 model takes every request queued (waiting up to ``max_wait_ms`` for more when the batch is not
 full: 0, the default, never waits, so a lone request runs at once), drops requests whose client
-has gone, sorts the inputs by length and cuts them into batches of at most ``max_batch_requests``
-inputs and ``max_batch_tokens`` padded tokens, so similar lengths pad together. Batches run one at
-a time on the model's own thread, so the event loop keeps accepting requests meanwhile.
+has gone (asked once, as the batch forms: :class:`ClientGone`), sorts the inputs by length and
+cuts them into batches of at most ``max_batch_requests`` inputs and ``max_batch_tokens`` padded
+tokens, so similar lengths pad together. Batches run one at a time on the model's own thread, so
+the event loop keeps accepting requests meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 RunFn = Callable[[Sequence[Any]], Sequence[Any]]
+GoneFn = Callable[[], Awaitable[bool]]  # whether the request's client has disconnected
+
+
+class ClientGone(Exception):
+    """The request's client disconnected before its batch ran: it was dropped."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class _Job:
     items: Sequence[Any]
     future: asyncio.Future
     queued_at: float
+    gone: GoneFn | None
 
 
 @dataclass(frozen=True)
@@ -76,11 +83,15 @@ class Batcher:
         """Requests waiting for a batch."""
         return self.queue.qsize()
 
-    async def submit(self, items: Sequence[Any]) -> tuple[list[Any], Timing]:
-        """The results of ``items`` (in order) and the request's timing."""
+    async def submit(
+        self, items: Sequence[Any], gone: GoneFn | None = None
+    ) -> tuple[list[Any], Timing]:
+        """The results of ``items`` (in order) and the request's timing; :class:`ClientGone`
+        when ``gone()`` says, as its batch forms, that the client has left."""
         if self.worker is None or self.worker.done():
             self.worker = asyncio.get_running_loop().create_task(self._work())
-        job = _Job(items, asyncio.get_running_loop().create_future(), time.perf_counter())
+        loop = asyncio.get_running_loop()
+        job = _Job(items, loop.create_future(), time.perf_counter(), gone)
         self.queue.put_nowait(job)
         return await job.future
 
@@ -141,7 +152,14 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             jobs = await self._collect()
-            live = [j for j in jobs if not j.future.done()]  # cancelled: the client has gone
+            live = []
+            for job in jobs:
+                if job.future.done():  # the request was cancelled
+                    continue
+                if job.gone is not None and await job.gone():
+                    job.future.set_exception(ClientGone())
+                    continue
+                live.append(job)
             self.dropped += len(jobs) - len(live)
             if not live:
                 continue
