@@ -12,7 +12,7 @@ In one run on this machine (ratios are what to read; absolute times move with th
 4. ``/v1/rerank`` latency for one query with 20 candidates and ``/v1/generate`` tokens/s when the
    release has those components; time from start to ready and the server's resident memory.
 
-    python benchmarks/serve_load.py [RELEASE] [--seconds 10] [--threads 0]
+    python benchmarks/serve_load.py [RELEASE] [--seconds 10] [--threads 0] [--spin]
 
 RELEASE defaults to ``target/manifests/latest.tar.gz`` (after ``make run``). It measures; it
 asserts nothing.
@@ -43,7 +43,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def in_process(release: Path, threads: int, seconds: float) -> dict[str, float]:
+def in_process(release: Path, threads: int, spin: bool, seconds: float) -> dict[str, float]:
     """Sentences/s of the engine's embedding model at batch 32 and at batch 1 (and the batch-1
     latency), with the server's own code minus HTTP."""
     from sphana.release import open_release
@@ -51,7 +51,8 @@ def in_process(release: Path, threads: int, seconds: float) -> dict[str, float]:
 
     with tempfile.TemporaryDirectory() as tmp:
         loaded = open_release([release], Path(tmp) / "release")
-        engine = Engine(loaded.manifest, loaded.root, parse_precision([]), SessionSettings(threads))
+        settings = SessionSettings(threads, spin=spin)
+        engine = Engine(loaded.manifest, loaded.root, parse_precision([]), settings)
         engine.warm()
         embedder = engine.embedder
         out = {}
@@ -202,16 +203,18 @@ def main() -> None:
     parser.add_argument("release", nargs="?", default="target/manifests/latest.tar.gz", type=Path)
     parser.add_argument("--seconds", type=float, default=10.0, help="per load level")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--spin", action="store_true", help="as sphana serve --spin")
     args = parser.parse_args()
 
-    ceiling = in_process(args.release, args.threads, args.seconds)
+    ceiling = in_process(args.release, args.threads, args.spin, args.seconds)
     print(
         f"in process (INT8, one short sentence): batch 32 {ceiling['batch32_per_s']:.1f}/s, "
         f"batch 1 {ceiling['batch1_per_s']:.1f}/s (p50 {ceiling['batch1_p50_ms']:.2f} ms); "
         f"batch 32 / batch 1 = {ceiling['batch32_per_s'] / ceiling['batch1_per_s']:.2f}"
     )
 
-    proc, port, ready = start_server(args.release, args.threads)
+    spin = ("--spin",) if args.spin else ()
+    proc, port, ready = start_server(args.release, args.threads, *spin)
     try:
         print(f"server: ready {ready:.2f} s after start; resident memory {rss_mb(proc.pid):.0f} MB")
         results = {}
@@ -224,7 +227,7 @@ def main() -> None:
         proc.terminate()
         proc.wait()
 
-    proc, port, _ = start_server(args.release, args.threads, "--max-batch-requests", "1")
+    proc, port, _ = start_server(args.release, args.threads, *spin, "--max-batch-requests", "1")
     try:
         off = asyncio.run(closed_loop(port, 32, args.seconds))
         print(row("batching off, concurrency 32", off))

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,18 +73,30 @@ def tarball(built: Path) -> Path:
 
 @contextlib.contextmanager
 def serving(*args: str, log: IO[str] | int = subprocess.DEVNULL) -> Iterator[str]:
-    """A server for ``sphana serve *args`` on a free port: its URL once ready; stopped after."""
+    """A server for ``sphana serve *args`` on a free port: its URL once ready; stopped after
+    (SIGTERM), when the verified copy of the release it served must be gone."""
     port = free_port()
-    proc = launch(
-        "serve", *args, "--port", str(port), stdout=log, stderr=subprocess.PIPE, text=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, url)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = launch(
+            "serve",
+            *args,
+            "--port",
+            str(port),
+            stdout=log,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TMPDIR": tmp},
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(proc, url)
+            copies = list(Path(tmp).glob("sphana-serve-*"))
+            assert copies, "the release is verified into a temporary directory"
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        assert not any(c.exists() for c in copies), "the server left its copy of the release"
 
 
 @pytest.fixture(scope="module")
@@ -400,10 +413,12 @@ def test_bundles_load_and_a_tampered_release_never_starts(built: Path, tmp_path:
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     assert proc.returncode != 0
     assert model.name in proc.stderr and "sha256" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("sphana-serve-*")), "a refused release leaves nothing behind"
 
 
 def test_stdio_answers_a_scripted_session(tarball: Path) -> None:

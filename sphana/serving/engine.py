@@ -39,6 +39,9 @@ class SessionSettings:
     inter_op_threads: int = 0
     graph_optimization: str = "all"
     provider: str = "cpu"  # "cuda" uses CUDAExecutionProvider when onnxruntime-gpu has it
+    # thread-pool threads spin waiting for work: a little less latency for a lone request, but
+    # under load they take the cores the server's event loop needs (measured: benchmarks/)
+    spin: bool = False
 
     def __post_init__(self) -> None:
         if self.graph_optimization not in OPTIMIZATION_LEVELS:
@@ -67,6 +70,9 @@ class SessionSettings:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = self.inter_op_threads
+        if not self.spin:  # idle pool threads sleep: the event loop gets the CPU they would burn
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         options.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -71,6 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--inter-op-threads", type=int, default=0)
     g.add_argument("--graph-optimization", choices=OPTIMIZATION_LEVELS, default="all")
     g.add_argument(
+        "--spin",
+        action="store_true",
+        help="let idle thread-pool threads spin (lower latency alone, less throughput under "
+        "load on few cores)",
+    )
+    g.add_argument(
         "--provider",
         choices=PROVIDERS,
         default="cpu",
@@ -120,7 +127,7 @@ def load(args: argparse.Namespace) -> tuple[Engine, Path | None]:
 
     precision = parse_precision(args.precision)
     settings = SessionSettings(
-        args.threads, args.inter_op_threads, args.graph_optimization, args.provider
+        args.threads, args.inter_op_threads, args.graph_optimization, args.provider, args.spin
     )
     cleanup = None
     if args.workdir is None:
@@ -128,19 +135,24 @@ def load(args: argparse.Namespace) -> tuple[Engine, Path | None]:
         workdir = cleanup / "release"
     else:
         workdir = args.workdir
-    start = time.perf_counter()
-    release = open_release(args.release, workdir)
-    log.info(
-        "verified %s %s: %d files of %s (sha256) in %.2f s",
-        release.manifest.get("name"),
-        release.manifest["version"],
-        sum(len(c.files) for c in release.components.values()),
-        ", ".join(sorted(release.components)),
-        time.perf_counter() - start,
-    )
-    engine = Engine(release.manifest, release.root, precision, settings)
-    engine.timings["verify"] = time.perf_counter() - start
-    engine.warm()
+    try:
+        start = time.perf_counter()
+        release = open_release(args.release, workdir)
+        log.info(
+            "verified %s %s: %d files of %s (sha256) in %.2f s",
+            release.manifest.get("name"),
+            release.manifest["version"],
+            sum(len(c.files) for c in release.components.values()),
+            ", ".join(sorted(release.components)),
+            time.perf_counter() - start,
+        )
+        engine = Engine(release.manifest, release.root, precision, settings)
+        engine.timings["verify"] = time.perf_counter() - start
+        engine.warm()
+    except BaseException:
+        if cleanup is not None:  # a release that fails to load leaves nothing behind
+            shutil.rmtree(cleanup, ignore_errors=True)
+        raise
     return engine, cleanup
 
 
@@ -151,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # uvicorn re-raises SIGTERM once it has shut down; exit through Python so `finally` runs
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     engine, cleanup = load(args)
     try:
         if args.stdio:
