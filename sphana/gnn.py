@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sphana.config import GnnConfig, GraphConfig, PathsConfig, RuntimeConfig
+from sphana.config import GnnConfig, GraphConfig, IngestConfig, PathsConfig, RuntimeConfig
 from sphana.errors import InputError
 from sphana.graph_inputs import (
     COSINE,
@@ -75,35 +74,42 @@ def detected_pairs(relations_file: Path) -> list[dict[str, Any]]:
     return [r for _, r in read_jsonl(relations_file) if r["detected"]]
 
 
+def passage_pairs(ingest: IngestConfig) -> Callable[[str], list[dict[str, Any]]]:
+    """The candidate entity pairs of a passage's text, found as ``sphana serve`` finds them in a
+    candidate: :func:`sphana.entities.detect` with ``ingest``'s parser and
+    ``ingest.max_pair_chars``."""
+    from sphana.entities import detect, load_parser
+
+    parser = load_parser(ingest.parser, ingest.spacy_model)
+
+    def pairs_of(text: str) -> list[dict[str, Any]]:
+        return [p for s in detect(text, ingest.max_pair_chars, parser) for p in s["pairs"]]
+
+    return pairs_of
+
+
 def passages_with_entities(
-    chunks_file: Path, pairs: list[dict[str, Any]], relations: list[Relation | None]
-) -> dict[str, Passage]:
-    """Every ingested passage with the entities of the candidate ``pairs`` inside it (by
-    document, section and character span) and the ``relations`` extracted from those pairs
-    (:func:`sphana.relation.extract`, one per pair) whose subject and object both lie inside it:
-    :func:`sphana.graph_inputs.passage` of each chunk."""
-    by_section: dict[tuple[str, int], tuple[list[dict[str, Any]], list[Relation | None]]] = (
-        defaultdict(lambda: ([], []))
-    )
-    for pair, relation in zip(pairs, relations, strict=True):
-        section_pairs, section_relations = by_section[(pair["doc_id"], pair["section_index"])]
-        section_pairs.append(pair)
-        section_relations.append(relation)
-    passages = {}
-    for _, c in read_jsonl(chunks_file):
-        section_pairs, section_relations = by_section.get(
-            (c["doc_id"], c["section_index"]), ([], [])
-        )
-        passages[c["id"]] = passage(
-            c["id"],
-            c["text"],
-            section_pairs,
-            section_relations,
-            doc_id=c["doc_id"],
-            start=c["start"],
-            end=c["end"],
-        )
-    return passages
+    chunks_file: Path,
+    pairs_of: Callable[[str], list[dict[str, Any]]],
+    relation_dir: Path | None,
+    batch_size: int,
+) -> tuple[dict[str, Passage], int, int]:
+    """Every ingested passage with its entities and relations found as a runtime finds them in a
+    candidate's text: the candidate pairs ``pairs_of(text)`` detects in the passage itself (the
+    server's :func:`sphana.entities.detect`, never the section around it, which a runtime does
+    not see) and the relation the extractor in ``relation_dir`` finds for each (None: no
+    extractor, entity nodes only). Returns the passages by id, the number of candidate pairs and
+    how many state a relation."""
+    chunks = [c for _, c in read_jsonl(chunks_file)]
+    pairs = [pairs_of(c["text"]) for c in chunks]
+    flat = [p for ps in pairs for p in ps]
+    found = extract_relations(relation_dir, flat, batch_size)  # every passage in one pass
+    passages, offset = {}, 0
+    for c, ps in zip(chunks, pairs, strict=True):
+        relations = found[offset : offset + len(ps)]
+        offset += len(ps)
+        passages[c["id"]] = passage(c["id"], c["text"], ps, relations, doc_id=c["doc_id"])
+    return passages, len(flat), sum(r is not None for r in found)
 
 
 def extract_relations(
@@ -150,21 +156,30 @@ def build(
     datasets_dir: Path,
     ingest_dir: Path,
     out_dir: Path,
+    pairs_of: Callable[[str], list[dict[str, Any]]],
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """Write ``gnn/{train,validation}.jsonl`` (one query with its candidates per line).
 
-    The graphs hold what a deployed system knows: the parser's entities and the relations the
-    trained extractor (``relation_dir``) finds between them, never the gold relation labels.
+    The graphs hold what a deployed system knows: the entities ``pairs_of(text)`` detects in
+    each passage (``ingest``'s parser and ``ingest.max_pair_chars``: what ``sphana serve`` runs
+    on a candidate's text) and the relations the trained extractor (``relation_dir``) finds
+    between them, never the gold relation labels.
     """
     from sphana.contracts import check_records
     from sphana.embedding import ENCODER_FILE, encode, load_trained
     from sphana.io import write_jsonl
 
-    pairs = detected_pairs(ingest_dir / "relations.jsonl")
     has_extractor = read_skipped(relation_dir) is None
-    extracted = extract_relations(relation_dir if has_extractor else None, pairs, batch_size)
-    passages = passages_with_entities(ingest_dir / "chunks.jsonl", pairs, extracted)
+    extractor_dir = relation_dir if has_extractor else None
+    passages, candidate_pairs, extracted = passages_with_entities(
+        ingest_dir / "chunks.jsonl", pairs_of, extractor_dir, batch_size
+    )
+    # how often the extractor agrees with gold labels: on the labelled pairs of the sections
+    labelled = [p for p in detected_pairs(ingest_dir / "relations.jsonl") if p["label"]]
+    agreement = extraction_agreement(
+        labelled, extract_relations(extractor_dir, labelled, batch_size)
+    )
     emb = datasets_dir / "embedding"
     validation_docs = {c["doc_id"] for c in load_jsonl(emb / "validation_corpus.jsonl")}
     # train on the queries the embedding never trained on (see sphana.datasets): on them its
@@ -273,9 +288,9 @@ def build(
     report["feature_dim"] = len(passage_vecs[0]) + EXTRA_FEATURES
     report["graphs"] = graphs
     report["relations"] = {
-        "candidate_pairs": len(pairs),
-        "extracted": sum(r is not None for r in extracted),
-        **extraction_agreement(pairs, extracted),
+        "candidate_pairs": candidate_pairs,  # in the passages, as a runtime detects them
+        "extracted": extracted,
+        **agreement,
     }
     return report
 

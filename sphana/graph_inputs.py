@@ -3,10 +3,12 @@
 
 A runtime re-ranks a query's candidate passages as the build does:
 
-1. each passage's entities and relations: :func:`passage` from the candidate pairs of its section
-   (:func:`sphana.entities.detect`, or the ``relations.jsonl`` rows of ``ingest``) and the relation
-   the extractor finds for each (:func:`sphana.relation_inputs.pair_relations`; ``None`` for all
-   when the release has no relation extractor, ``relation_nodes: false`` in ``gnn.json``);
+1. each passage's entities and relations: :func:`passage` from the candidate pairs detected in
+   its own text (:func:`sphana.entities.detect`, with ``ingest``'s parser and
+   ``ingest.max_pair_chars``: the build does it per chunk, never from the section around it,
+   which a runtime does not see) and the relation the extractor finds for each
+   (:func:`sphana.relation_inputs.pair_relations`; ``None`` for all when the release has no
+   relation extractor, ``relation_nodes: false`` in ``gnn.json``);
 2. one graph per candidate: :func:`query_graphs` (the build: :func:`candidate_graphs`, with the
    vectors it computed for the whole split);
 3. the model inputs of those graphs: :func:`ranker_inputs` -> one score per candidate.
@@ -56,7 +58,7 @@ class Passage:
     doc_id: str
     text: str
     entities: list[str]  # distinct entity texts, in order of first mention
-    relations: list[tuple[str, str, str]]  # (subject, object, label) of stated relations
+    relations: list[tuple[str, str, str]]  # (subject, object, label), in order of statement
 
 
 def passage(
@@ -66,30 +68,25 @@ def passage(
     relations: Sequence[Relation | None] | None = None,
     *,
     doc_id: str = "",
-    start: int = 0,
-    end: int | None = None,
 ) -> Passage:
-    """The passage ``text`` (characters ``start`` to ``end``, default ``start + len(text)``, of
-    its section: a chunk of ``chunks.jsonl``) with the entities of the candidate ``pairs`` of its
-    section (``{"e1", "e2"}`` entity spans in the section, in ``relations.jsonl`` order) that lie
-    inside it, and the ``relations`` (one per pair, ``None`` for none; ``relations`` None: no
-    extractor) whose subject and object both lie inside it."""
-    if end is None:
-        end = start + len(text)
-
-    def inside(e: dict[str, Any]) -> bool:
-        return start <= e["start"] and e["end"] <= end
-
-    entities: dict[str, None] = {}
-    stated: dict[tuple[str, str, str], None] = {}
+    """The passage ``text`` (a chunk of ``chunks.jsonl``, or a candidate sent to a server) with
+    the entities of the candidate ``pairs`` detected in it (``{"e1", "e2"}`` entity spans in
+    ``text``: :func:`sphana.entities.detect` of ``text``) and the ``relations`` the extractor
+    found (one per pair, ``None`` for none; ``relations`` None: no extractor), both in text
+    order whatever the order of the pairs: the same text gives the same graph, node for node."""
+    first: dict[str, int] = {}  # entity text -> its first mention
+    stated: dict[tuple[str, str, str], tuple[int, int]] = {}  # relation -> where it is stated
     if relations is None:
         relations = [None] * len(pairs)
     for pair, relation in zip(pairs, relations, strict=True):
-        for e in sorted(filter(inside, (pair["e1"], pair["e2"])), key=lambda e: e["start"]):
-            entities.setdefault(e["text"])
-        if relation is not None and inside(relation[0]) and inside(relation[1]):
-            stated.setdefault((relation[0]["text"], relation[1]["text"], relation[2]))
-    return Passage(id, doc_id, text, list(entities), list(stated))
+        for e in (pair["e1"], pair["e2"]):
+            first[e["text"]] = min(first.get(e["text"], e["start"]), e["start"])
+        if relation is not None:
+            key = (relation[0]["text"], relation[1]["text"], relation[2])
+            at = (relation[0]["start"], relation[1]["start"])
+            stated[key] = min(stated.get(key, at), at)
+    entities = sorted(first, key=lambda e: (first[e], e))
+    return Passage(id, doc_id, text, entities, sorted(stated, key=lambda r: (stated[r], r)))
 
 
 def named_in(query: str, entity: str) -> bool:

@@ -113,6 +113,7 @@ def build_graphs(cfg: SphanaConfig) -> dict[str, Any]:
         Path(cfg.paths.datasets),
         Path(cfg.paths.ingest),
         Path(cfg.paths.datasets) / "gnn",
+        gnn.passage_pairs(cfg.ingest),
     )
     write_json_atomic(metrics_file(cfg, "build_graphs"), report)
     return report

@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from sphana import gnn, graph_inputs
+from sphana.config import IngestConfig
 from sphana.export.gnn import random_graphs, same_rankings
 from sphana.gnn import (
     GraphRanker,
     collate,
-    detected_pairs,
     extraction_agreement,
     listnet_loss,
+    passage_pairs,
     passages_with_entities,
     ranking_metrics,
     similarity_baseline,
@@ -77,40 +79,46 @@ def test_candidate_subgraph_by_hand() -> None:
     assert graph["label"] == 1.0 and graph["id"] == "p#0"
 
 
-def test_passages_hold_detected_entities_and_extracted_relations(tmp_path: Path) -> None:
-    chunks = [
-        {"id": "d#0", "doc_id": "d", "section_index": 0, "start": 0, "end": 30, "text": "a"},
-        {"id": "d#1", "doc_id": "d", "section_index": 0, "start": 20, "end": 60, "text": "b"},
+def test_passages_hold_the_entities_detected_in_them_and_extracted_relations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = "Ann Berg joined the Lab in Town. The Lab hired Bo Renn."
+    chunks = [{"id": "d#0", "doc_id": "d", "section_index": 0, "start": 0, "end": 55, "text": text}]
+    (tmp_path / "chunks.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chunks))
+    pairs_of = passage_pairs(IngestConfig())
+    found = pairs_of(text)
+    assert [(p["e1"]["text"], p["e2"]["text"]) for p in found] == [
+        ("Ann Berg", "Lab"),
+        ("Ann Berg", "Town"),
+        ("Lab", "Town"),
+        ("Lab", "Bo Renn"),
     ]
-    ann, lab, town = (
-        {"text": "Ann", "start": 2, "end": 5},
-        {"text": "Lab", "start": 25, "end": 28},
-        {"text": "Town", "start": 40, "end": 44},
+
+    def extractor(_dir: Path | None, pairs: list[dict], _batch: int) -> list:
+        # the extractor's view, not gold: the Lab hired Bo Renn, nothing else
+        return [
+            (p["e1"], p["e2"], "works_at") if p["e2"]["text"] == "Bo Renn" else None for p in pairs
+        ]
+
+    monkeypatch.setattr(gnn, "extract_relations", extractor)
+    passages, candidates, extracted = passages_with_entities(
+        tmp_path / "chunks.jsonl", pairs_of, tmp_path, batch_size=8
     )
-    where = {"doc_id": "d", "section_index": 0}
-    rows = [
-        {**where, "e1": ann, "e2": lab, "label": "no_relation", "detected": True},
-        {**where, "e1": lab, "e2": town, "label": None, "detected": True},
-        # a gold pair the parser missed: a deployed system never sees "Bo"
-        {
-            **where,
-            "e1": {"text": "Bo", "start": 8, "end": 10},
-            "e2": lab,
-            "label": "founded",
-            "detected": False,
-        },
-    ]
-    for name, records in (("chunks.jsonl", chunks), ("relations.jsonl", rows)):
-        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in records))
-    pairs = detected_pairs(tmp_path / "relations.jsonl")
-    assert [p["e2"]["text"] for p in pairs] == ["Lab", "Town"]
-    # the extractor's view, not gold: Lab -> Ann (against the gold no_relation), nothing for Town
-    extracted = [(lab, ann, "works_at"), None]
-    passages = passages_with_entities(tmp_path / "chunks.jsonl", pairs, extracted)
-    assert passages["d#0"].entities == ["Ann", "Lab"]
-    assert passages["d#0"].relations == [("Lab", "Ann", "works_at")]
-    assert passages["d#1"].entities == ["Lab", "Town"]
-    assert passages["d#1"].relations == []  # Ann lies outside d#1: no relation edge
+    assert (candidates, extracted) == (4, 1)
+    assert passages["d#0"].entities == ["Ann Berg", "Lab", "Town", "Bo Renn"]  # in text order
+    assert passages["d#0"].relations == [("Lab", "Bo Renn", "works_at")]
+    # the pairs' order does not change the passage
+    reordered = graph_inputs.passage("d#0", text, found[::-1], extractor(None, found[::-1], 8))
+    assert (reordered.entities, reordered.relations) == (
+        passages["d#0"].entities,
+        passages["d#0"].relations,
+    )
+
+
+def test_extraction_agreement_on_gold_pairs() -> None:
+    ann, lab = {"text": "Ann", "start": 0, "end": 3}, {"text": "Lab", "start": 15, "end": 18}
+    pairs = [{"e1": ann, "e2": lab, "label": "no_relation"}, {"e1": lab, "e2": ann, "label": None}]
+    extracted = [(lab, ann, "works_at"), None]  # against the gold no_relation
     assert extraction_agreement(pairs, extracted) == {"gold_pairs": 1, "agreement": 0.0}
     assert extraction_agreement(pairs, [None, None])["agreement"] == 1.0
 

@@ -236,6 +236,10 @@ SECTIONS = {
         "Edda Marrowby founded the Halvard Lab in Halvard. Ines Varga joined the Halvard Lab. "
         "Ines Varga and Edda Marrowby wrote the Tidal Report.",
         "The Halvard Lab moved to Ostravel. Oskar Lind led the Ostravel Office with Ines Varga.",
+        # "Tarnby" is a name in the section (mid-sentence in its first sentence), not in the
+        # second chunk, where it only opens sentences: a runtime sees the chunk
+        "Ines Varga moved the archive of the Halvard Lab to Tarnby in 1990. Tarnby hired Oskar "
+        "Lind. Tarnby closed the Ostravel Office.",
     ],
     "b": ["Castellane founded the Northreach Lab in Kraków. Zoë Lind joined the Northreach Lab."],
     "c": ["Oskar Lind studied in Ostravel. Oskar Lind met Edda Marrowby and Castellane there."],
@@ -293,16 +297,20 @@ def _write_inputs(root: Path) -> tuple[dict[str, list[dict]], list[dict]]:
 
 
 def _fake_relations(pairs: list[dict]) -> list:
-    """A deterministic extractor: every other pair states a relation, every third reversed."""
+    """A deterministic extractor, a function of each pair's entity texts: about every other pair
+    states a relation, some reversed."""
     labels = ("founded", "works_at", "located_in")
-    return [
-        None
-        if i % 2
-        else (p["e2"], p["e1"], labels[i % 3])
-        if i % 3 == 0
-        else (p["e1"], p["e2"], labels[i % 3])
-        for i, p in enumerate(pairs)
-    ]
+    out = []
+    for p in pairs:
+        i = len(p["e1"]["text"]) + 2 * len(p["e2"]["text"])
+        forward = (p["e1"], p["e2"], labels[i % 3])
+        out.append(None if i % 2 else (p["e2"], p["e1"], labels[i % 3]) if i % 3 == 0 else forward)
+    return out
+
+
+def _pairs_of(text: str) -> list[dict]:
+    """What ``build_graphs`` and ``sphana serve`` detect in a candidate passage."""
+    return [p for s in entities.detect(text, 300) for p in s["pairs"]]
 
 
 def test_served_graphs_equal_the_graphs_build_writes(tmp_path: Path, monkeypatch) -> None:
@@ -322,27 +330,23 @@ def test_served_graphs_equal_the_graphs_build_writes(tmp_path: Path, monkeypatch
     cfg = GraphConfig(top_k=3, hard_negatives=1, max_entities=3, max_queries=0)
     out = tmp_path / "gnn"
     gnn.build(
-        cfg, tmp_path / "emb", tmp_path / "rel", tmp_path / "datasets", tmp_path / "ingest", out
+        cfg,
+        tmp_path / "emb",
+        tmp_path / "rel",
+        tmp_path / "datasets",
+        tmp_path / "ingest",
+        out,
+        _pairs_of,
     )
 
-    # the runtime: entities and relations per section, retrieval over its pool of passages
-    pairs, chunks = data["pairs"], data["chunks"]
-    relations = _fake_relations(pairs)
+    # the runtime: entities and relations of each candidate's own text (all it sees), retrieval
+    # over its pool of passages
     passages = {}
-    for c in chunks:
-        section = [
-            (p, r)
-            for p, r in zip(pairs, relations, strict=True)
-            if (p["doc_id"], p["section_index"]) == (c["doc_id"], c["section_index"])
-        ]
-        passages[c["id"]] = graph_inputs.passage(
-            c["id"],
-            c["text"],
-            [p for p, _ in section],
-            [r for _, r in section],
-            doc_id=c["doc_id"],
-            start=c["start"],
-        )
+    for c in data["chunks"]:
+        pairs = _pairs_of(c["text"])
+        passages[c["id"]] = graph_inputs.passage(c["id"], c["text"], pairs, _fake_relations(pairs))
+    tarnby = [p for p in passages.values() if p.text.startswith("Tarnby hired")]
+    assert tarnby and "Tarnby" not in tarnby[0].entities  # unlike in its section
     relation_nodes = 0
     for name in ("train", "validation"):
         pool = sorted(pid for pid in passages if (pid[0] in "vw") == (name == "validation"))
@@ -369,3 +373,37 @@ def test_served_graphs_equal_the_graphs_build_writes(tmp_path: Path, monkeypatch
             kind = graph_inputs.NODE_TYPES.index("relation") - graph_inputs.EXTRA_FEATURES
             relation_nodes += int((served["node_features"][:, kind] == 1.0).sum())
     assert relation_nodes > 0, "the graphs hold relation nodes"
+
+
+def _imports(path: Path) -> set[str]:
+    """The sphana modules ``path`` imports anywhere in it (functions too), as file paths."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sphana"):
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        found |= {n.replace(".", "/") + ".py" for n in names if n.startswith("sphana")}
+    return found
+
+
+def test_stages_depend_on_the_shared_code_they_run() -> None:
+    # a stage whose listed code imports a shared module reruns when that module changes
+    import yaml
+
+    shared = {m.replace(".", "/") + ".py" for m in SHARED} | {
+        "sphana/general_eval.py",
+        "sphana/generation.py",
+    }
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    missing = {}
+    for name, stage in stages.items():
+        deps = {d for d in stage.get("deps", []) if isinstance(d, str)}
+        code = [REPO / d for d in deps if d.startswith("sphana/") and d.endswith(".py")]
+        needed = set().union(*(_imports(path) for path in code)) & shared
+        if needed - deps:
+            missing[name] = sorted(needed - deps)
+    assert not missing, f"dvc.yaml: add these deps: {missing}"
