@@ -33,7 +33,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-TIE = 1e-3  # ranker scores closer than this are a tie
+from sphana.serving import parity
+from sphana.serving.engine import parse_precision
 
 
 def start(release: Path, precision: list[str]) -> tuple[subprocess.Popen, str]:
@@ -61,14 +62,14 @@ def served_embed(url: str):
     return embed
 
 
-def embedding(url: str, target: Path, manifest: dict) -> None:
+def embedding(url: str, target: Path, manifest: dict, precision: str) -> None:
     from sphana.embedding import ValidationSet
 
     entry = manifest["components"]["embedding"]
-    report = json.loads((target / "metrics/export_embedding.json").read_text())
     validation = ValidationSet.load(target / "datasets/embedding")
     served = validation.evaluate(served_embed(url))
-    model = target / "artifacts" / entry["path"]
+    path = entry["path"] if precision == "int8" else entry["model_config"]["fp32_path"]
+    model = target / "artifacts" / path
     texts = [r["query"] for r in load_jsonl(target / "datasets/embedding/validation.jsonl")][:256]
     reference = in_process_embed(model, entry["model_config"]["max_seq_length"])(texts)
     diff = float(np.abs(served_embed(url)(texts) - reference).max())
@@ -76,11 +77,7 @@ def embedding(url: str, target: Path, manifest: dict) -> None:
         f"embedding: served vs in process (same file, transformers tokenizer), {len(texts)} "
         f"queries: max abs diff {diff:.2e} (fp32 gate {entry['parity']['fp32']['threshold']})"
     )
-    shipped = (
-        report["int8"]["metrics"]
-        if entry["model_config"]["quantized"]
-        else report["fp32"]["metrics"]
-    )
+    shipped = parity.exported(target, "export_embedding", entry, precision)
     for k in ("recall@5", "recall@10", "mrr"):
         print(f"  {k:10s} served {served[k]:.4f}   export {shipped[k]:.4f}")
 
@@ -95,90 +92,39 @@ def in_process_embed(model: Path, max_length: int):
     return ort_embed(session, AutoTokenizer.from_pretrained(str(model.parent)), max_length)
 
 
-def relation(url: str, target: Path, manifest: dict) -> None:
-    from sphana.relation import classification_metrics
-
-    entry = manifest["components"]["relation"]
-    labels = entry["model_config"]["labels"]
-    examples = load_jsonl(target / "datasets/relation/validation.jsonl")
-    gold, predicted, missing = [], [], 0
-    with httpx.Client(timeout=60) as client:
-        for x in examples:
-            spans = [x["entity1"], x["entity2"]]
-            body = {
-                "text": x["text"],
-                "entities": [{"start": e["start"], "end": e["end"]} for e in spans],
-            }
-            pairs = client.post(f"{url}/v1/relations", json=body).json()["pairs"]
-            if len(pairs) != 1:
-                missing += 1
-                continue
-            reading = "e1->e2" if x["entity1"]["start"] < x["entity2"]["start"] else "e2->e1"
-            scores = pairs[0]["scores"][reading]
-            gold.append(x["label"])
-            predicted.append(max(scores, key=scores.get))
-    served = classification_metrics(gold, predicted, labels)
-    report = json.loads((target / "metrics/export_relation.json").read_text())
-    shipped = (
-        report["int8"]["metrics"]
-        if entry["model_config"]["quantized"]
-        else report["fp32"]["metrics"]
-    )
+def relation(url: str, target: Path, manifest: dict, precision: str) -> None:
+    r = parity.relation(poster(url), target, manifest, precision)
     print(
-        f"relation: {len(gold)} validation examples ({missing} not paired by the server): "
-        f"macro-F1 served {served['macro_f1']:.4f} export {shipped['macro_f1']:.4f}; "
-        f"accuracy served {served['accuracy']:.4f} export {shipped['accuracy']:.4f}"
+        f"relation: {r['examples']} validation examples ({r['unpaired']} not paired by the "
+        f"server): macro-F1 served {r['served']['macro_f1']:.4f} export "
+        f"{r['export']['macro_f1']:.4f}; accuracy served {r['served']['accuracy']:.4f} export "
+        f"{r['export']['accuracy']:.4f}"
     )
 
 
-def ranker(url: str, target: Path, manifest: dict) -> None:
-    from sphana.gnn import ranking_metrics
-    from sphana.graph_inputs import RANK
-
-    chunks = {r["id"]: r["text"] for r in load_jsonl(target / "ingest/chunks.jsonl")}
-    queries = load_jsonl(target / "datasets/gnn/validation.jsonl")
-    scores, labels, same, up_to_ties = [], [], 0, 0
-    session = ranker_session(target, manifest)
-    from sphana.graph_inputs import ranker_inputs
-
-    with httpx.Client(timeout=120) as client:
-        for q in queries:
-            cands = q["candidates"]
-            ranks = [round(1 / c["node_features"][0][RANK] - 1) for c in cands]
-            body = {"query": q["query"], "texts": [chunks[c["id"]] for c in cands], "ranks": ranks}
-            ranked = client.post(f"{url}/v1/rerank", json=body).json()
-            s = np.zeros(len(cands))
-            for r in ranked:
-                s[r["index"]] = r["score"]
-            scores.append(s)
-            labels.append(np.array([c["label"] for c in cands]))
-            build = session.run(None, ranker_inputs(cands))[0]
-            same += np.array_equal(np.argsort(-s, kind="stable"), np.argsort(-build, kind="stable"))
-            # the served order, read with the build's scores, never goes up by more than a tie
-            in_served_order = build[np.argsort(-s, kind="stable")]
-            up_to_ties += bool(np.all(np.diff(in_served_order) <= TIE))
-    served = ranking_metrics(scores, labels)
-    report = json.loads((target / "metrics/export_gnn.json").read_text())
-    shipped = report["fp32"]["metrics"]
+def ranker(url: str, target: Path, manifest: dict, precision: str) -> None:
+    r = parity.ranker(poster(url), target, manifest, precision)
+    n, served, export = r["queries"], r["served"], r["export"]
     print(
-        f"ranker: {len(queries)} validation queries: nDCG@10 served {served['ndcg@10']:.4f} "
-        f"export {shipped['ndcg@10']:.4f}; MRR served {served['mrr']:.4f} export "
-        f"{shipped['mrr']:.4f}; rankings identical to the build's graphs: "
-        f"{same / len(queries):.1%}, identical up to ties (build scores within {TIE}): "
-        f"{up_to_ties / len(queries):.1%}"
+        f"ranker: {n} validation queries: nDCG@10 served {served['ndcg@10']:.4f} export "
+        f"{export['ndcg@10']:.4f}; MRR served {served['mrr']:.4f} export {export['mrr']:.4f}; "
+        f"rankings identical to the build's graphs: {r['identical'] / n:.1%}, up to ties "
+        f"(build scores within {parity.TIE}): {r['identical_up_to_ties'] / n:.1%}"
     )
 
 
-def ranker_session(target: Path, manifest: dict):
-    import onnxruntime as ort
+def poster(url: str):
+    client = httpx.Client(base_url=url, timeout=120)
 
-    entry = manifest["components"]["gnn"]
-    return ort.InferenceSession(
-        str(target / "artifacts" / entry["path"]), providers=["CPUExecutionProvider"]
-    )
+    def post(path: str, body: dict):
+        response = client.post(path, json=body)
+        response.raise_for_status()
+        return response.json()
+
+    return post
 
 
-def generator(url: str, target: Path, manifest: dict) -> None:
+def generator(url: str, target: Path, manifest: dict, precision: str) -> None:
     from sphana.generation import OnnxGenerator
     from sphana.samples import PROMPTS
 
@@ -207,6 +153,7 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=["embedding", "relation", "gnn", "llm"])
     args = parser.parse_args()
     manifest = json.loads((args.target / "manifests/latest.json").read_text())
+    precision = parse_precision(args.precision)
     proc, url = start(args.release, args.precision)
     try:
         for name, check in (
@@ -216,7 +163,7 @@ def main() -> None:
             ("llm", generator),
         ):
             if name in manifest["components"] and (not args.only or name in args.only):
-                check(url, args.target, manifest)
+                check(url, args.target, manifest, precision[name])
     finally:
         proc.terminate()
         proc.wait()

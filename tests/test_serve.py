@@ -484,6 +484,33 @@ def test_relations_detected_as_ingest_does_and_scored_both_ways(server: str) -> 
         assert max(abs(got[k] - want[k]) for k in got) < 2e-3
 
 
+def test_served_rankings_and_relations_equal_what_the_build_measured(
+    built: Path, tarball: Path
+) -> None:
+    # serving parity on the build's validation data, fp32 as the export's fp32 gates measure
+    from sphana.serving import parity
+
+    target = built / "target"
+    manifest = json.loads((target / "manifests/latest.json").read_text())
+    flags = ("--precision", "fp32", "--max-inputs", "4096", "--auto-truncate")
+    with serving(str(tarball), *flags) as url, httpx.Client(base_url=url, timeout=120) as client:
+
+        def post(path: str, body: dict) -> object:
+            response = client.post(path, json=body)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        ranked = parity.ranker(post, target, manifest, "fp32")
+        relations = parity.relation(post, target, manifest, "fp32")
+    assert ranked["queries"] > 0
+    # every validation query ranked as the build's graphs rank it (a near-tie may swap)
+    assert ranked["identical_up_to_ties"] == ranked["queries"], ranked
+    assert ranked["served"]["ndcg@10"] == pytest.approx(ranked["export"]["ndcg@10"], abs=1e-6)
+    assert ranked["served"]["mrr"] == pytest.approx(ranked["export"]["mrr"], abs=1e-6)
+    assert relations["examples"] > 0 and relations["unpaired"] == 0
+    assert relations["served"] == relations["export"]
+
+
 def test_rerank_orders_by_the_graph_ranker(server: str) -> None:
     texts = [
         "The weather was mild that spring.",
