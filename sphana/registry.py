@@ -387,12 +387,12 @@ def _verify_head(root: Path, name: str) -> None:
     manifest_lib.verify(manifest_file, root=root / paths.artifacts, lock_file=root / "dvc.lock")
     manifest = json.loads(data)
     if name == RELEASE:
-        import tarfile
+        from sphana.release import read_tarball
 
         tarball = root / paths.manifests / "latest.tar.gz"
-        manifest_lib.verify(tarball)
-        with tarfile.open(tarball) as tar:
-            inside = json.load(tar.extractfile(manifest_lib.MANIFEST_NAME))
+        inside, problems = read_tarball(tarball, None)  # streamed and checked, never unpacked
+        if problems:
+            raise VerifyError(f"{tarball}: " + "; ".join(problems))
         if inside != manifest:
             raise VerifyError(f"{tarball}: its manifest is not {manifest_file}; run `dvc repro`")
         return
