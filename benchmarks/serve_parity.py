@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from sphana.io import load_jsonl
 from sphana.serving import parity
 from sphana.serving.engine import parse_precision
 
@@ -44,10 +45,6 @@ def start(release: Path, precision: list[str]) -> tuple[subprocess.Popen, str]:
     flags = ["--max-inputs", "4096", "--auto-truncate", *(f"--precision={p}" for p in precision)]
     proc, port, _ = start_server(release, 0, *flags)
     return proc, f"http://127.0.0.1:{port}"
-
-
-def load_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def served_embed(url: str):
@@ -68,8 +65,7 @@ def embedding(url: str, target: Path, manifest: dict, precision: str) -> None:
     entry = manifest["components"]["embedding"]
     validation = ValidationSet.load(target / "datasets/embedding")
     served = validation.evaluate(served_embed(url))
-    path = entry["path"] if precision == "int8" else entry["model_config"]["fp32_path"]
-    model = target / "artifacts" / path
+    model = parity.model_file(target, entry, precision)
     texts = [r["query"] for r in load_jsonl(target / "datasets/embedding/validation.jsonl")][:256]
     reference = in_process_embed(model, entry["model_config"]["max_seq_length"])(texts)
     diff = float(np.abs(served_embed(url)(texts) - reference).max())

@@ -34,7 +34,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from sphana.serving.batching import Batcher, BatchLimits, ClientGone, Timing
-from sphana.serving.engine import Engine, InputTooLong
+from sphana.serving.engine import Engine, InputTooLong, InvalidInput
 from sphana.serving.server import ServeLimits
 
 
@@ -295,6 +295,10 @@ def create_app(engine: Engine, limits: ServeLimits, batch: BatchLimits) -> Any:
             return JSONResponse({"error": e.message}, status_code=e.status)
         return JSONResponse(error_body(e.status, e.message, e.param), status_code=e.status)
 
+    @app.exception_handler(InvalidInput)  # the engine's own checks (spans, ranks)
+    async def on_invalid_input(request: Request, e: InvalidInput) -> JSONResponse:
+        return await on_api_error(request, ApiError(422, str(e), e.field))
+
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         errors = e.errors()
@@ -446,18 +450,7 @@ def create_app(engine: Engine, limits: ServeLimits, batch: BatchLimits) -> Any:
                 f"max_text_chars={limits.max_text_chars}",
                 "text",
             )
-        spans = None
-        if body.entities is not None:
-            spans = [e.model_dump() for e in body.entities]
-            for i, e in enumerate(spans):
-                if not 0 <= e["start"] < e["end"] <= len(body.text):
-                    raise ApiError(
-                        422,
-                        f"entities[{i}]: span [{e['start']}, {e['end']}) is "
-                        f"not inside the text (length {len(body.text)}); give "
-                        "0 <= start < end <= length",
-                        f"entities[{i}]",
-                    )
+        spans = None if body.entities is None else [e.model_dump() for e in body.entities]
         out, headers = await in_thread(request, engine.relations, body.text, spans)
         if out is None:
             return Response(status_code=499)
@@ -472,10 +465,6 @@ def create_app(engine: Engine, limits: ServeLimits, batch: BatchLimits) -> Any:
         if not body.query.strip():
             raise ApiError(422, "query: empty", "query")
         texts = texts_of(body.texts, "texts")
-        if body.ranks is not None and (
-            len(body.ranks) != len(texts) or any(r < 0 for r in body.ranks)
-        ):
-            raise ApiError(422, f"ranks: one rank >= 0 per text ({len(texts)})", "ranks")
         out, headers = await in_thread(request, engine.rerank, body.query, texts, body.ranks)
         if out is None:
             return Response(status_code=499)

@@ -150,6 +150,33 @@ class InputTooLong(ValueError):
         self.index, self.tokens, self.limit = index, tokens, limit
 
 
+class InvalidInput(ValueError):
+    """A request field the engine cannot use: ``field`` names it, the message says what to give."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def check_spans(text: str, spans: Sequence[Any]) -> None:
+    """Given entity spans must be ``{"start", "end"}`` integers inside ``text``."""
+    for i, e in enumerate(spans):
+        start, end = (e.get("start"), e.get("end")) if isinstance(e, dict) else (None, None)
+        ints = isinstance(start, int) and isinstance(end, int)
+        if not ints or not 0 <= start < end <= len(text):
+            raise InvalidInput(
+                f"entities[{i}]",
+                f"span [{start}, {end}) is not inside the text (length {len(text)}); "
+                "give 0 <= start < end <= length",
+            )
+
+
+def check_ranks(ranks: Sequence[Any], count: int) -> None:
+    """First-stage ranks: one integer >= 0 per text."""
+    if len(ranks) != count or not all(isinstance(r, int) and r >= 0 for r in ranks):
+        raise InvalidInput("ranks", f"one rank >= 0 per text ({count})")
+
+
 class Embedder:
     """The embedding component: texts -> L2-normalized vectors (pooling is in the graph).
 
@@ -378,6 +405,8 @@ class Engine:
         every two of those spans that lie in one sentence within ``max_pair_chars``."""
         from sphana.entities import detect
 
+        if spans is not None:
+            check_spans(text, spans)
         return detect(text, self.max_pair_chars, self.parser() if spans is None else Spans(spans))
 
     def relations(self, text: str, spans: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -427,6 +456,8 @@ class Engine:
         ``ranks``: each text's rank in the first stage that retrieved it (0 = best), a feature
         of its graph as in training; by default its rank among ``texts`` by cosine."""
         assert self.embedder is not None
+        if ranks is not None:
+            check_ranks(ranks, len(texts))
         vectors = self.embedder.run([query, *texts])
         query_vec, passage_vecs = vectors[0], vectors[1:]
         cosine = passage_vecs @ query_vec

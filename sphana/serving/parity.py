@@ -17,12 +17,19 @@ from typing import Any
 
 import numpy as np
 
+from sphana.io import load_jsonl
+
 Post = Callable[[str, dict[str, Any]], Any]
 TIE = 1e-3  # ranker scores closer than this are a tie (node features are rounded to 4 decimals)
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+def model_file(target: Path, entry: dict[str, Any], precision: str) -> Path:
+    """The component file served at ``precision`` (the fp32 one where the release kept no INT8)."""
+    return (
+        target
+        / "artifacts"
+        / (entry["path"] if precision == "int8" else entry["model_config"]["fp32_path"])
+    )
 
 
 def exported(target: Path, stage: str, entry: dict[str, Any], precision: str) -> dict[str, Any]:
@@ -43,12 +50,11 @@ def ranker(post: Post, target: Path, manifest: dict[str, Any], precision: str) -
     from sphana.graph_inputs import RANK, ranker_inputs
 
     entry = manifest["components"]["gnn"]
-    path = entry["path"] if precision == "int8" else entry["model_config"]["fp32_path"]
     session = ort.InferenceSession(
-        str(target / "artifacts" / path), providers=["CPUExecutionProvider"]
+        str(model_file(target, entry, precision)), providers=["CPUExecutionProvider"]
     )
-    chunks = {r["id"]: r["text"] for r in _jsonl(target / "ingest/chunks.jsonl")}
-    queries = _jsonl(target / "datasets/gnn/validation.jsonl")
+    chunks = {r["id"]: r["text"] for r in load_jsonl(target / "ingest/chunks.jsonl")}
+    queries = load_jsonl(target / "datasets/gnn/validation.jsonl")
     scores, labels, same, up_to_ties = [], [], 0, 0
     for q in queries:
         cands = q["candidates"]
@@ -81,7 +87,7 @@ def relation(post: Post, target: Path, manifest: dict[str, Any], precision: str)
     from sphana.relation import classification_metrics
 
     entry = manifest["components"]["relation"]
-    examples = _jsonl(target / "datasets/relation/validation.jsonl")
+    examples = load_jsonl(target / "datasets/relation/validation.jsonl")
     gold, predicted, unpaired = [], [], 0
     for x in examples:
         spans = [x["entity1"], x["entity2"]]

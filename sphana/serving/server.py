@@ -121,39 +121,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
-def load(args: argparse.Namespace) -> tuple[Engine, Path | None]:
-    """The verified, warmed engine; and the temporary directory to remove at exit, if any."""
+def load(args: argparse.Namespace, workdir: Path) -> Engine:
+    """The verified, warmed engine, its files copied into ``workdir``."""
     from sphana.release import open_release
 
     precision = parse_precision(args.precision)
     settings = SessionSettings(
         args.threads, args.inter_op_threads, args.graph_optimization, args.provider, args.spin
     )
-    cleanup = None
-    if args.workdir is None:
-        cleanup = Path(tempfile.mkdtemp(prefix="sphana-serve-"))
-        workdir = cleanup / "release"
-    else:
-        workdir = args.workdir
-    try:
-        start = time.perf_counter()
-        release = open_release(args.release, workdir)
-        log.info(
-            "verified %s %s: %d files of %s (sha256) in %.2f s",
-            release.manifest.get("name"),
-            release.manifest["version"],
-            sum(len(c.files) for c in release.components.values()),
-            ", ".join(sorted(release.components)),
-            time.perf_counter() - start,
-        )
-        engine = Engine(release.manifest, release.root, precision, settings)
-        engine.timings["verify"] = time.perf_counter() - start
-        engine.warm()
-    except BaseException:
-        if cleanup is not None:  # a release that fails to load leaves nothing behind
-            shutil.rmtree(cleanup, ignore_errors=True)
-        raise
-    return engine, cleanup
+    start = time.perf_counter()
+    release = open_release(args.release, workdir)
+    log.info(
+        "verified %s %s: %d files of %s (sha256) in %.2f s",
+        release.manifest.get("name"),
+        release.manifest["version"],
+        sum(len(c.files) for c in release.components.values()),
+        ", ".join(sorted(release.components)),
+        time.perf_counter() - start,
+    )
+    engine = Engine(release.manifest, release.root, precision, settings)
+    engine.timings["verify"] = time.perf_counter() - start
+    engine.warm()
+    return engine
 
 
 def run(args: argparse.Namespace) -> int:
@@ -165,8 +154,11 @@ def run(args: argparse.Namespace) -> int:
     )
     # uvicorn re-raises SIGTERM once it has shut down; exit through Python so `finally` runs
     signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
-    engine, cleanup = load(args)
+    # without --workdir the verified copy lives in a temporary directory, removed however the
+    # server ends (a release that fails to load included)
+    scratch = None if args.workdir else Path(tempfile.mkdtemp(prefix="sphana-serve-"))
     try:
+        engine = load(args, args.workdir or scratch / "release")
         if args.stdio:
             from sphana.serving.stdio import serve_stdio
 
@@ -174,8 +166,8 @@ def run(args: argparse.Namespace) -> int:
             return serve_stdio(engine, args, sys.stdin, sys.stdout)
         return _serve_http(engine, args, started)
     finally:
-        if cleanup is not None:
-            shutil.rmtree(cleanup, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _serve_http(engine: Engine, args: argparse.Namespace, started: float) -> int:

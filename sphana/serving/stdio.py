@@ -24,7 +24,7 @@ import argparse
 import json
 from typing import IO, Any
 
-from sphana.serving.engine import Engine, InputTooLong
+from sphana.serving.engine import Engine, InputTooLong, InvalidInput
 
 OPS = ("ping", "info", "embed", "relations", "rerank", "generate")
 
@@ -43,6 +43,18 @@ def _texts(request: dict[str, Any], field: str, max_inputs: int) -> list[str]:
     return texts
 
 
+def _text(request: dict[str, Any], field: str) -> str:
+    text = request.get(field)
+    if not isinstance(text, str) or not text.strip():
+        raise _Refused(f"{field}: a non-empty text")
+    return text
+
+
+def _need(component: Any, name: str) -> None:
+    if component is None:
+        raise _Refused(f"this release has no {name} component")
+
+
 def handle(engine: Engine, request: Any, args: argparse.Namespace) -> dict[str, Any]:
     """The response to one request (without its id)."""
     if not isinstance(request, dict):
@@ -53,8 +65,7 @@ def handle(engine: Engine, request: Any, args: argparse.Namespace) -> dict[str, 
     if op == "info":
         return {"info": engine.describe()}
     if op == "embed":
-        if engine.embedder is None:
-            raise _Refused("this release has no embedding component")
+        _need(engine.embedder, "embedding")
         texts = _texts(request, "inputs", args.max_inputs)
         truncate = request.get("truncate", args.auto_truncate)
         try:
@@ -63,35 +74,18 @@ def handle(engine: Engine, request: Any, args: argparse.Namespace) -> dict[str, 
             raise _Refused(f"inputs[{e.index}]: {e}") from None
         return {"embeddings": vectors.tolist()}
     if op == "relations":
-        if engine.extractor is None:
-            raise _Refused("this release has no relation component")
-        text = request.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise _Refused("text: a non-empty text")
+        _need(engine.extractor, "relation")
+        text = _text(request, "text")
         spans = request.get("entities")
-        if spans is not None:
-            if not isinstance(spans, list):
-                raise _Refused("entities: a list of {start, end} spans")
-            for i, e in enumerate(spans):
-                ok = isinstance(e, dict) and all(
-                    isinstance(e.get(k), int) for k in ("start", "end")
-                )
-                if not ok or not 0 <= e["start"] < e["end"] <= len(text):
-                    raise _Refused(f"entities[{i}]: give 0 <= start < end <= {len(text)}")
-        return engine.relations(text, spans)
+        if spans is not None and not isinstance(spans, list):
+            raise _Refused("entities: a list of {start, end} spans")
+        return engine.relations(text, spans)  # the engine checks each span (InvalidInput)
     if op == "rerank":
-        if engine.embedder is None:
-            raise _Refused("this release has no embedding component")
-        query = request.get("query")
-        if not isinstance(query, str) or not query.strip():
-            raise _Refused("query: a non-empty text")
+        _need(engine.embedder, "embedding")
+        query = _text(request, "query")
         texts = _texts(request, "texts", args.max_inputs)
         ranks = request.get("ranks")
-        if ranks is not None and (
-            not isinstance(ranks, list)
-            or len(ranks) != len(texts)
-            or not all(isinstance(r, int) and r >= 0 for r in ranks)
-        ):
+        if ranks is not None and not isinstance(ranks, list):
             raise _Refused(f"ranks: one rank >= 0 per text ({len(texts)})")
         scores, scorer = engine.rerank(query, texts, ranks)
         order = sorted(range(len(texts)), key=lambda i: -scores[i])
@@ -99,11 +93,8 @@ def handle(engine: Engine, request: Any, args: argparse.Namespace) -> dict[str, 
     if op == "generate":
         from sphana.generation import Sampling
 
-        if engine.generator is None:
-            raise _Refused("this release has no llm component")
-        prompt = request.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise _Refused("prompt: a non-empty text")
+        _need(engine.generator, "llm")
+        prompt = _text(request, "prompt")
         new_tokens = request.get("max_new_tokens", 64)
         if not isinstance(new_tokens, int) or not 1 <= new_tokens <= args.max_new_tokens:
             raise _Refused(f"max_new_tokens: an integer from 1 to {args.max_new_tokens}")
@@ -145,7 +136,7 @@ def serve_stdio(engine: Engine, args: argparse.Namespace, stdin: IO[str], stdout
             response = handle(engine, request, args)
         except json.JSONDecodeError as e:
             response = {"error": f"not a JSON line ({e.msg} at column {e.colno})"}
-        except _Refused as e:
+        except (_Refused, InvalidInput) as e:
             response = {"error": str(e)}
         except Exception as e:  # the engine failed on this request: say so, keep serving
             response = {"error": f"{type(e).__name__}: {e}"}
