@@ -210,6 +210,10 @@ class EmbeddingConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1  # share of steps with linear warm-up, then linear decay
     temperature: float = 0.05  # softmax temperature of the contrastive loss
+    # Weight of the distillation term: mean cosine distance of each training query and passage
+    # embedding to the base model's embedding of the same text; keeps the fine-tune near the
+    # base's geometry so it forgets less outside the corpus. 0 = plain contrastive fine-tune.
+    distill: float = 10.0
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     max_train_pairs: int = 0  # 0 = all; otherwise a seeded sample (tiny configs)
     eval_batch_size: int = 64
@@ -228,6 +232,8 @@ class EmbeddingConfig:
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError("embedding.temperature must be > 0")
+        if self.distill < 0:
+            raise ValueError("embedding.distill must be >= 0 (0 = no distillation term)")
         if not self.interpolation or not all(0.0 <= a <= 1.0 for a in self.interpolation):
             raise ValueError(
                 "embedding.interpolation must be a non-empty list of weights in [0, 1] "

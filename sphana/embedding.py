@@ -1,9 +1,11 @@
 """Sentence-embedding encoder: a transformer with mean pooling and L2 normalization, fine-tuned
 with an in-batch-negatives contrastive (InfoNCE) loss, and its retrieval evaluation.
 
-A fine-tune on the corpus alone gains in domain but can forget general retrieval, so :func:`train`
-also measures a general out-of-domain set (:mod:`sphana.general_eval`) and ships a mix of the
-base and fine-tuned weights (WiSE-FT: ``w = (1 - a) * base + a * tuned``) that keeps it.
+A fine-tune on the corpus alone gains in domain but can forget general retrieval. Two remedies work
+together: training keeps each text's embedding near the base model's (:func:`anchor_embeddings`,
+``embedding.distill``), and :func:`train` measures a general out-of-domain set
+(:mod:`sphana.general_eval`) and ships the mix of the base and fine-tuned weights (WiSE-FT:
+``w = (1 - a) * base + a * tuned``) that gains most in domain while keeping it.
 
 Texts are tokenized by :mod:`sphana.tokenization` (:func:`tokenize`), the torch-free code a runtime
 feeds ``sentence_embedding.onnx`` with.
@@ -242,8 +244,34 @@ def contrastive_loss(
     return nn.functional.cross_entropy(logits, torch.arange(len(q), device=logits.device))
 
 
-def pair_loss(tokenizer: Any, cfg: EmbeddingConfig):
-    """The loss of a batch of ``{"query", "positive", "positive_id"}`` pairs, for the runtime."""
+@dataclass
+class Anchors:
+    """The base model's embeddings of the training texts (row ``rows[text]``), before any step."""
+
+    rows: dict[str, int]
+    embeddings: torch.Tensor  # [texts, dim], L2-normalized
+
+    def distance(self, emb: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Mean cosine distance of ``emb`` (normalized, one row per text) to the anchors."""
+        anchors = self.embeddings[[self.rows[t] for t in texts]].to(emb.device)
+        return (1.0 - (emb * anchors).sum(dim=-1)).mean()
+
+
+def anchor_embeddings(
+    encoder: Encoder, tokenizer: Any, pairs: list[dict[str, Any]], cfg: EmbeddingConfig, device
+) -> Anchors:
+    """:class:`Anchors` of every query and passage of ``pairs``, embedded once by ``encoder``
+    (the base model, before training): the targets of the distillation term."""
+    texts = sorted({r["query"] for r in pairs} | {r["positive"] for r in pairs}, key=len)
+    emb = encode(encoder, tokenizer, texts, cfg.eval_batch_size, cfg.max_seq_length, device)
+    return Anchors({t: i for i, t in enumerate(texts)}, torch.from_numpy(emb))
+
+
+def pair_loss(tokenizer: Any, cfg: EmbeddingConfig, anchors: Anchors | None = None):
+    """The loss of a batch of ``{"query", "positive", "positive_id"}`` pairs, for the runtime:
+    :func:`contrastive_loss`, plus ``cfg.distill`` times the mean cosine distance of the query
+    and passage embeddings to their ``anchors`` (the base model's), which keeps the fine-tune
+    close to the base's geometry so it forgets less outside the corpus."""
 
     def loss(model: nn.Module, batch: list[dict[str, Any]], dev: torch.device) -> torch.Tensor:
         def embed(texts: list[str]) -> torch.Tensor:
@@ -251,9 +279,14 @@ def pair_loss(tokenizer: Any, cfg: EmbeddingConfig):
             return model(**{k: v.to(dev) for k, v in features.items()}).float()
 
         # queries and passages are padded separately: short queries cost little
-        q = embed([r["query"] for r in batch])
-        p = embed([r["positive"] for r in batch])
-        return contrastive_loss(q, p, [r["positive_id"] for r in batch], cfg.temperature)
+        queries, passages = [r["query"] for r in batch], [r["positive"] for r in batch]
+        q, p = embed(queries), embed(passages)
+        total = contrastive_loss(q, p, [r["positive_id"] for r in batch], cfg.temperature)
+        if anchors is not None and cfg.distill:
+            total = total + cfg.distill * (
+                anchors.distance(q, queries) + anchors.distance(p, passages)
+            )
+        return total
 
     return loss
 
@@ -264,8 +297,10 @@ def training_job(
     tokenizer: Any,
     pairs: list[dict],
     data_files: list[Path],
+    anchors: Anchors | None = None,
 ):  # -> sphana.runtime.Job
-    """The runtime job that fine-tunes ``encoder`` on ``pairs`` as ``cfg`` says."""
+    """The runtime job that fine-tunes ``encoder`` on ``pairs`` as ``cfg`` says (with the
+    distillation term toward ``anchors`` where given)."""
     from sphana import runtime as rt
 
     return rt.Job.for_component(
@@ -281,7 +316,7 @@ def training_job(
         ),
         model=encoder,
         examples=pairs,
-        loss=pair_loss(tokenizer, cfg),
+        loss=pair_loss(tokenizer, cfg, anchors),
         data_files=data_files,
         min_batch=2,
     )
@@ -421,7 +456,10 @@ def train(
         base_general = general("base", selection=selection, report=report)
         base_state = cpu_state(encoder)
 
-    job = training_job(cfg, encoder, tokenizer, pairs, [train_file])
+    start = time.perf_counter()
+    anchors = anchor_embeddings(encoder, tokenizer, pairs, cfg, device) if cfg.distill else None
+    anchor_seconds = time.perf_counter() - start
+    job = training_job(cfg, encoder, tokenizer, pairs, [train_file], anchors)
     result = rt.fit_stage(job, runtime, device, paths)
     metrics: dict[str, Any] = {}
     if leader:
@@ -507,7 +545,13 @@ def train(
                 "seconds": round(added_seconds, 2),  # incl. the mixes' in-domain evaluation
             },
             "interpolation": {"chosen": a, "grid": grid},
-            "train": {"pairs": len(pairs), "epochs": cfg.epochs, **rt.summary(result, runtime)},
+            "train": {
+                "pairs": len(pairs),
+                "epochs": cfg.epochs,
+                "distill": cfg.distill,
+                "anchor_seconds": round(anchor_seconds, 2),  # embedding the anchors, every rank
+                **rt.summary(result, runtime),
+            },
             "validation": {
                 "queries": len(validation.queries),
                 "corpus": len(validation.corpus_ids),

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,10 +11,14 @@ from sphana import general_eval
 from sphana.embedding import (
     OOD_METRICS,
     ValidationSet,
+    anchor_embeddings,
     check_general_gate,
     contrastive_loss,
     cpu_state,
+    encode,
     interpolate,
+    load_encoder,
+    pair_loss,
     paired_difference,
     retrieval_metrics,
     select_mix,
@@ -73,6 +78,48 @@ def test_duplicate_positive_is_not_a_negative() -> None:
     # without masking, each row would be a 50/50 split: loss log(2)
     assert contrastive_loss(q, p, ["same", "same"], 0.05).item() == pytest.approx(0.0, abs=1e-6)
     assert contrastive_loss(q, p, ["a", "b"], 0.05).item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_distillation_keeps_the_fine_tune_near_the_base_embeddings() -> None:
+    """The same steps with and without the distillation term: with it, the training texts'
+    embeddings stay closer to the base model's, and the term is 0 before the first step."""
+    from conftest import REPO
+
+    from sphana.config import compose, validate
+
+    cfg = validate(compose(REPO / "conf", ["embedding=tiny"])).embedding
+    pairs = [
+        {
+            "query": f"Who designed array {i}?",
+            "positive": f"Person {i} designed array {i} in {1980 + i}.",
+            "positive_id": f"doc#{i}",
+        }
+        for i in range(8)
+    ]
+    texts = [r["query"] for r in pairs] + [r["positive"] for r in pairs]
+
+    def drift(distill: float) -> float:
+        torch.manual_seed(0)
+        encoder, tokenizer = load_encoder(cfg)
+        anchors = anchor_embeddings(encoder, tokenizer, pairs, cfg, "cpu")
+        loss = pair_loss(tokenizer, replace(cfg, distill=distill), anchors)
+        contrastive = pair_loss(tokenizer, replace(cfg, distill=0.0), anchors)
+        with torch.no_grad():  # eval mode: no dropout
+            assert loss(encoder.eval(), pairs, "cpu").item() == pytest.approx(
+                contrastive(encoder, pairs, "cpu").item(), abs=1e-5
+            ), "at the base weights the embeddings are their anchors"
+        encoder.train()
+        optimizer = torch.optim.SGD(encoder.parameters(), lr=0.5)
+        for _ in range(5):
+            optimizer.zero_grad()
+            loss(encoder, pairs, "cpu").backward()
+            optimizer.step()
+        after = encode(encoder, tokenizer, texts, 16, cfg.max_seq_length)
+        rows = [anchors.rows[t] for t in texts]
+        return float(np.mean(1.0 - np.sum(after * anchors.embeddings.numpy()[rows], axis=1)))
+
+    plain, distilled = drift(0.0), drift(10.0)
+    assert 0.0 < distilled < plain / 2, (plain, distilled)
 
 
 def test_training_and_export_are_deterministic(built_tiny, tmp_path) -> None:
