@@ -436,12 +436,19 @@ class ParityConfig:
 @dataclass
 class ExportConfig:
     opset: int = 18
-    quantization: Quantization = Quantization.per_channel_ffn_fp32
+    # INT8 recipes tried in order until one passes the INT8 gates (fastest first)
+    quantization: list[Quantization] = field(
+        default_factory=lambda: [Quantization.per_channel, Quantization.per_channel_ffn_fp32]
+    )
     parity: ParityConfig = field(default_factory=ParityConfig)
 
     def __post_init__(self) -> None:
         if self.opset < 16:
             raise ValueError("export.opset must be >= 16")
+        if not self.quantization:
+            raise ValueError(
+                "export.quantization must list at least one INT8 recipe, e.g. [per_channel]"
+            )
 
 
 @dataclass

@@ -242,6 +242,7 @@ def build(
                 **consumer_config(component, info["model_config"], name),
                 "quantized": quantized,
                 "quantization": report["quantization"],
+                **({"fusion": report["fusion"]} if "fusion" in report else {}),
                 "fp32_path": (onnx_dir / report["files"]["fp32"])
                 .relative_to(artifacts_root)
                 .as_posix(),

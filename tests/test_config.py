@@ -148,3 +148,17 @@ def test_stage_without_its_inputs_says_what_to_build_first(tmp_path: Path) -> No
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "train.jsonl: not found" in proc.stderr and "dvc repro train_embedding" in proc.stderr
+
+
+def test_int8_recipes_are_a_list_and_a_wrong_one_is_named() -> None:
+    from sphana.config import Quantization
+
+    cfg = validate(compose(REPO / "conf", ["export.quantization=[per_channel_ffn_fp32]"]))
+    assert cfg.export.quantization == [Quantization.per_channel_ffn_fp32]
+    assert validate(compose(REPO / "conf")).export.quantization == [
+        Quantization.per_channel,
+        Quantization.per_channel_ffn_fp32,
+    ]
+    for wrong in ("[per_layer]", "per_channel"):  # unknown; one recipe not in a list
+        with pytest.raises(ConfigError, match=r"export\.quantization"):
+            validate(compose(REPO / "conf", [f"export.quantization={wrong}"]))

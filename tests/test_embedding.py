@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,6 +150,53 @@ def test_training_and_export_are_deterministic(built_tiny, tmp_path) -> None:
         first = pipeline.component_dir(cfg, "embedding", kind) / name
         second = pipeline.component_dir(again, "embedding", kind) / name
         assert Path(first).read_bytes() == Path(second).read_bytes(), name
+
+
+def test_export_fuses_attention_and_names_the_int8_recipe(built_tiny) -> None:
+    """The shipped graph holds ONNX Runtime's fused operators (one Attention per layer), and the
+    report names the INT8 recipe chosen and every recipe tried."""
+    import onnx
+
+    cfg, results = built_tiny
+    report = results["export_embedding"]
+    onnx_dir = Path(cfg.paths.artifacts) / "embedding" / cfg.embedding.version / "onnx"
+    ops = Counter(n.op_type for n in onnx.load(str(onnx_dir / "embedding.onnx")).graph.node)
+    layers = cfg.embedding.random_arch.num_hidden_layers
+    assert ops["Attention"] == layers and ops["EmbedLayerNormalization"] == 1, ops
+    assert report["fusion"]["fused_operators"]["Attention"] == layers
+    assert report["fusion"]["attention_fused"] and report["fp32"]["passed"]
+    quantization = report["quantization"]
+    tried = [t["preset"] for t in quantization["tried"]]
+    assert tried == [r.value for r in cfg.export.quantization][: len(tried)]
+    assert quantization["preset"] == tried[-1] and quantization["tried"][-1]["failures"] == []
+
+
+def test_int8_recipes_are_tried_until_the_gate_passes(built_tiny, tmp_path) -> None:
+    """A gate the fastest recipe misses (it wants fp32 MatMuls left) gets the next recipe; a gate
+    no recipe meets returns the misses of the last one."""
+    import onnx
+
+    from sphana.config import Quantization
+    from sphana.export import quantize_gated
+
+    cfg, _ = built_tiny
+    src = Path(cfg.paths.artifacts) / "embedding" / cfg.embedding.version / "onnx/embedding.onnx"
+    recipes = [Quantization.per_channel, Quantization.per_channel_ffn_fp32]
+
+    def keeps_fp32_matmul(path: Path) -> tuple[dict, list[str]]:
+        ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+        return dict(ops), [] if ops["MatMul"] else ["no fp32 MatMul left"]
+
+    info, ops, failures = quantize_gated(src, tmp_path / "a.onnx", recipes, keeps_fp32_matmul)
+    assert [t["preset"] for t in info["tried"]] == ["per_channel", "per_channel_ffn_fp32"]
+    assert info["tried"][0]["failures"] == ["no fp32 MatMul left"] and failures == []
+    assert info["preset"] == "per_channel_ffn_fp32" and info["fp32_nodes"] == ops["MatMul"] > 0
+
+    def never(path: Path) -> tuple[dict, list[str]]:
+        return {}, [f"missed by {path.name}"]
+
+    info, _, failures = quantize_gated(src, tmp_path / "b.onnx", recipes, never)
+    assert failures == ["missed by b.onnx"] and len(info["tried"]) == 2
 
 
 def test_general_set_is_real_stdlib_text_built_deterministically() -> None:

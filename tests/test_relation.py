@@ -222,6 +222,7 @@ def test_tiny_relation_build(built_tiny) -> None:
 
     report = results["export_relation"]
     assert report["fp32"]["passed"] and report["fp32"]["max_abs_diff"] <= 1e-4
+    assert report["fusion"]["attention_fused"], report["fusion"]  # fused, and still exact
     assert {c["padding"] for c in report["fp32"]["checks"]} == {"longest", "max_length"}
     out = report["signature"]["outputs"][0]
     assert out["name"] == "logits" and out["shape"] == ["batch", len(metrics["labels"])]

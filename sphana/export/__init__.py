@@ -97,6 +97,57 @@ def export_onnx(
         onnx.save(model, str(tmp))
 
 
+# Fused operators ONNX Runtime's transformer optimizer writes for a BERT-style encoder
+FUSED_OPS = ("Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu")
+
+
+def export_text_encoder(
+    module: Any, transformer: Any, example: dict[str, Any], spec: OnnxSpec, path: Path, opset: int
+) -> dict[str, Any]:
+    """Export a BERT-style ``module`` (whose encoder is ``transformer``) with fused attention:
+    eager attention, the TorchScript exporter (its graph has the patterns ONNX Runtime's fusions
+    match; the dynamo exporter's has not) and ONNX Runtime's transformer optimizer, which rewrites
+    attention, embeddings and layer norms into fused operators. Returns the fused-operator counts
+    and whether attention fused (``attention_fused``); a graph where it did not is still exact,
+    only slower, and its parity gates still decide.
+    """
+    import torch
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from sphana.io import atomic_path
+
+    transformer.set_attn_implementation("eager")  # sdpa hides the pattern the fusion matches
+    module.eval()
+    args = tuple(example[name] for name in spec.input_names)
+    with atomic_path(path) as tmp:
+        torch.onnx.export(
+            module,
+            args,
+            str(tmp),
+            input_names=list(spec.input_names),
+            output_names=list(spec.output_names),
+            dynamic_axes=spec.dynamic_axes,
+            opset_version=opset,
+            dynamo=False,
+        )
+        config = transformer.config
+        optimized = optimize_model(
+            str(tmp),
+            model_type="bert",
+            num_heads=config.num_attention_heads,
+            hidden_size=config.hidden_size,
+        )
+        counts = optimized.get_fused_operator_statistics()
+        optimized.save_model_to_file(str(tmp))
+    fused = {op: int(counts.get(op, 0)) for op in FUSED_OPS}
+    return {
+        "exporter": "torchscript",
+        "optimizer": "onnxruntime.transformers (bert)",
+        "fused_operators": fused,
+        "attention_fused": fused["Attention"] == config.num_hidden_layers,
+    }
+
+
 def strip_debug_metadata(model: Any) -> None:
     """Drop the exporter's per-node debug metadata (Python stack traces with the absolute paths
     of the build machine): it makes the bytes depend on where the repository is checked out."""
@@ -146,6 +197,8 @@ def quantize(src: Path, dst: Path, preset: Quantization) -> dict[str, Any]:
             weight_type=QuantType.QInt8,
             per_channel=preset != Quantization.per_tensor,
             nodes_to_exclude=exclude,
+            # shape inference cannot type the fused operators' outputs: they are float
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     return {
         "preset": preset.value,
@@ -153,6 +206,28 @@ def quantize(src: Path, dst: Path, preset: Quantization) -> dict[str, Any]:
         "activations": "dynamic uint8",
         "fp32_nodes": len(exclude),
     }
+
+
+def quantize_gated(
+    src: Path, dst: Path, recipes: list[Quantization], gate: Any
+) -> tuple[dict[str, Any], Any, list[str]]:
+    """Quantize ``src`` into ``dst`` with each of ``recipes`` in turn (fastest first) until
+    ``gate(dst) -> (result, failures)`` passes: the INT8 recipe is chosen by the model's measured
+    sensitivity, not one fixed rule.
+
+    Returns:
+        What was done (:func:`quantize`'s figures of the recipe that ships, plus ``tried``: each
+        recipe tried and the gates it missed), the last gate result and its failures (empty
+        when a recipe passed; otherwise those of the last, most accurate recipe).
+    """
+    tried = []
+    for recipe in recipes:
+        info = quantize(src, dst, recipe)
+        result, failures = gate(dst)
+        tried.append({"preset": recipe.value, "failures": failures})
+        if not failures:
+            break
+    return {**info, "tried": tried}, result, failures
 
 
 def parity_batch(ordered: list[Any], size: int) -> list[Any]:
@@ -173,7 +248,7 @@ def fp32_failures(fp32: dict[str, Any]) -> list[str]:
     ]
 
 
-def check_parity(component: str, failures: list[str], preset: Quantization) -> None:
+def check_parity(component: str, failures: list[str], recipes: list[Quantization]) -> None:
     """Raise :class:`~sphana.errors.ParityError` if any gate failed: ``failures`` are the missed
     gates, each worded with its measured value and its key."""
     from sphana.errors import ParityError
@@ -182,8 +257,9 @@ def check_parity(component: str, failures: list[str], preset: Quantization) -> N
         raise ParityError(
             f"{component} export failed its parity gate (nothing was written): "
             + "; ".join(failures)
-            + f". Quantization preset was export.quantization={preset.value}; "
-            "per_channel_ffn_fp32 is the most accurate."
+            + ". INT8 recipes tried (export.quantization): "
+            + ", ".join(r.value for r in recipes)
+            + "; per_channel_ffn_fp32 is the most accurate."
         )
 
 

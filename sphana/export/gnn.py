@@ -19,7 +19,7 @@ import torch
 
 from sphana.config import ExportConfig, GnnConfig
 from sphana.errors import ParityError
-from sphana.export import OnnxSpec, export_onnx, quantize, register, session, signature
+from sphana.export import OnnxSpec, export_onnx, quantize_gated, register, session, signature
 from sphana.gnn import (
     META_FILE,
     batched_scores,
@@ -152,23 +152,25 @@ def run(
                 f"{fp32_same:.2%} (must be 100%)"
             )
 
-        quantization = quantize(fp32_path, int8_path, cfg.quantization)
-        int8_scores = _ort_scores(session(int8_path, threads), validation)
-        int8_same = same_rankings(reference, int8_scores, tie)
-        int8 = {
-            "identical_rankings": int8_same,
-            "max_abs_diff": float(
-                max(np.max(np.abs(a - b)) for a, b in zip(int8_scores, reference, strict=True))
-            ),
-            "metrics": ranking_metrics(int8_scores, labels),
-            "kept": int8_same == 1.0,
-        }
-        if not int8["kept"]:
+        def gate(path: Path) -> tuple[dict[str, Any], list[str]]:
+            scores = _ort_scores(session(path, threads), validation)
+            same = same_rankings(reference, scores, tie)
+            int8 = {
+                "identical_rankings": same,
+                "max_abs_diff": float(
+                    max(np.max(np.abs(a - b)) for a, b in zip(scores, reference, strict=True))
+                ),
+                "metrics": ranking_metrics(scores, labels),
+                "kept": same == 1.0,
+            }
+            changed = f"changes the candidate ranking of {1 - same:.1%} of validation queries"
+            return int8, [] if int8["kept"] else [changed]
+
+        quantization, int8, failures = quantize_gated(fp32_path, int8_path, cfg.quantization, gate)
+        if failures:
             int8_path.unlink()
-            int8["reason"] = (
-                f"INT8 ({cfg.quantization.value}) changes the candidate ranking of "
-                f"{1 - int8_same:.1%} of validation queries; the bundle ships fp32 only"
-            )
+            last = quantization["preset"]
+            int8["reason"] = f"INT8 ({last}, the last recipe tried) {failures[0]}; fp32 ships"
             quantization = {**quantization, "skipped": int8["reason"]}
         int8["passed"] = True  # INT8 is optional for this component: its absence is not a failure
         write_json_atomic(tmp / META_FILE, meta)

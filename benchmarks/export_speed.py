@@ -1,0 +1,177 @@
+"""Speed of the built text encoders: PyTorch vs ONNX fp32 vs ONNX INT8, side by side in one run.
+
+Run after `dvc repro` (or `make run`), from the repository root:
+
+    python benchmarks/export_speed.py [--threads 2] [--seconds 6] [--runs 200]
+
+For the embedding model (on real English text nobody here wrote: passages of the general
+out-of-domain set, Python's standard-library docstrings) and the relation extractor (on its
+validation examples), it prints batch-32 throughput, single-input latency p50/p95 (tokenization
+excluded), file sizes, agreement with PyTorch (mean cosine / label agreement), the fused operators
+in the graph and the INT8 recipe the export chose. Backends take turns in rounds, so a noisy
+machine slows them alike: compare ratios, not absolute figures. It measures; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from sphana import general_eval
+from sphana.entry import quiet_libraries
+from sphana.export import session
+
+
+def throughput(run: Any, batches: list[Any], seconds: float) -> float:
+    """Inputs per second running ``batches`` in turn for about ``seconds``."""
+    run(batches[0])  # warm-up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for batch in batches:
+            run(batch)
+            done += len(batch["input_ids"])
+    return done / (time.perf_counter() - start)
+
+
+def latency(run: Any, singles: list[Any]) -> tuple[float, float]:
+    """p50 and p95 in ms of one input at a time."""
+    for feed in singles[:10]:
+        run(feed)
+    times = []
+    for feed in singles:
+        start = time.perf_counter()
+        run(feed)
+        times.append((time.perf_counter() - start) * 1000)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 95))
+
+
+def backends(model: Any, onnx_dir: Path, files: dict[str, str], threads: int) -> dict[str, Any]:
+    def torch_run(feed: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            return model(**{k: torch.from_numpy(v) for k, v in feed.items()}).numpy()
+
+    out = {"pytorch": torch_run}
+    for name, file in files.items():
+        sess = session(onnx_dir / file, threads)
+        out[f"onnx {name}"] = lambda feed, sess=sess: sess.run(None, feed)[0]
+    return out
+
+
+def compare(
+    title: str,
+    runs: dict[str, Any],
+    batches: list[Any],
+    singles: list[Any],
+    agreement: Any,
+    seconds: float,
+    rounds: int = 2,
+) -> None:
+    tokens = np.mean([b["attention_mask"].sum(1).mean() for b in batches])
+    print(f"{title}: batch {len(batches[0]['input_ids'])}, {tokens:.0f} tokens per input")
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):  # interleaved: drift in machine load hits every backend
+        for name, run in runs.items():
+            rates[name].append(throughput(run, batches, seconds / rounds))
+    reference = np.concatenate([runs["pytorch"](b) for b in batches])
+    base = max(rates["pytorch"])
+    for name, run in runs.items():
+        rate = max(rates[name])
+        p50, p95 = latency(run, singles)
+        got = np.concatenate([run(b) for b in batches])
+        print(
+            f"  {name:10s} {rate:7.1f}/s ({rate / base:4.2f}x PyTorch)   single p50 {p50:6.2f} ms"
+            f"  p95 {p95:6.2f} ms   {agreement(reference, got)}"
+        )
+
+
+def main() -> None:
+    quiet_libraries()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=6.0, help="per backend and model")
+    parser.add_argument("--runs", type=int, default=200, help="single-input latency runs")
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    artifacts, metrics = Path(params["paths"]["artifacts"]), Path(params["paths"]["metrics"])
+
+    def report_of(component: str) -> dict[str, str]:
+        """The ONNX files the export wrote ({"fp32", "int8"}), after printing its fusion and
+        INT8 recipe."""
+        report = json.loads((metrics / f"export_{component}.json").read_text())
+        q, fusion = report["quantization"], report.get("fusion", {})
+        fused = ", ".join(f"{n} {op}" for op, n in fusion.get("fused_operators", {}).items() if n)
+        print(
+            f"{component}: fused operators: {fused or 'none'}; INT8 recipe {q['preset']} "
+            f"(tried {[t['preset'] for t in q.get('tried', [])]})"
+        )
+        return report["files"]
+
+    def sizes(onnx_dir: Path, files: dict[str, str]) -> None:
+        for file in files.values():
+            print(f"  size {file:28s} {(onnx_dir / file).stat().st_size / 2**20:6.1f} MiB")
+
+    from sphana.embedding import load_trained as load_encoder
+    from sphana.embedding import tokenize as tokenize_texts
+
+    root = artifacts / "embedding" / params["embedding"]["version"]
+    files = report_of("embedding")
+    encoder, tokenizer = load_encoder(root / "pytorch")
+    max_len = params["embedding"]["max_seq_length"]
+    texts = [p.passage for p in general_eval.build(400).selection][: 4 * args.batch]
+
+    def feed(chunk: list[str]) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in tokenize_texts(tokenizer, chunk, max_len).items()}
+
+    batches = [feed(texts[i : i + args.batch]) for i in range(0, len(texts), args.batch)]
+    singles = [feed([t]) for t in (texts * 4)[: args.runs]]
+    compare(
+        "embedding",
+        backends(encoder, root / "onnx", files, args.threads),
+        batches,
+        singles,
+        lambda ref, got: f"mean cosine {np.mean(np.sum(ref * got, axis=1)):.4f}",
+        args.seconds,
+    )
+    sizes(root / "onnx", files)
+
+    from sphana.relation import load_split
+    from sphana.relation import load_trained as load_relation
+    from sphana.relation import tokenize as tokenize_examples
+
+    root = artifacts / "relation" / params["relation"]["version"]
+    files = report_of("relation")
+    model, tokenizer, meta = load_relation(root / "pytorch")
+    _, validation, _ = load_split(Path(params["paths"]["datasets"]))
+    examples = validation[: 4 * args.batch]
+
+    def feed_examples(chunk: list[dict]) -> dict[str, np.ndarray]:
+        inputs = tokenize_examples(tokenizer, chunk, meta["max_seq_length"])
+        return {k: v.numpy() for k, v in inputs.items()}
+
+    batches = [
+        feed_examples(examples[i : i + args.batch]) for i in range(0, len(examples), args.batch)
+    ]
+    singles = [feed_examples([x]) for x in (examples * 4)[: args.runs]]
+    compare(
+        "relation",
+        backends(model, root / "onnx", files, args.threads),
+        batches,
+        singles,
+        lambda ref, got: f"label agreement {np.mean(ref.argmax(1) == got.argmax(1)):.4f}",
+        args.seconds,
+    )
+    sizes(root / "onnx", files)
+
+
+if __name__ == "__main__":
+    main()
