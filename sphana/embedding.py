@@ -34,15 +34,25 @@ ENCODER_FILE = "sphana_encoder.json"  # pooling settings saved beside the weight
 OOD_METRICS = ("mrr", "recall@10")  # out-of-domain metrics the shipped model must keep
 
 
-class Encoder(nn.Module):
-    """``transformer -> mean pooling over the attention mask -> L2 normalize``.
+POOLING_MODES = ("mean", "cls", "max", "lasttoken", "weightedmean", "mean_sqrt_len")
 
-    The export wraps exactly this module, so pooling and normalization live inside the ONNX graph.
+
+class Encoder(nn.Module):
+    """``transformer -> pooling over the attention mask -> L2 normalize`` (optional).
+
+    Pooling (sentence-transformers' names): ``mean`` of the tokens, the ``cls`` token, ``max``
+    over the tokens, the last token (``lasttoken``; right padding), ``weightedmean`` (token *i*
+    weighted by *i*), or the sum over ``sqrt`` of the length (``mean_sqrt_len``). Sphana trains
+    with mean pooling and normalization; the others serve models converted from elsewhere. The
+    export wraps exactly this module, so pooling and normalization live inside the ONNX graph.
     """
 
-    def __init__(self, transformer: nn.Module) -> None:
+    def __init__(self, transformer: nn.Module, pooling: str = "mean", normalize: bool = True):
         super().__init__()
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"pooling {pooling!r} is not one of {', '.join(POOLING_MODES)}")
         self.transformer = transformer
+        self.pooling, self.normalize = pooling, normalize
 
     def forward(
         self,
@@ -53,9 +63,25 @@ class Encoder(nn.Module):
         hidden = self.transformer(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
         ).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        return nn.functional.normalize(pooled, p=2.0, dim=-1)
+        pooled = pool(hidden, attention_mask, self.pooling)
+        return nn.functional.normalize(pooled, p=2.0, dim=-1) if self.normalize else pooled
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """One vector per row of ``hidden`` ``[batch, sequence, dim]`` (see :class:`Encoder`)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(mask == 0, -1e9).max(dim=1).values
+    if mode == "lasttoken":
+        last = (attention_mask.sum(dim=1) - 1).clamp(min=0)
+        return hidden[torch.arange(hidden.shape[0]), last]
+    if mode == "weightedmean":
+        mask = mask * torch.arange(1, hidden.shape[1] + 1, dtype=hidden.dtype).view(1, -1, 1)
+    total = (hidden * mask).sum(dim=1)
+    count = mask.sum(dim=1).clamp(min=1e-9)
+    return total / (count.sqrt() if mode == "mean_sqrt_len" else count)
 
 
 def load_encoder(cfg: EmbeddingConfig) -> tuple[Encoder, Any]:
@@ -115,7 +141,7 @@ def retrieval_ranks(
 ) -> np.ndarray:
     """Each query's rank (1 = best) of its first relevant passage under cosine retrieval;
     ``inf`` when none of them is in the corpus."""
-    scores = query_emb @ corpus_emb.T
+    scores = unit(query_emb) @ unit(corpus_emb).T
     order = np.argsort(-scores, axis=1, kind="stable")
     id_index = {cid: i for i, cid in enumerate(corpus_ids)}
     ranks = []
@@ -124,6 +150,11 @@ def retrieval_ranks(
         hits = np.flatnonzero(np.isin(order[q], list(rel_idx)))
         ranks.append(int(hits[0]) + 1 if len(hits) else math.inf)
     return np.array(ranks, dtype=float)
+
+
+def unit(emb: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1 (cosine = dot product), for models that do not normalize."""
+    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
 
 def rank_metrics(ranks: np.ndarray) -> dict[str, float]:
@@ -151,7 +182,8 @@ def _rounded_metrics(
 ) -> dict[str, float]:
     metrics = rank_metrics(ranks)
     if positive_emb is not None:
-        metrics["mean_cosine"] = float(np.mean(np.sum(query_emb * positive_emb, axis=1)))
+        cosine = np.sum(unit(query_emb) * unit(positive_emb), axis=1)
+        metrics["mean_cosine"] = float(np.mean(cosine))
     return {k: round(v, 6) for k, v in metrics.items()}
 
 

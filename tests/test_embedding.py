@@ -37,7 +37,9 @@ def test_retrieval_metrics_by_hand() -> None:
     assert m["recall@1"] == pytest.approx(1 / 3, abs=1e-6)
     assert m["recall@5"] == 1.0 and m["recall@10"] == 1.0
     assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 4) / 3, abs=1e-6)
-    assert m["mean_cosine"] == pytest.approx((1 + 0.5 + 0.1) / 3, abs=1e-6)
+    # cosine, not the dot product: these queries are not unit vectors
+    cosines = [1, 0.5 / math.hypot(0.9, 0.5), 0.1 / math.sqrt(0.01 + 0.04 + 0.09 + 0.16)]
+    assert m["mean_cosine"] == pytest.approx(sum(cosines) / 3, abs=1e-6)
 
 
 def test_paired_difference_by_hand() -> None:
@@ -191,6 +193,7 @@ def test_int8_recipes_are_tried_until_the_gate_passes(built_tiny, tmp_path) -> N
     assert [t["preset"] for t in info["tried"]] == ["per_channel", "per_channel_ffn_fp32"]
     assert info["tried"][0]["failures"] == ["no fp32 MatMul left"] and failures == []
     assert info["preset"] == "per_channel_ffn_fp32" and info["fp32_nodes"] == ops["MatMul"] > 0
+    assert info["reduce_range"] is not info["cpu_vnni"]  # 7-bit weights only without VNNI
 
     def never(path: Path) -> tuple[dict, list[str]]:
         return {}, [f"missed by {path.name}"]

@@ -9,6 +9,8 @@ and fails the build: it is never only a warning.
 from __future__ import annotations
 
 import inspect
+import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,7 +121,9 @@ def export_text_encoder(
     transformer.set_attn_implementation("eager")  # sdpa hides the pattern the fusion matches
     module.eval()
     args = tuple(example[name] for name in spec.input_names)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        # the tracer warns where a shape is read as a number; the parity gates check other shapes
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             module,
             args,
@@ -131,12 +135,16 @@ def export_text_encoder(
             dynamo=False,
         )
         config = transformer.config
-        optimized = optimize_model(
-            str(tmp),
-            model_type="bert",
-            num_heads=config.num_attention_heads,
-            hidden_size=config.hidden_size,
-        )
+        logging.disable(logging.WARNING)  # its fusions warn when shape inference cannot help
+        try:
+            optimized = optimize_model(
+                str(tmp),
+                model_type="bert",
+                num_heads=config.num_attention_heads,
+                hidden_size=config.hidden_size,
+            )
+        finally:
+            logging.disable(logging.NOTSET)
         counts = optimized.get_fused_operator_statistics()
         optimized.save_model_to_file(str(tmp))
     fused = {op: int(counts.get(op, 0)) for op in FUSED_OPS}
@@ -190,12 +198,15 @@ def quantize(src: Path, dst: Path, preset: Quantization) -> dict[str, Any]:
         if preset == Quantization.per_channel_ffn_fp32
         else []
     )
+    vnni = cpu_has_vnni()
     with atomic_path(dst) as tmp:
         quantize_dynamic(
             str(src),
             str(tmp),
             weight_type=QuantType.QInt8,
             per_channel=preset != Quantization.per_tensor,
+            # without VNNI, x86's u8 x s8 multiply-add can saturate: 7-bit weights avoid it
+            reduce_range=not vnni,
             nodes_to_exclude=exclude,
             # shape inference cannot type the fused operators' outputs: they are float
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
@@ -205,7 +216,24 @@ def quantize(src: Path, dst: Path, preset: Quantization) -> dict[str, Any]:
         "weight_type": "QInt8",
         "activations": "dynamic uint8",
         "fp32_nodes": len(exclude),
+        "cpu_vnni": vnni,
+        "reduce_range": not vnni,
     }
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU multiplies INT8 with VNNI (AVX512-VNNI, AVX-VNNI or AMX), or is not x86
+    (ARM's dot-product instructions do not saturate the way AVX2's ``vpmaddubsw`` does)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False  # unknown: the safe choice is reduce_range
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
 def quantize_gated(

@@ -98,7 +98,8 @@ def int8_parity(
 ) -> dict[str, Any]:
     texts = (validation.queries + validation.corpus_texts)[: cfg.parity.max_texts]
     ref, got = reference_embed(texts), int8_embed(texts)
-    cosine = np.sum(ref * got, axis=1) / np.linalg.norm(got, axis=1)
+    # both norms: a converted model need not normalize its output
+    cosine = np.sum(ref * got, axis=1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
     mean_cosine = float(cosine.mean())
     int8_metrics = validation.evaluate(int8_embed)
     retention = (
