@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,40 +26,13 @@ import yaml
 from sphana import general_eval
 from sphana.entry import quiet_libraries
 from sphana.export import session
-
-
-def throughput(run: Any, batches: list[Any], seconds: float) -> float:
-    """Inputs per second running ``batches`` in turn for about ``seconds``."""
-    run(batches[0])  # warm-up
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for batch in batches:
-            run(batch)
-            done += len(batch["input_ids"])
-    return done / (time.perf_counter() - start)
-
-
-def latency(run: Any, singles: list[Any]) -> tuple[float, float]:
-    """p50 and p95 in ms of one input at a time."""
-    for feed in singles[:10]:
-        run(feed)
-    times = []
-    for feed in singles:
-        start = time.perf_counter()
-        run(feed)
-        times.append((time.perf_counter() - start) * 1000)
-    return float(np.percentile(times, 50)), float(np.percentile(times, 95))
+from sphana.export.speed import latency, onnx_runner, throughput, torch_runner
 
 
 def backends(model: Any, onnx_dir: Path, files: dict[str, str], threads: int) -> dict[str, Any]:
-    def torch_run(feed: dict[str, np.ndarray]) -> np.ndarray:
-        with torch.inference_mode():
-            return model(**{k: torch.from_numpy(v) for k, v in feed.items()}).numpy()
-
-    out = {"pytorch": torch_run}
+    out = {"pytorch": torch_runner(model)}
     for name, file in files.items():
-        sess = session(onnx_dir / file, threads)
-        out[f"onnx {name}"] = lambda feed, sess=sess: sess.run(None, feed)[0]
+        out[f"onnx {name}"] = onnx_runner(session(onnx_dir / file, threads))
     return out
 
 

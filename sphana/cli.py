@@ -6,6 +6,8 @@
 - ``stats FILE [--json]``: record count, label/kind counts and text lengths of a JSON Lines file.
 - ``artifacts list|register|promote|rollback|diff|bundle|parity-samples``: the model registry
   (git tags in GTO's format over the ``artifacts:`` of dvc.yaml; see sphana/registry.py).
+- ``convert MODEL OUT --kind embedding``: a model trained elsewhere into gated ONNX + INT8
+  (sphana/convert.py).
 - ``serve RELEASE``: serve a release on ONNX Runtime (sphana/serving/); needs only
   ``pip install 'sphana[serve]'``, no torch.
 """
@@ -240,6 +242,41 @@ def cmd_artifacts_parity_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from sphana.convert import convert, plan, print_table
+
+    p = plan(Path(args.model), args.kind, args.pooling, args.normalize, args.max_seq_length)
+    console.print(escape(p.describe()), soft_wrap=True)
+    if args.dry_run:
+        console.print("dry run: nothing was converted")
+        return 0
+    report = convert(
+        p,
+        Path(args.out),
+        Path(args.eval) if args.eval else None,
+        args.trust_pickle,
+        args.threads,
+        args.seconds,
+    )
+    fusion = report["fusion"]["fused_operators"]
+    console.print(
+        "fused: "
+        + ", ".join(f"{n} {op}" for op, n in fusion.items() if n)
+        + ("" if report["fusion"]["attention_fused"] else " [yellow](attention did not fuse)[/]")
+    )
+    q = report["quantization"]
+    console.print(f"INT8 recipe: {q['preset']} (tried {[t['preset'] for t in q['tried']]})")
+    if report["sentence_transformers"]:
+        st = report["sentence_transformers"]
+        console.print(
+            f"vs sentence-transformers' encode ({st['texts']} texts): max abs diff "
+            f"{st['max_abs_diff']:.2e}, min cosine {st['min_cosine']:.6f}"
+        )
+    print(print_table(report))
+    console.print(f"[green]OK[/] wrote {args.out}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from sphana.serving.server import run
 
@@ -339,6 +376,35 @@ def build_parser() -> argparse.ArgumentParser:
         "version",
     )
     p.add_argument("-o", "--output", default="-", help="JSON file (default: stdout)")
+
+    cv = sub.add_parser(
+        "convert",
+        help="a model trained elsewhere into gated ONNX + INT8 (sentence-transformers, ...)",
+        description="Convert a sentence-transformers directory, a transformers directory or a "
+        "state dict into ONNX with dynamic axes and fused attention, plus INT8, through the "
+        "pipeline's export engine and parity gates; a missed gate writes nothing.",
+    )
+    cv.add_argument("model", help="model directory or state-dict file")
+    cv.add_argument("out", help="directory to write (replaced whole, only on success)")
+    cv.add_argument("--kind", required=True, choices=["embedding"], help="what the model is")
+    cv.add_argument("--pooling", help="pooling of a transformers model: mean, cls, max, ...")
+    cv.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="L2-normalize the output (default: as the source says; transformers: no)",
+    )
+    cv.add_argument("--max-seq-length", type=int, help="default: the source's")
+    cv.add_argument("--eval", help='JSON Lines of {"query", "positive"} pairs to gate on')
+    cv.add_argument("--dry-run", action="store_true", help="print the plan, convert nothing")
+    cv.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a pickle that needs more than weights_only=True (runs code from the file)",
+    )
+    cv.add_argument("--threads", type=int, default=2, help="for the parity and speed figures")
+    cv.add_argument("--seconds", type=float, default=2.0, help="per backend, speed table")
+    cv.set_defaults(func=cmd_convert)
 
     serve = sub.add_parser(
         "serve",
