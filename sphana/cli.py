@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sphana",
         description="Sphana build tooling: compose the configuration, check manifests and data "
-        "files, manage the model registry, and serve a release.",
+        "files, manage the model registry, convert models trained elsewhere, and serve a release.",
         epilog="'sphana <command> --help' shows the arguments of a command. The pipeline itself "
         "runs with 'dvc repro', or one stage at a time: python stages/<stage>.py [overrides].",
     )

@@ -294,9 +294,15 @@ def anchor_embeddings(
 ) -> Anchors:
     """:class:`Anchors` of every query and passage of ``pairs``, embedded once by ``encoder``
     (the base model, before training): the targets of the distillation term."""
-    texts = sorted({r["query"] for r in pairs} | {r["positive"] for r in pairs}, key=len)
+    # by length (batches pad less), then text: a set's order changes with the process's hash
+    # seed, and a text's batch (its padding) moves its embedding in the last bits
+    texts = sorted({r["query"] for r in pairs} | {r["positive"] for r in pairs}, key=_by_length)
     emb = encode(encoder, tokenizer, texts, cfg.eval_batch_size, cfg.max_seq_length, device)
     return Anchors({t: i for i, t in enumerate(texts)}, torch.from_numpy(emb))
+
+
+def _by_length(text: str) -> tuple[int, str]:
+    return len(text), text
 
 
 def pair_loss(tokenizer: Any, cfg: EmbeddingConfig, anchors: Anchors | None = None):
