@@ -123,7 +123,7 @@ def main() -> None:
     root = artifacts / "relation" / params["relation"]["version"]
     files = report_of("relation")
     model, tokenizer, meta = load_relation(root / "pytorch")
-    _, validation, _ = load_split(Path(params["paths"]["datasets"]))
+    _, validation, _ = load_split(Path(params["paths"]["datasets"]) / "relation")
     examples = validation[: 4 * args.batch]
 
     def feed_examples(chunk: list[dict]) -> dict[str, np.ndarray]:
