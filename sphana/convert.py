@@ -310,29 +310,21 @@ def _common_prefix(state: dict[str, Any], expected: dict[str, Any]) -> str:
     return ""
 
 
-@dataclass
-class _EvalPair:
-    id: str
-    query: str
-    passage: str
-
-
-def eval_pairs(eval_file: Path | None, pairs: int = 400) -> tuple[list[_EvalPair], str]:
+def eval_pairs(eval_file: Path | None, pairs: int = 400) -> tuple[list[Any], str]:
     """Query–passage pairs to gate on: ``eval_file`` (JSON Lines of ``{"query", "positive"}``)
     or, without one, real text from :mod:`sphana.general_eval`; and where they came from."""
-    if eval_file is None:
-        from sphana import general_eval
+    from sphana import general_eval
 
+    if eval_file is None:
         general = general_eval.build(pairs)
-        chosen = [*general.selection, *general.report]
-        return [_EvalPair(p.id, p.query, p.passage) for p in chosen], "general set (stdlib)"
+        return [*general.selection, *general.report], "general set (stdlib)"
     from sphana.io import load_jsonl
 
     out = []
     for line, record in enumerate(load_jsonl(eval_file), 1):
         if not isinstance(record.get("query"), str) or not isinstance(record.get("positive"), str):
             raise InputError(eval_file, f'line {line}: needs string fields "query" and "positive"')
-        out.append(_EvalPair(f"{line}", record["query"], record["positive"]))
+        out.append(general_eval.Pair(f"{line}", record["query"], record["positive"]))
     if len(out) < 2:
         raise InputError(eval_file, "needs at least 2 query-passage pairs")
     return out, str(eval_file)
@@ -394,10 +386,9 @@ def convert(
         write_vocab_txt(tokenizer, tmp / "vocab.txt")
         reference = torch_embed(encoder, tokenizer, p.max_seq_length)
         torch_metrics = validation.evaluate(reference)
-        fp32 = fp32_parity(
-            encoder, tokenizer, session(fp32_path, threads), texts, cfg, p.max_seq_length
-        )
-        fp32_embed = ort_embed(session(fp32_path, threads), tokenizer, p.max_seq_length)
+        fp32_session = session(fp32_path, threads)
+        fp32 = fp32_parity(encoder, tokenizer, fp32_session, texts, cfg, p.max_seq_length)
+        fp32_embed = ort_embed(fp32_session, tokenizer, p.max_seq_length)
         fp32_metrics = validation.evaluate(fp32_embed)
 
         def gate(path: Path) -> tuple[dict[str, Any], list[str]]:

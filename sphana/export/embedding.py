@@ -172,17 +172,10 @@ def run(
 
         reference = torch_embed(encoder, tokenizer, max_length)
         torch_metrics = validation.evaluate(reference)
-        fp32 = fp32_parity(
-            encoder,
-            tokenizer,
-            session(fp32_path, threads),
-            validation.queries + validation.corpus_texts,
-            cfg,
-            max_length,
-        )
-        fp32_metrics = validation.evaluate(
-            ort_embed(session(fp32_path, threads), tokenizer, max_length)
-        )
+        fp32_session = session(fp32_path, threads)
+        texts = validation.queries + validation.corpus_texts
+        fp32 = fp32_parity(encoder, tokenizer, fp32_session, texts, cfg, max_length)
+        fp32_metrics = validation.evaluate(ort_embed(fp32_session, tokenizer, max_length))
 
         def gate(path: Path) -> tuple[dict[str, Any], list[str]]:
             embed = ort_embed(session(path, threads), tokenizer, max_length)

@@ -110,10 +110,9 @@ def run(
         write_json_atomic(tmp / LABELS_FILE, {"labels": labels, "markers": list(MARKERS)})
 
         reference = predict_logits(model, tokenizer, validation, 64, max_length)
-        fp32_logits = ort_logits(session(fp32_path, threads), tokenizer, validation, max_length)
-        fp32 = fp32_parity(
-            model, tokenizer, session(fp32_path, threads), validation, cfg, max_length
-        )
+        fp32_session = session(fp32_path, threads)
+        fp32_logits = ort_logits(fp32_session, tokenizer, validation, max_length)
+        fp32 = fp32_parity(model, tokenizer, fp32_session, validation, cfg, max_length)
         torch_scores, fp32_scores = scores(reference), scores(fp32_logits)
         p = cfg.parity
 
