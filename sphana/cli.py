@@ -6,8 +6,8 @@
 - ``stats FILE [--json]``: record count, label/kind counts and text lengths of a JSON Lines file.
 - ``artifacts list|register|promote|rollback|diff|bundle|parity-samples``: the model registry
   (git tags in GTO's format over the ``artifacts:`` of dvc.yaml; see sphana/registry.py).
-- ``convert MODEL OUT --kind embedding``: a model trained elsewhere into gated ONNX + INT8
-  (sphana/convert.py).
+- ``convert MODEL OUT --kind embedding|relation|llm``: a model trained elsewhere into a gated bundle
+  (sphana/convert/).
 - ``serve RELEASE``: serve a release on ONNX Runtime (sphana/serving/); needs only
   ``pip install 'sphana[serve]'``, no torch.
 """
@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from sphana.contracts import KINDS
+from sphana.convert import KINDS as CONVERT_KINDS
 from sphana.errors import SphanaError
 
 console = Console(stderr=True, highlight=False)
@@ -243,8 +244,14 @@ def cmd_artifacts_parity_samples(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from sphana.config import _check_semver
     from sphana.convert import convert, plan, print_table
+    from sphana.errors import ConfigError
 
+    try:
+        _check_semver("--version", args.version)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     p = plan(Path(args.model), args.kind, args.pooling, args.normalize, args.max_seq_length)
     console.print(escape(p.describe()), soft_wrap=True)
     if args.dry_run:
@@ -257,23 +264,31 @@ def cmd_convert(args: argparse.Namespace) -> int:
         args.trust_pickle,
         args.threads,
         args.seconds,
+        name=args.name,
+        version=args.version,
     )
-    fusion = report["fusion"]["fused_operators"]
-    console.print(
-        "fused: "
-        + ", ".join(f"{n} {op}" for op, n in fusion.items() if n)
-        + ("" if report["fusion"]["attention_fused"] else " [yellow](attention did not fuse)[/]")
-    )
+    if "fusion" in report:
+        fusion = report["fusion"]["fused_operators"]
+        console.print(
+            "fused: "
+            + ", ".join(f"{n} {op}" for op, n in fusion.items() if n)
+            + ("" if report["fusion"]["attention_fused"] else " [yellow](no fused attention)[/]")
+        )
+    else:
+        console.print("[yellow]not fused[/]: the generator keeps plain attention and rotary")
     q = report["quantization"]
     console.print(f"INT8 recipe: {q['preset']} (tried {[t['preset'] for t in q['tried']]})")
-    if report["sentence_transformers"]:
+    if report.get("sentence_transformers"):
         st = report["sentence_transformers"]
         console.print(
             f"vs sentence-transformers' encode ({st['texts']} texts): max abs diff "
             f"{st['max_abs_diff']:.2e}, min cosine {st['min_cosine']:.6f}"
         )
     print(print_table(report))
-    console.print(f"[green]OK[/] wrote {args.out}")
+    console.print(
+        f"[green]OK[/] wrote {args.out}: a release bundle (manifest.json); "
+        f"check it with `sphana verify {args.out}`, serve it with `sphana serve {args.out}`"
+    )
     return 0
 
 
@@ -385,8 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
         "pipeline's export engine and parity gates; a missed gate writes nothing.",
     )
     cv.add_argument("model", help="model directory or state-dict file")
-    cv.add_argument("out", help="directory to write (replaced whole, only on success)")
-    cv.add_argument("--kind", required=True, choices=["embedding"], help="what the model is")
+    cv.add_argument("out", help="bundle directory to write (replaced whole, only on success)")
+    cv.add_argument("--name", help="release name in manifest.json (default: OUT's name)")
+    cv.add_argument("--version", default="0.1.0", help="release and component version")
+    cv.add_argument("--kind", required=True, choices=CONVERT_KINDS, help="what the model is")
     cv.add_argument("--pooling", help="pooling of a transformers model: mean, cls, max, ...")
     cv.add_argument(
         "--normalize",
@@ -395,7 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="L2-normalize the output (default: as the source says; transformers: no)",
     )
     cv.add_argument("--max-seq-length", type=int, help="default: the source's")
-    cv.add_argument("--eval", help='JSON Lines of {"query", "positive"} pairs to gate on')
+    cv.add_argument(
+        "--eval",
+        help='JSON Lines to gate on: embedding {"query", "positive"}; relation {"text", '
+        '"entity1", "entity2", "label"}; llm {"text"}',
+    )
     cv.add_argument("--dry-run", action="store_true", help="print the plan, convert nothing")
     cv.add_argument(
         "--trust-pickle",

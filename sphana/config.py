@@ -54,6 +54,9 @@ class Quantization(str, enum.Enum):
     """Dynamic INT8 recipes (see sphana.export.quantize for measured quality)."""
 
     per_channel_ffn_fp32 = "per_channel_ffn_fp32"  # per-channel, FFN down-projections kept fp32
+    # per-channel, the layers measured most sensitive on the component's inputs kept fp32, as
+    # few as the INT8 gates allow
+    per_channel_sensitive = "per_channel_sensitive"
     per_channel = "per_channel"  # per-channel weight scales everywhere
     per_tensor = "per_tensor"  # one scale per weight tensor (misses the MiniLM parity gate)
 
@@ -85,6 +88,7 @@ class PathsConfig:
     checkpoints: str = "target/checkpoints"  # <component>/step-N/ (not a DVC output: survives)
     live: str = "target/dvclive"  # <stage>/ DVCLive step metrics for `dvc plots`
     profiles: str = "target/profiles"  # <component>/trace.json when runtime.profile_steps > 0
+    imports: str = "models"  # <component>/: models trained elsewhere (embedding.import_from)
 
     def __post_init__(self) -> None:
         # dvc.yaml depends on paths.data, never on documents or gold files that may not exist
@@ -228,6 +232,11 @@ class EmbeddingConfig:
     # model's and still be chosen; the stage fails when the shipped one falls further. 0 = none.
     # The held-out report half is only measured.
     ood_tolerance: float = 0.0
+    # A model trained elsewhere to ship instead of fine-tuning one, inside paths.imports/embedding
+    # (a dependency of train_embedding): sentence-transformers or transformers directory, or a
+    # state dict. null = train.
+    import_from: str | None = None
+    import_pooling: str | None = None  # pooling of a transformers model (mean, cls, ...)
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -276,6 +285,9 @@ class RelationConfig:
     max_train_examples: int = 0  # 0 = all; otherwise a seeded sample (tiny configs)
     eval_batch_size: int = 64
     metric_threshold: float | None = None  # fail below this validation macro-F1; null = no gate
+    # a sequence classifier trained elsewhere to ship instead of training one (under
+    # paths.imports/relation; models/relation/README.md)
+    import_from: str | None = None
 
     def __post_init__(self) -> None:
         _check_semver("relation.version", self.version)
@@ -415,6 +427,8 @@ class ParityConfig:
     fp32_max_abs_diff: float = 1e-4  # ONNX fp32 vs PyTorch, every output element
     int8_min_mean_cosine: float = 0.99  # ONNX INT8 vs PyTorch embeddings
     int8_min_recall_retention: float = 0.99  # INT8 recall@5 / PyTorch recall@5 on validation
+    # sphana convert on scored sentence pairs: INT8 Spearman / PyTorch Spearman
+    int8_min_spearman_retention: float = 0.99
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 5, 16])
     max_texts: int = 512  # validation texts used for the INT8 cosine check
     int8_min_argmax_agreement: float = 0.995  # relation: INT8 vs PyTorch predicted labels
@@ -438,9 +452,16 @@ class ExportConfig:
     opset: int = 18
     # INT8 recipes tried in order until one passes the INT8 gates (fastest first)
     quantization: list[Quantization] = field(
-        default_factory=lambda: [Quantization.per_channel, Quantization.per_channel_ffn_fp32]
+        default_factory=lambda: [
+            Quantization.per_channel,
+            Quantization.per_channel_ffn_fp32,
+            Quantization.per_channel_sensitive,
+        ]
     )
     parity: ParityConfig = field(default_factory=ParityConfig)
+    # an ONNX file whose weights pass this many MiB keeps them in "<file>.data" beside it (ONNX's
+    # external data: a protobuf cannot exceed 2 GiB)
+    external_data_mb: float = 1900
 
     def __post_init__(self) -> None:
         if self.opset < 16:

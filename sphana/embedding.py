@@ -64,7 +64,11 @@ class Encoder(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
         ).last_hidden_state
         pooled = pool(hidden, attention_mask, self.pooling)
-        return nn.functional.normalize(pooled, p=2.0, dim=-1) if self.normalize else pooled
+        if not self.normalize:
+            return pooled
+        # F.normalize's norm exports as ReduceL2, which ONNX Runtime's symbolic shape inference
+        # cannot type at opset 18; without shapes the optimizer fuses no SkipLayerNormalization
+        return pooled / (pooled * pooled).sum(dim=-1, keepdim=True).sqrt().clamp(min=1e-12)
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -95,15 +99,19 @@ def load_encoder(cfg: EmbeddingConfig) -> tuple[Encoder, Any]:
 
 
 def load_trained(model_dir: Path) -> tuple[Encoder, Any]:
-    """An encoder saved by :func:`train` (``pytorch/`` directory)."""
+    """An encoder saved by :func:`train` or :func:`import_model` (``pytorch/`` directory), with
+    the pooling its ``sphana_encoder.json`` names."""
+    import json
+
     from transformers import AutoModel, AutoTokenizer
 
     transformer = AutoModel.from_pretrained(
         model_dir, add_pooling_layer=False, local_files_only=True
     )
-    return Encoder(transformer).eval(), AutoTokenizer.from_pretrained(
-        model_dir, local_files_only=True
-    )
+    meta = model_dir / ENCODER_FILE
+    info = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
+    encoder = Encoder(transformer, info.get("pooling", "mean"), info.get("normalize", True))
+    return encoder.eval(), AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -425,6 +433,80 @@ def check_general_gate(
             )
 
 
+def save(encoder: Encoder, tokenizer: Any, info: dict[str, Any], out_dir: Path) -> None:
+    """``out_dir`` (written whole) in the trained layout :func:`load_trained` reads: the
+    transformer's weights, the tokenizer with ``vocab.txt``, and ``sphana_encoder.json`` (the
+    pooling and normalization, plus ``info``)."""
+    with atomic_dir(out_dir) as tmp:
+        encoder.transformer.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_vocab_txt(tokenizer, tmp / "vocab.txt")
+        write_json_atomic(
+            tmp / ENCODER_FILE,
+            {"pooling": encoder.pooling, "normalize": encoder.normalize, **info},
+        )
+
+
+def import_model(
+    cfg: EmbeddingConfig, paths: PathsConfig, datasets_dir: Path, out_dir: Path
+) -> dict[str, Any]:
+    """Ship ``embedding.import_from`` (a model trained elsewhere) instead of a fine-tune: read
+    as ``sphana convert`` reads it (:func:`sphana.convert.plan`), L2-normalized, measured on the
+    validation set and both halves of the general set, gated by ``embedding.metric_threshold``,
+    and saved to ``out_dir`` in the trained model's layout with its lineage (path and sha256 of
+    its files), which the export puts in the manifest.
+
+    Raises:
+        ConfigError: ``import_from`` outside ``paths.imports/embedding`` (the directory
+            ``dvc.yaml`` tracks for it).
+        InputError: a model ``sphana convert`` would refuse, with what to pass.
+        GateError: below ``embedding.metric_threshold``.
+    """
+    from sphana import general_eval
+    from sphana import runtime as rt
+    from sphana.convert import import_plan
+    from sphana.convert.embedding import load
+
+    assert cfg.import_from is not None
+    p, lineage = import_plan(
+        "embedding",
+        cfg.import_from,
+        paths.imports,
+        pooling=cfg.import_pooling,
+        normalize=True,
+        max_seq_length=cfg.max_seq_length,
+    )
+    encoder, tokenizer = load(p)
+
+    def embed(texts: list[str]) -> np.ndarray:
+        return encode(encoder, tokenizer, texts, cfg.eval_batch_size, cfg.max_seq_length)
+
+    validation = ValidationSet.load(datasets_dir)
+    metrics = validation.evaluate(embed)
+    general_set = general_eval.build(cfg.ood_pairs)
+    general = {
+        half: ValidationSet.from_pairs(getattr(general_set, half)).evaluate(embed)
+        for half in ("selection", "report")
+    }
+    rt.log(
+        f"embedding imported from {cfg.import_from} ({p.layout}, {p.pooling} pooling): "
+        f"in-domain {cfg.gate_metric} {metrics[cfg.gate_metric]:.4f}"
+    )
+    rt.check_gate("embedding", metrics, cfg.gate_metric, cfg.metric_threshold)
+    info = {"max_seq_length": cfg.max_seq_length, "base_model": cfg.import_from}
+    save(encoder, tokenizer, {**info, "imported_from": lineage}, out_dir)
+    live = Path(paths.live) / "train_embedding"  # the stage's DVCLive outputs: no steps
+    write_json_atomic(live / "metrics.json", metrics)
+    (live / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+    return {
+        "imported": {"source": lineage, "pooling": p.pooling, "pooling_from": p.pooling_from},
+        "base": metrics,
+        "fine_tuned": metrics,
+        "out_of_domain": {"set": general_set.describe(), "shipped": general},
+        "validation": {"queries": len(validation.queries), "corpus": len(validation.corpus_ids)},
+    }
+
+
 def train(
     cfg: EmbeddingConfig,
     runtime: RuntimeConfig,
@@ -433,7 +515,8 @@ def train(
     out_dir: Path,
 ) -> dict[str, Any]:
     """Fine-tune the encoder on the shared runtime, mix it with the base weights so it keeps
-    general retrieval, and save the mix to ``out_dir`` (rank 0).
+    general retrieval, and save the mix to ``out_dir`` (rank 0). With ``embedding.import_from``
+    set, :func:`import_model` ships that model instead.
 
     The mix ``a`` is chosen from ``embedding.interpolation`` with the in-domain validation set
     and the *selection* half of the general set (:func:`select_mix`), which also gates it; the
@@ -454,6 +537,8 @@ def train(
     from sphana import general_eval
     from sphana import runtime as rt
 
+    if cfg.import_from is not None:
+        return import_model(cfg, paths, datasets_dir, out_dir)
     device = rt.setup(runtime)
     train_file = datasets_dir / "train.jsonl"
     pairs = load_jsonl(train_file)
@@ -551,21 +636,8 @@ def train(
         )
         rt.check_gate("embedding", shipped_metrics, cfg.gate_metric, cfg.metric_threshold)
         encoder.cpu().eval()
-        with atomic_dir(out_dir) as tmp:
-            encoder.transformer.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            write_vocab_txt(tokenizer, tmp / "vocab.txt")
-            write_json_atomic(
-                tmp / ENCODER_FILE,
-                {
-                    "pooling": "mean",
-                    "normalize": True,
-                    "max_seq_length": cfg.max_seq_length,
-                    "base_model": cfg.base_model,
-                    "init": cfg.init.value,
-                    "interpolation": a,
-                },
-            )
+        info = {"max_seq_length": cfg.max_seq_length, "base_model": cfg.base_model}
+        save(encoder, tokenizer, {**info, "init": cfg.init.value, "interpolation": a}, out_dir)
         rt.clear_checkpoints(Path(paths.checkpoints), "embedding")
         metrics = {
             "base": base_metrics,

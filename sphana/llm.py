@@ -42,6 +42,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 META_FILE = "llm.json"  # layers, heads, special token ids, prompt format
+# causal LMs (config.json model_type) whose KV cache the export contract carries
+ARCHITECTURES = ("qwen2", "llama")
 IGNORE = -100  # label of a token the loss skips (prompt, padding)
 
 
@@ -190,10 +192,10 @@ def build_model(cfg: LlmConfig, tokenizer: Any) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.base_model, local_files_only=True, dtype=torch.float32
         )
-        if model.config.model_type != "qwen2":
+        if model.config.model_type not in ARCHITECTURES:
             raise ConfigError(
                 f"llm.base_model={cfg.base_model!r} is a {model.config.model_type!r} model; "
-                "the export contract (KV-cache inputs) is built for Qwen2"
+                f"the export contract (KV-cache inputs) supports {', '.join(ARCHITECTURES)}"
             )
         return model
     m = cfg.model
@@ -268,7 +270,7 @@ class CachedLM(nn.Module):
 
 
 def cache_shape(config: Any) -> tuple[int, int, int]:
-    """``(layers, kv_heads, head_dim)`` of a Qwen2 config."""
+    """``(layers, kv_heads, head_dim)`` of a Qwen2 or Llama config."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return config.num_hidden_layers, config.num_key_value_heads, head_dim
 
@@ -290,18 +292,22 @@ def torch_step(model: nn.Module, device: torch.device | str = "cpu") -> Any:
     return step
 
 
-def meta(model: nn.Module, tokenizer: Any, cfg: LlmConfig) -> dict[str, Any]:
+def meta(
+    model: nn.Module, tokenizer: Any, base_model: str | None, max_seq_length: int
+) -> dict[str, Any]:
+    """What a runtime needs besides the graph (``llm.json``): the cache shape, the special ids
+    and the prompt format."""
     layers, kv_heads, head_dim = cache_shape(model.config)
     ids = special_ids(tokenizer)
     return {
-        "architecture": "Qwen2ForCausalLM",
-        "base_model": cfg.base_model,
+        "architecture": type(model).__name__,
+        "base_model": base_model,
         "layers": layers,
         "kv_heads": kv_heads,
         "head_dim": head_dim,
         "vocab_size": model.config.vocab_size,
         "max_position_embeddings": model.config.max_position_embeddings,
-        "max_seq_length": cfg.max_seq_length,
+        "max_seq_length": max_seq_length,
         "eos_token_ids": [ids[IM_END], ids[EOS_TEXT]],
         "pad_token_id": ids[EOS_TEXT],
         "chat_template": CHAT_TEMPLATE,
@@ -415,7 +421,7 @@ def train(
     )
     ids = special_ids(tokenizer)
     model = build_model(cfg, tokenizer)
-    info = meta(model, tokenizer, cfg)
+    info = meta(model, tokenizer, cfg.base_model, cfg.max_seq_length)
     examples = encode(tokenizer, train_records, cfg.max_seq_length)
     if cfg.max_train_examples and len(examples) > cfg.max_train_examples:
         examples = random.Random(runtime.seed).sample(examples, cfg.max_train_examples)

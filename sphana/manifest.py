@@ -199,62 +199,56 @@ def validate_consumer(manifest: dict[str, Any], source: str) -> None:
         raise VerifyError(f"{source}: manifest breaks the consumer contract:\n" + "\n".join(lines))
 
 
-def build(
+def component_entry(
+    component: str, info: dict[str, Any], release: str, artifacts_root: Path
+) -> dict[str, Any]:
+    """One component's manifest entry.
+
+    Args:
+        info: ``onnx_dir`` (Path, under ``artifacts_root``: every file in it is listed),
+            ``version``, ``evaluation`` (its quality figures, nested: written as they are under
+            ``evaluation``, and flattened to numbers under ``metrics``, :func:`flat_metrics`),
+            ``parity`` (the export report) and ``model_config`` (with the consumer's names
+            added, :func:`consumer_config`).
+    """
+    onnx_dir: Path = info["onnx_dir"]
+    report = info["parity"]
+    files = [file_entry(artifacts_root, p) for p in sorted(onnx_dir.iterdir()) if p.is_file()]
+    # the file a consumer loads: INT8, or fp32 where the export kept no INT8 (see quantization)
+    quantized = report["files"]["int8"] is not None
+    model = onnx_dir / report["files"]["int8" if quantized else "fp32"]
+    return {
+        "version": info["version"],
+        "path": model.relative_to(artifacts_root).as_posix(),
+        "checksum": f"sha256:{sha256_file(model)}",
+        "metrics": flat_metrics(component, info["evaluation"]),
+        "evaluation": info["evaluation"],
+        "model_config": {
+            **consumer_config(component, info["model_config"], release),
+            "quantized": quantized,
+            "quantization": report["quantization"],
+            **({"fusion": report["fusion"]} if "fusion" in report else {}),
+            "fp32_path": (onnx_dir / report["files"]["fp32"])
+            .relative_to(artifacts_root)
+            .as_posix(),
+        },
+        "files": files,
+        "parity": {k: report[k] for k in ("fp32", "int8")},
+        "signature": report["signature"],
+    }
+
+
+def assemble(
     *,
     name: str,
     version: str,
-    components: dict[str, dict[str, Any]],
+    entries: dict[str, dict[str, Any]],
     skipped: dict[str, dict[str, str]],
     gold: dict[str, Any],
-    artifacts_root: Path,
-    lock_file: Path,
-    data_paths: list[str],
+    provenance: dict[str, Any],
     min_onnxruntime: str,
 ) -> dict[str, Any]:
-    """Assemble the manifest.
-
-    Args:
-        components: per component: ``onnx_dir`` (Path), ``version``, ``evaluation`` (its
-            quality figures, nested: written as they are under ``evaluation``, and flattened to
-            numbers under ``metrics``, :func:`flat_metrics`), ``parity`` (the export report) and
-            ``model_config`` (with the consumer's names added, :func:`consumer_config`).
-        skipped: per component the release leaves out: ``{"reason"}`` (what to add to build it).
-        gold: ``ingest``'s account of the gold annotations and where each component's training
-            signal came from (``report.json`` ``gold``).
-        data_paths: the raw-data deps (the corpus root) whose md5 ``provenance.data`` repeats.
-    """
-    entries: dict[str, Any] = {}
-    stages: dict[str, Any] = {}
-    for component, info in components.items():
-        onnx_dir: Path = info["onnx_dir"]
-        report = info["parity"]
-        files = [file_entry(artifacts_root, p) for p in sorted(onnx_dir.iterdir()) if p.is_file()]
-        # the file a consumer loads: INT8, or fp32 where the export kept no INT8 (see quantization)
-        quantized = report["files"]["int8"] is not None
-        model = onnx_dir / report["files"]["int8" if quantized else "fp32"]
-        entries[component] = {
-            "version": info["version"],
-            "path": model.relative_to(artifacts_root).as_posix(),
-            "checksum": f"sha256:{sha256_file(model)}",
-            "metrics": flat_metrics(component, info["evaluation"]),
-            "evaluation": info["evaluation"],
-            "model_config": {
-                **consumer_config(component, info["model_config"], name),
-                "quantized": quantized,
-                "quantization": report["quantization"],
-                **({"fusion": report["fusion"]} if "fusion" in report else {}),
-                "fp32_path": (onnx_dir / report["files"]["fp32"])
-                .relative_to(artifacts_root)
-                .as_posix(),
-            },
-            "files": files,
-            "parity": {k: report[k] for k in ("fp32", "int8")},
-            "signature": report["signature"],
-        }
-        stages.update(lock_provenance(lock_file, COMPONENT_STAGES[component]))
-    commit, dirty = git_state(lock_file.parent)
-    recorded = {path: md5 for s in stages.values() for path, md5 in s["deps"].items()}
-    data = {path: recorded[path] for path in data_paths if path in recorded}
+    """A manifest of :func:`component_entry` entries, validated against both schemas."""
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "name": name,
@@ -270,11 +264,51 @@ def build(
             "opset": max(e["model_config"]["opset"] for e in entries.values()),
             "execution_providers": ["CPUExecutionProvider"],
         },
-        "provenance": {"git_commit": commit, "git_dirty": dirty, "data": data, "stages": stages},
+        "provenance": provenance,
     }
     validate_schema(manifest, "manifest")
     validate_consumer(manifest, "manifest")
     return manifest
+
+
+def build(
+    *,
+    name: str,
+    version: str,
+    components: dict[str, dict[str, Any]],
+    skipped: dict[str, dict[str, str]],
+    gold: dict[str, Any],
+    artifacts_root: Path,
+    lock_file: Path,
+    data_paths: list[str],
+    min_onnxruntime: str,
+) -> dict[str, Any]:
+    """The manifest of a pipeline build, its provenance from ``dvc.lock`` and git.
+
+    Args:
+        components: per component, what :func:`component_entry` takes.
+        skipped: per component the release leaves out: ``{"reason"}`` (what to add to build it).
+        gold: ``ingest``'s account of the gold annotations and where each component's training
+            signal came from (``report.json`` ``gold``).
+        data_paths: the raw-data deps (the corpus root) whose md5 ``provenance.data`` repeats.
+    """
+    entries: dict[str, Any] = {}
+    stages: dict[str, Any] = {}
+    for component, info in components.items():
+        entries[component] = component_entry(component, info, name, artifacts_root)
+        stages.update(lock_provenance(lock_file, COMPONENT_STAGES[component]))
+    commit, dirty = git_state(lock_file.parent)
+    recorded = {path: md5 for s in stages.values() for path, md5 in s["deps"].items()}
+    data = {path: recorded[path] for path in data_paths if path in recorded}
+    return assemble(
+        name=name,
+        version=version,
+        entries=entries,
+        skipped=skipped,
+        gold=gold,
+        provenance={"git_commit": commit, "git_dirty": dirty, "data": data, "stages": stages},
+        min_onnxruntime=min_onnxruntime,
+    )
 
 
 def write(manifest: dict[str, Any], path: Path) -> None:

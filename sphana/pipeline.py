@@ -74,15 +74,30 @@ def export(cfg: SphanaConfig, component: str) -> dict[str, Any]:
     reason = read_skipped(component_dir(cfg, component, "pytorch"))
     if reason is not None:
         return _skip(cfg, component, "onnx", f"export_{component}", reason)
+    from sphana import samples
+    from sphana.manifest import component_entry
+
     module = importlib.import_module(f"sphana.export.{component}")
+    onnx_dir = component_dir(cfg, component, "onnx")
     report = module.run(
         getattr(cfg, component),
         cfg.export,
         component_dir(cfg, component, "pytorch"),
         Path(cfg.paths.datasets) / component,
-        component_dir(cfg, component, "onnx"),
+        onnx_dir,
         threads=cfg.runtime.threads,
     )
+    # the parity samples ship beside the model: a server replays them before it serves a release
+    version = getattr(cfg, component).version
+    info = {"onnx_dir": onnx_dir, "version": version, "evaluation": {}, "parity": report}
+    entry = component_entry(
+        component,
+        {**info, "model_config": report["model_config"]},
+        cfg.release.name,
+        Path(cfg.paths.artifacts),
+    )
+    parity = samples.from_entry(component, entry, Path(cfg.paths.artifacts))
+    write_json_atomic(onnx_dir / samples.FILE_NAME, parity)
     write_json_atomic(metrics_file(cfg, f"export_{component}"), report)
     return report
 

@@ -37,6 +37,8 @@ from sphana.tokenization import Padding, backend
 
 HEAD_FILE = "head.safetensors"  # the classification layer, beside the transformer's weights
 META_FILE = "relation.json"  # labels, markers, pooling, max_seq_length
+# the "kind" of an imported *ForSequenceClassification in META_FILE (a trained one has none)
+SEQUENCE_CLASSIFIER = "sequence_classifier"
 
 
 class RelationClassifier(nn.Module):
@@ -97,15 +99,24 @@ def save(model: RelationClassifier, tokenizer: Any, meta: dict[str, Any], out_di
         write_json_atomic(tmp / META_FILE, meta)
 
 
-def load_trained(model_dir: Path) -> tuple[RelationClassifier, Any, dict[str, Any]]:
-    """A classifier saved by :func:`train` (``pytorch/`` directory), in eval mode."""
+def load_trained(model_dir: Path) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """A classifier saved by :func:`train` or :func:`import_model` (``pytorch/`` directory), in
+    eval mode: both map ``(input_ids, attention_mask, token_type_ids)`` to ``logits`` over
+    ``meta["labels"]``."""
     import json
 
     from safetensors.torch import load_file
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     meta = json.loads((model_dir / META_FILE).read_text(encoding="utf-8"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    if meta.get("kind") == SEQUENCE_CLASSIFIER:  # relation.import_from shipped it
+        from sphana.convert.relation import Classifier
+
+        classifier = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, local_files_only=True
+        )
+        return Classifier(classifier).eval(), tokenizer, meta
     transformer = AutoModel.from_pretrained(
         model_dir, add_pooling_layer=False, local_files_only=True
     )
@@ -285,6 +296,90 @@ def load_split(datasets_dir: Path) -> tuple[list[dict], list[dict], list[str]]:
     return train, validation, labels
 
 
+def import_model(
+    cfg: RelationConfig, paths: PathsConfig, datasets_dir: Path, out_dir: Path
+) -> dict[str, Any]:
+    """Ship ``relation.import_from`` (a sequence classifier trained elsewhere, read as ``sphana
+    convert --kind relation`` reads it) instead of a fine-tune: its labels must be the dataset's;
+    measured on the validation set, gated by ``relation.metric_threshold``, and saved to
+    ``out_dir`` with its lineage (path and sha256 of its files), which the export puts in the
+    manifest. Returns the metrics :func:`train` returns.
+
+    Raises:
+        ConfigError: ``import_from`` outside ``paths.imports/relation``.
+        InputError: a model ``sphana convert`` would refuse, or labels other than the dataset's.
+        GateError: below ``relation.metric_threshold``.
+    """
+    from sphana import runtime as rt
+    from sphana.convert import import_plan
+    from sphana.convert.relation import load
+    from sphana.embedding import write_vocab_txt
+
+    assert cfg.import_from is not None
+    p, lineage = import_plan(
+        "relation", cfg.import_from, paths.imports, max_seq_length=cfg.max_seq_length
+    )
+    train_examples, validation, labels = load_split(datasets_dir)
+    theirs = list(p.labels or [])
+    if sorted(theirs) != sorted(labels):
+        raise InputError(
+            Path(p.model_dir) / "config.json",
+            f"id2label {theirs} is not the dataset's label set {labels} "
+            f"({datasets_dir / 'labels.json'}): the pipeline's relations are those labels",
+        )
+    model, tokenizer = load(p)
+    logits = predict_logits(model, tokenizer, validation, cfg.eval_batch_size, cfg.max_seq_length)
+    predicted = [theirs[i] for i in logits.argmax(1)]
+    scores = classification_metrics([x["label"] for x in validation], predicted, labels)
+    rt.log(
+        f"relation imported from {cfg.import_from} ({p.layout}): validation macro-F1 "
+        f"{scores['macro_f1']:.4f}"
+    )
+    rt.check_gate("relation", scores, "macro_f1", cfg.metric_threshold)
+    meta = {
+        "labels": theirs,  # the classifier's own order: its logits
+        "markers": list(MARKERS),
+        "pooling": "cls",
+        "max_seq_length": cfg.max_seq_length,
+        "base_model": cfg.import_from,
+        "kind": SEQUENCE_CLASSIFIER,
+        "imported_from": lineage,
+    }
+    with atomic_dir(out_dir) as tmp:
+        model.model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_vocab_txt(tokenizer, tmp / "vocab.txt")
+        write_json_atomic(tmp / META_FILE, meta)
+    live = Path(paths.live) / "train_relation"  # the stage's DVCLive outputs: no steps
+    write_json_atomic(live / "metrics.json", {k: scores[k] for k in ("macro_f1", "accuracy")})
+    (live / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+    return {
+        "imported": {"source": lineage},
+        **_validation_report(train_examples, validation, labels, scores, predicted),
+        "train": {"examples": 0, "validation_examples": len(validation), "imported": True},
+    }
+
+
+def _validation_report(
+    train_examples: list[dict[str, Any]],
+    validation: list[dict[str, Any]],
+    labels: list[str],
+    scores: dict[str, Any],
+    predicted: list[str],
+) -> dict[str, Any]:
+    """What ``train_relation`` reports of the shipped model on the validation set: its scores,
+    the baselines, the labels and one prediction per example (the confusion plot's rows)."""
+    return {
+        "validation": scores,
+        "baselines": baselines(train_examples, validation, labels),
+        "labels": labels,
+        "predictions": [
+            {"actual": x["label"], "predicted": y}
+            for x, y in zip(validation, predicted, strict=True)
+        ],
+    }
+
+
 def train(
     cfg: RelationConfig,
     runtime: RuntimeConfig,
@@ -301,6 +396,8 @@ def train(
     """
     from sphana import runtime as rt
 
+    if cfg.import_from is not None:
+        return import_model(cfg, paths, datasets_dir, out_dir)
     device = rt.setup(runtime)
     train_examples, validation, labels = load_split(datasets_dir)
     if cfg.max_train_examples and len(train_examples) > cfg.max_train_examples:
@@ -360,13 +457,7 @@ def train(
         save(model, tokenizer, meta, out_dir)
         rt.clear_checkpoints(Path(paths.checkpoints), "relation")
         metrics = {
-            "validation": scores,
-            "baselines": baselines(train_examples, validation, labels),
-            "labels": labels,
-            "predictions": [
-                {"actual": x["label"], "predicted": p}
-                for x, p in zip(validation, predicted, strict=True)
-            ],
+            **_validation_report(train_examples, validation, labels, scores, predicted),
             "train": {
                 "examples": len(train_examples),
                 "validation_examples": len(validation),

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 FORMAT = 1
+FILE_NAME = "parity_samples.json"
 # Fixed texts, so samples of two versions are comparable (the names are the corpus's).
 TEXTS = [
     "Who founded the Halvard Institute for Tidal Acoustics?",
@@ -115,14 +116,23 @@ def _cases(component: str, files: Path, config: dict[str, Any]) -> list[dict[str
 
 def build(bundle: Path, threads: int = 1) -> dict[str, Any]:
     """Samples of the one component in ``bundle`` (a verified bundle directory)."""
-    import onnxruntime as ort
-
     manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
     (component, entry), *others = manifest["components"].items()
     if others:
         raise ValueError(f"{bundle}: parity samples take a one-component bundle")
+    return from_entry(component, entry, bundle, threads)
+
+
+def from_entry(
+    component: str, entry: dict[str, Any], root: Path, threads: int = 1
+) -> dict[str, Any]:
+    """Samples of ``component`` from its manifest ``entry`` (``path``, ``model_config``,
+    ``files``, ``parity``), its files under ``root``: what the export writes beside the model
+    (:data:`FILE_NAME`) and ``sphana artifacts parity-samples`` prints."""
+    import onnxruntime as ort
+
     config = entry["model_config"]
-    files = (bundle / entry["path"]).parent
+    files = (root / entry["path"]).parent
     cases = _cases(component, files, config)
     models = {"fp32": config["fp32_path"]}
     if config["quantized"]:
@@ -131,7 +141,7 @@ def build(bundle: Path, threads: int = 1) -> dict[str, Any]:
     out_models = {}
     select = {"select": SELECT} if component == "llm" else {}
     for kind, path in models.items():
-        generator, session = _open(bundle / path, component == "llm", threads)
+        generator, session = _open(root / path, component == "llm", threads)
         names = [o.name for o in session.get_outputs()]
         outputs = []
         for case in cases:
@@ -191,9 +201,25 @@ def _open(path: Path, generator: bool, threads: int) -> tuple[Any, Any]:
 def replay(samples: dict[str, Any], bundle: Path) -> list[str]:
     """Run ``samples`` against the model files in ``bundle`` with ONNX Runtime; every output
     beyond its tolerance (empty when all match). What another runtime does in its language."""
+    return replay_on(
+        samples,
+        {
+            kind: _open(bundle / m["path"], "greedy" in m, 0)
+            for kind, m in samples["models"].items()
+        },
+    )
+
+
+def replay_on(samples: dict[str, Any], models: dict[str, tuple[Any, Any]]) -> list[str]:
+    """Run ``samples`` on ``models`` (``{"fp32"|"int8": (generator or None, session)}``: sessions
+    already made, e.g. the server's); every output beyond its tolerance (empty when all match).
+    Kinds ``samples`` has and ``models`` lacks are not run."""
     problems = []
-    for kind, model in samples["models"].items():
-        generator, session = _open(bundle / model["path"], "greedy" in model, 0)
+    for kind, (generator, session) in models.items():
+        model = samples["models"].get(kind)
+        if model is None:
+            problems.append(f"{kind}: the samples have no outputs of this model file")
+            continue
         for case, expected in zip(samples["cases"], model["outputs"], strict=True):
             feed = {k: array(v) for k, v in case["inputs"].items()}
             names = [o.name for o in session.get_outputs()]

@@ -158,6 +158,7 @@ def test_int8_recipes_are_a_list_and_a_wrong_one_is_named() -> None:
     assert validate(compose(REPO / "conf")).export.quantization == [
         Quantization.per_channel,
         Quantization.per_channel_ffn_fp32,
+        Quantization.per_channel_sensitive,
     ]
     for wrong in ("[per_layer]", "per_channel"):  # unknown; one recipe not in a list
         with pytest.raises(ConfigError, match=r"export\.quantization"):

