@@ -96,16 +96,26 @@ class Connection:
         self.writer.close()
 
 
-async def closed_loop(port: int, concurrency: int, seconds: float) -> dict[str, float]:
+async def closed_loop(
+    port: int, concurrency: int, seconds: float = float("inf"), until: asyncio.Event | None = None
+) -> dict[str, float]:
+    """Requests/s, latency percentiles and failures of ``concurrency`` keep-alive clients, each
+    sending its next request when the last answer arrives, for ``seconds`` or ``until`` is set."""
     body = json.dumps({"input": SENTENCE, "model": "embedding"}).encode()
     latencies: list[float] = []
     errors = 0
 
     async def client(conn: Connection, end: float) -> None:
         nonlocal errors
-        while time.perf_counter() < end:
+        while time.perf_counter() < end and not (until is not None and until.is_set()):
             t0 = time.perf_counter()
-            status, _ = await conn.post("/v1/embeddings", body)
+            try:
+                status, _ = await conn.post("/v1/embeddings", body)
+            except (OSError, asyncio.IncompleteReadError):  # a dropped connection is a failure
+                errors += 1
+                conn.close()
+                conn = await Connection.open(port)
+                continue
             latencies.append(time.perf_counter() - t0)
             errors += status != 200
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +31,7 @@ GROUPS = (
     "release",
 )
 TINY = [f"{group}=tiny" for group in GROUPS]
+COMMAND_TIMEOUT = 1200  # seconds: a command that hangs fails its test instead of stalling CI
 
 
 def tiny_config(tmp_path: Path, *overrides: str):
@@ -53,7 +61,14 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     """Run a command with this interpreter's environment first on PATH (stages call `python`)."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(
+            cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT
+        )
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(
+            f"{' '.join(cmd)} ran past {COMMAND_TIMEOUT} s\n{err.stdout}\n{err.stderr}"
+        ) from err
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
@@ -233,3 +248,80 @@ def stdlib_documents(dest: Path, modules: tuple[str, ...] = STDLIB_MODULES, sect
             path.write_text("\n".join(parts) + "\n", encoding="utf-8")
             written.append(path)
     return written
+
+
+# --- `sphana serve` on 127.0.0.1, without the build-only packages ---
+
+BLOCKED = ("torch", "transformers", "torch_geometric", "dvc", "hydra", "omegaconf")
+
+def launch_code(blocked: tuple[str, ...]) -> str:
+    """Python that runs `sphana` with ``blocked`` unimportable (None in sys.modules)."""
+    return (
+        "import sys\n"
+        f"for name in {blocked!r}:\n"
+        "    sys.modules[name] = None\n"
+        "from sphana.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+
+
+# Runs `sphana` with the build-only packages unimportable (import fails).
+LAUNCH = launch_code(BLOCKED)
+# `sphana serve --registry` needs DVC and GTO (sphana[registry]), still no torch
+REGISTRY_BLOCKED = ("torch", "transformers", "torch_geometric")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*args: str, blocked: tuple[str, ...] = BLOCKED, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", launch_code(blocked), *args], **kwargs)
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited {proc.returncode}: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the server did not get ready in time")
+
+
+@contextlib.contextmanager
+def serving(
+    *args: str, log: IO[str] | int = subprocess.DEVNULL, blocked: tuple[str, ...] = BLOCKED
+) -> Iterator[str]:
+    """A server for ``sphana serve *args`` on a free port, ``blocked`` packages unimportable:
+    its URL once ready; stopped after (SIGTERM), when the verified copy of the release it served
+    must be gone."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = launch(
+            "serve",
+            *args,
+            "--port",
+            str(port),
+            blocked=blocked,
+            stdout=log,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TMPDIR": tmp},
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(proc, url)
+            copies = list(Path(tmp).glob("sphana-serve-*"))
+            assert copies, "the release is verified into a temporary directory"
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        assert not any(c.exists() for c in copies), "the server left its copy of the release"

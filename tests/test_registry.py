@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import commit_all, copy_built, dvc, run, sphana
+from conftest import REGISTRY_BLOCKED, commit_all, copy_built, dvc, run, serving, sphana
 
 BUCKET = "sphana-remote"
 
@@ -207,6 +207,51 @@ def test_deployer_gets_the_promoted_version_then_the_previous_after_rollback(
     ]
     gto = run([str(Path(sys.executable).parent / "gto"), "show", "gnn", "--json"], cwd=repo)
     assert "prod" in json.dumps([v for v in json.loads(gto.stdout) if v["version"] == "v0.1.0"])
+
+
+def test_a_server_follows_the_stage_through_promote_and_rollback(
+    repo: Path, tmp_path: Path
+) -> None:
+    """`sphana serve --registry CLONE --stage prod`: serves what prod holds (bundles from the S3
+    remote), and a promote or rollback in the registry reaches it without a restart."""
+    import httpx
+
+    artifacts("promote", "embedding", "0.1.0", "--stage", "prod", cwd=repo)
+    clone = tmp_path / "replica"  # a replica's clone of the registry: it fetches the tags
+    run(["git", "clone", "-q", str(repo), str(clone)], cwd=tmp_path)
+
+    def following(url: str) -> tuple[dict, str]:
+        info = httpx.get(f"{url}/info", timeout=10).json()
+        return info["registry"]["serving"], info["components"]["gnn"]["sha256"]
+
+    def wait_for(url: str, version: str) -> tuple[float, str]:
+        start, deadline = time.monotonic(), time.monotonic() + 180
+        while time.monotonic() < deadline:
+            serving, sha = following(url)
+            if serving.get("gnn") == version:
+                return time.monotonic() - start, sha
+            time.sleep(0.1)
+        raise AssertionError(f"the server never served gnn {version}: {following(url)}")
+
+    args = ("--registry", str(clone), "--stage", "prod", "--poll-seconds", "0.5")
+    with serving(*args, "--threads", "1", blocked=REGISTRY_BLOCKED) as url:
+        serving_now, first_sha = following(url)
+        assert serving_now == {"embedding": "v0.1.0", "gnn": "v0.1.0"}
+        r = httpx.post(f"{url}/v1/rerank", json={"query": "Halvard", "texts": ["a", "b"]})
+        assert r.status_code == 200 and r.headers["x-scored-by"] == "gnn"
+
+        artifacts("promote", "gnn", "0.2.0", "--stage", "prod", cwd=repo)
+        seconds, promoted_sha = wait_for(url, "v0.2.0")
+        print(f"promote reached the polling server in {seconds:.1f} s")
+        assert promoted_sha != first_sha
+        r = httpx.post(f"{url}/v1/rerank", json={"query": "Halvard", "texts": ["a", "b"]})
+        assert r.status_code == 200
+
+        artifacts("rollback", "gnn", "--stage", "prod", cwd=repo)
+        _, rolled_back_sha = wait_for(url, "v0.1.0")
+        assert rolled_back_sha == first_sha
+        info = httpx.get(f"{url}/info", timeout=10).json()
+        assert info["reload"]["count"] == 2 and info["registry"]["failed"] is None
 
 
 def test_list_diff_bundle_and_parity_samples(repo: Path, tmp_path: Path) -> None:

@@ -8,57 +8,22 @@ unimportable, so every test here also proves that serving needs none of them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import httpx
 import numpy as np
 import pytest
+from conftest import LAUNCH, free_port, serving
 
-BLOCKED = ("torch", "transformers", "torch_geometric", "dvc", "hydra", "omegaconf")
-# Runs `sphana` with the build-only packages unimportable (None in sys.modules: import fails).
-LAUNCH = (
-    "import sys\n"
-    f"for name in {BLOCKED!r}:\n"
-    "    sys.modules[name] = None\n"
-    "from sphana.cli import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
-)
 MAX_CONCURRENT = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", LAUNCH, *args], **kwargs)
-
-
-def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the server exited {proc.returncode}: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the server did not get ready in time")
 
 
 @pytest.fixture(scope="module")
@@ -69,34 +34,6 @@ def built(dvc_built: tuple[Path, str]) -> Path:
 @pytest.fixture(scope="module")
 def tarball(built: Path) -> Path:
     return built / "target/manifests/latest.tar.gz"
-
-
-@contextlib.contextmanager
-def serving(*args: str, log: IO[str] | int = subprocess.DEVNULL) -> Iterator[str]:
-    """A server for ``sphana serve *args`` on a free port: its URL once ready; stopped after
-    (SIGTERM), when the verified copy of the release it served must be gone."""
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = launch(
-            "serve",
-            *args,
-            "--port",
-            str(port),
-            stdout=log,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "TMPDIR": tmp},
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_ready(proc, url)
-            copies = list(Path(tmp).glob("sphana-serve-*"))
-            assert copies, "the release is verified into a temporary directory"
-            yield url
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-        assert not any(c.exists() for c in copies), "the server left its copy of the release"
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ Nothing here imports torch: numpy, onnxruntime and tokenizers only.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -388,6 +389,27 @@ class Engine:
             self.parser()  # fails now, not on the first request, when spaCy is missing
         self.timings["warmup"] = time.perf_counter() - start
         log.info("warmed up in %.2f s", self.timings["warmup"])
+
+    def replay_samples(self) -> list[str]:
+        """Replay each component's parity samples (:mod:`sphana.samples`, shipped beside its
+        model) on this engine's own sessions; every mismatch, empty when all match. A component
+        whose release carries no samples (built before they shipped) is skipped and logged."""
+        from sphana import samples
+
+        start = time.perf_counter()
+        problems = []
+        for name, model in self.models.items():
+            entry = self.manifest["components"][name]
+            rel = (Path(entry["path"]).parent / samples.FILE_NAME).as_posix()
+            if rel not in {f["path"] for f in entry["files"]}:
+                log.warning("%s %s: the release has no parity samples", name, model.version)
+                continue
+            data = json.loads((self.root / rel).read_text(encoding="utf-8"))
+            generator = self.generator if name == "llm" else None
+            found = samples.replay_on(data, {model.precision: (generator, model.session)})
+            problems += [f"{name} {model.version} {p}" for p in found]
+        self.timings["parity"] = time.perf_counter() - start
+        return problems
 
     def parser(self) -> Any:
         """The entity parser ``ingest`` used (its params in the manifest's provenance)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -169,10 +170,12 @@ def encode_response(
     }
 
 
-def register(app: Any, engine: Engine, api_error: Any, count: Any) -> None:
-    """Add the ``/v2`` routes to ``app``."""
+def register(app: Any, engine_of: Callable[[], Engine], api_error: Any, count: Any) -> None:
+    """Add the ``/v2`` routes to ``app``; ``engine_of()`` is the engine of the request being
+    served (the release it started on)."""
 
     def model_of(name: str, version: str | None) -> Model:
+        engine = engine_of()
         model = engine.models.get(name)
         if model is None:
             raise api_error(
@@ -188,7 +191,8 @@ def register(app: Any, engine: Engine, api_error: Any, count: Any) -> None:
 
     @app.get("/v2", tags=["v2"])
     async def server_metadata() -> dict[str, Any]:
-        return {"name": "sphana", "version": engine.version, "extensions": ["binary_tensor_data"]}
+        version = engine_of().version
+        return {"name": "sphana", "version": version, "extensions": ["binary_tensor_data"]}
 
     @app.get("/v2/health/live", tags=["v2"])
     async def live() -> dict[str, Any]:
