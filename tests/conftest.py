@@ -57,17 +57,19 @@ def tiny_config(tmp_path: Path, *overrides: str):
     return cfg
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str], cwd: Path, check: bool = True, timeout: float = COMMAND_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
     """Run a command with this interpreter's environment first on PATH (stages call `python`)."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     try:
         proc = subprocess.run(
-            cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT
+            cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
         )
     except subprocess.TimeoutExpired as err:
         raise AssertionError(
-            f"{' '.join(cmd)} ran past {COMMAND_TIMEOUT} s\n{err.stdout}\n{err.stderr}"
+            f"{' '.join(cmd)} ran past {timeout} s\n{err.stdout}\n{err.stderr}"
         ) from err
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -76,8 +78,10 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     return proc
 
 
-def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check)
+def dvc(
+    *args: str, cwd: Path, check: bool = True, timeout: float = COMMAND_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check, timeout=timeout)
 
 
 def sphana(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -253,6 +257,7 @@ def stdlib_documents(dest: Path, modules: tuple[str, ...] = STDLIB_MODULES, sect
 # --- `sphana serve` on 127.0.0.1, without the build-only packages ---
 
 BLOCKED = ("torch", "transformers", "torch_geometric", "dvc", "hydra", "omegaconf")
+
 
 def launch_code(blocked: tuple[str, ...]) -> str:
     """Python that runs `sphana` with ``blocked`` unimportable (None in sys.modules)."""
