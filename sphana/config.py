@@ -438,6 +438,7 @@ class ParityConfig:
     llm_prompts: int = 20  # llm: validation prompts decoded greedily by PyTorch and ONNX
     llm_new_tokens: int = 32  # llm: new tokens per prompt
     int8_min_token_agreement: float = 0.5  # llm: INT8 greedy tokens equal to PyTorch's
+    int4_min_token_agreement: float = 0.5  # llm: the 4-bit sibling ships at or above this
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1 or self.max_texts < 1:
@@ -462,8 +463,18 @@ class ExportConfig:
     # an ONNX file whose weights pass this many MiB keeps them in "<file>.data" beside it (ONNX's
     # external data: a protobuf cannot exceed 2 GiB)
     external_data_mb: float = 1900
+    # llm: a 4-bit weight-only sibling (ONNX Runtime's MatMulNBits, this many weights per block
+    # along K, a power of two >= 16) shipped when it meets parity.int4_min_token_agreement; 0 = none
+    llm_int4_block_size: int = 32
 
     def __post_init__(self) -> None:
+        if self.llm_int4_block_size and (
+            self.llm_int4_block_size < 16
+            or self.llm_int4_block_size & (self.llm_int4_block_size - 1)
+        ):
+            raise ValueError(
+                "export.llm_int4_block_size must be 0 (no 4-bit generator) or a power of two >= 16"
+            )
         if self.opset < 16:
             raise ValueError("export.opset must be >= 16")
         if not self.quantization:

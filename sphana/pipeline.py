@@ -134,6 +134,17 @@ def build_graphs(cfg: SphanaConfig) -> dict[str, Any]:
     return report
 
 
+def int4_evaluation(report: dict[str, Any]) -> dict[str, Any]:
+    """The generator's 4-bit sibling in its evaluation, when the export shipped one."""
+    int4 = report.get("int4")  # none in an export report written before 4-bit existed
+    if not int4 or not int4["passed"]:
+        return {}
+    return {
+        "onnx_int4_validation": int4["metrics"],
+        "int4_token_agreement": int4["token_agreement"],
+    }
+
+
 def _component_metrics(component: str, train: dict[str, Any], report: dict[str, Any]) -> dict:
     """What the manifest says about a component's quality (from its train and export metrics)."""
     if component == "embedding":
@@ -155,6 +166,7 @@ def _component_metrics(component: str, train: dict[str, Any], report: dict[str, 
             "onnx_fp32_validation": report["fp32"]["metrics"],
             "onnx_int8_validation": report["int8"]["metrics"],
             "int8_token_agreement": report["int8"]["token_agreement"],
+            **int4_evaluation(report),
         }
     return {
         "validation": {k: train["validation"][k] for k in ("macro_f1", "accuracy")},

@@ -137,6 +137,8 @@ def from_entry(
     models = {"fp32": config["fp32_path"]}
     if config["quantized"]:
         models["int8"] = entry["path"]
+    if config.get("int4_file"):  # the generator's 4-bit sibling
+        models["int4"] = (Path(entry["path"]).parent / config["int4_file"]).as_posix()
     checksums = {f["path"]: f["sha256"] for f in entry["files"]}
     out_models = {}
     select = {"select": SELECT} if component == "llm" else {}
@@ -211,9 +213,9 @@ def replay(samples: dict[str, Any], bundle: Path) -> list[str]:
 
 
 def replay_on(samples: dict[str, Any], models: dict[str, tuple[Any, Any]]) -> list[str]:
-    """Run ``samples`` on ``models`` (``{"fp32"|"int8": (generator or None, session)}``: sessions
-    already made, e.g. the server's); every output beyond its tolerance (empty when all match).
-    Kinds ``samples`` has and ``models`` lacks are not run."""
+    """Run ``samples`` on ``models`` (``{"fp32"|"int8"|"int4": (generator or None, session)}``:
+    sessions already made, e.g. the server's); every output beyond its tolerance (empty when all
+    match). Kinds ``samples`` has and ``models`` lacks are not run."""
     problems = []
     for kind, (generator, session) in models.items():
         model = samples["models"].get(kind)

@@ -457,7 +457,9 @@ def test_a_llama_or_qwen2_causal_lm_converts_with_its_kv_cache_and_serves(
     assert report["fp32"]["identical_generations"] == 1.0
     assert report["fp32"]["max_abs_diff"] <= LLM.parity.llm_max_abs_diff
     assert report["model_config"]["architecture"] == model_class_name(kind)
-    assert [r["backend"] for r in report["table"]] == ["pytorch", "onnx fp32", "onnx int8"]
+    int4 = ["onnx int4"] if report["int4"]["passed"] else []  # where its tokens agreed
+    assert report["files"]["int4"] == ("llm_generator.int4.onnx" if int4 else None)
+    assert [r["backend"] for r in report["table"]] == ["pytorch", "onnx fp32", "onnx int8", *int4]
     assert all(r["tokens_per_s"] > 0 and r["metric"] == "perplexity" for r in report["table"])
     assert report["table"][1]["of_pytorch"] == pytest.approx(1.0, abs=1e-3)
     assert main(["verify", str(out)]) == 0

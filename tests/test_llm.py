@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -220,6 +221,70 @@ def test_tiny_llm_build(built_tiny) -> None:
     int8 = OnnxGenerator(onnx_dir, "llm_generator.int8.onnx")
     assert isinstance(text, str) and isinstance(int8.generate([prompt], 8)[0], str)
     assert generator.generate([prompt], 8, use_cache=False) == [text]
+
+
+def test_a_4bit_generator_ships_beside_int8_when_its_tokens_agree(built_tiny, tmp_path) -> None:
+    """export.llm_int4_block_size: MatMulNBits weights in llm_generator.int4.onnx, gated by token
+    agreement, in the manifest's files and parity samples, and served by --precision llm=int4;
+    a miss leaves it out and the export still ships fp32 and INT8."""
+    import onnx
+
+    from sphana import llm as llm_lib
+    from sphana import manifest as manifest_lib
+    from sphana import samples
+    from sphana.export import llm as export_llm
+    from sphana.serving.engine import Engine, SessionSettings, parse_precision
+
+    cfg, results = built_tiny
+    report = results["export_llm"]
+    onnx_dir = Path(cfg.paths.artifacts) / "llm" / cfg.llm.version / "onnx"
+    int4 = report["int4"]
+    assert int4["passed"] and report["files"]["int4"] == "llm_generator.int4.onnx"
+    graph = onnx.load(str(onnx_dir / "llm_generator.int4.onnx"))
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("MatMulNBits") == int4["matmul_nbits"] > 0
+    assert int4["block_size"] == cfg.export.llm_int4_block_size
+    assert report["sizes"]["int4"] < report["sizes"]["fp32"]
+    for kind in ("fp32", "int8", "int4"):
+        assert report[kind]["tokens_per_second"] > 0
+        assert np.isfinite(report[kind]["metrics"]["perplexity"])
+
+    entry = manifest_lib.component_entry(
+        "llm",
+        {
+            "onnx_dir": onnx_dir,
+            "version": cfg.llm.version,
+            "evaluation": {},
+            "parity": report,
+            "model_config": report["model_config"],
+        },
+        "0.0.0",
+        Path(cfg.paths.artifacts),
+    )
+    assert entry["model_config"]["int4_file"] == "llm_generator.int4.onnx"
+    assert "llm/0.1.0/onnx/llm_generator.int4.onnx" in {f["path"] for f in entry["files"]}
+    shipped = json.loads((onnx_dir / samples.FILE_NAME).read_text())
+    assert set(shipped["models"]) == {"fp32", "int8", "int4"}
+    release = {"version": "0.0.0", "components": {"llm": entry}, "provenance": {"stages": {}}}
+    engine = Engine(
+        release, Path(cfg.paths.artifacts), parse_precision(["llm=int4"]), SessionSettings()
+    )
+    assert engine.models["llm"].precision == "int4"
+    assert engine.replay_samples() == []
+    with pytest.raises(ConfigError, match="llm=int4"):
+        parse_precision(["embedding=int4"])
+
+    model, tokenizer, info = llm_lib.load_trained(onnx_dir.parent / "pytorch")
+    parity = dataclasses.replace(cfg.export.parity, int4_min_token_agreement=1.01)
+    strict = dataclasses.replace(cfg.export, parity=parity)
+    records = llm_lib.load_split(Path(cfg.paths.datasets) / "llm")[1]
+    prompts = llm_lib.sample_prompts(records, 2)
+    out = tmp_path / "onnx"
+    out.mkdir()
+    missed = export_llm.export_generator(model, tokenizer, info, prompts, records, out, strict)
+    assert not missed["int4"]["passed"] and "not shipped" in missed["int4"]["reason"]
+    assert missed["files"]["int4"] is None and not (out / "llm_generator.int4.onnx").exists()
+    assert (out / "llm_generator.int8.onnx").is_file()
 
 
 def test_onnx_generation_needs_no_torch(built_tiny) -> None:

@@ -127,6 +127,7 @@ def export(
     """
     from sphana.export.llm import export_generator
     from sphana.llm import meta, sample_prompts
+    from sphana.pipeline import int4_evaluation
 
     records, source = eval_records(eval_file)
     prompts = sample_prompts(records, cfg.parity.llm_prompts)
@@ -138,6 +139,8 @@ def export(
         "onnx fp32": report["fp32"]["metrics"]["perplexity"],
         "onnx int8": report["int8"]["metrics"]["perplexity"],
     }
+    if report["files"]["int4"]:
+        perplexity["onnx int4"] = report["int4"]["metrics"]["perplexity"]
     report["table"] = decode_table(
         model, tokenizer, info, prompts, out, report, perplexity, threads
     )
@@ -146,6 +149,7 @@ def export(
         "onnx_fp32_validation": report["fp32"]["metrics"],
         "onnx_int8_validation": report["int8"]["metrics"],
         "int8_token_agreement": report["int8"]["token_agreement"],
+        **int4_evaluation(report),
     }
     return report, evaluation
 
@@ -161,10 +165,11 @@ def decode_table(
     threads: int,
     new_tokens: int = 16,
 ) -> list[dict[str, Any]]:
-    """PyTorch, ONNX fp32 and INT8 decoding with the KV cache at the same thread count:
-    perplexity as % of PyTorch's (its perplexity over theirs: lower is better), size, tokens/s
-    for four prompts at once, and ms per token for one prompt (p50/p95 over the prompts). Every
-    run decodes exactly ``new_tokens`` (end tokens ignored), so each does the same work."""
+    """PyTorch, ONNX fp32, INT8 and (when it shipped) 4-bit decoding with the KV cache at the
+    same thread count: perplexity as % of PyTorch's (its perplexity over theirs: lower is
+    better), size, tokens/s for four prompts at once, and ms per token for one prompt (p50/p95
+    over the prompts). Every run decodes exactly ``new_tokens`` (end tokens ignored), so each
+    does the same work."""
     import numpy as np
     import torch
 
@@ -182,6 +187,8 @@ def decode_table(
         "onnx fp32": (ort_step(session(out / files["fp32"], threads)), out / files["fp32"]),
         "onnx int8": (ort_step(session(out / files["int8"], threads)), out / files["int8"]),
     }
+    if files["int4"]:
+        steps["onnx int4"] = (ort_step(session(out / files["int4"], threads)), out / files["int4"])
 
     def decode(step: Any, batch: list[list[int]]) -> float:
         start = time.perf_counter()

@@ -32,6 +32,10 @@ class OnnxSpec:
     def int8_file_name(self) -> str:
         return self.file_name.removesuffix(".onnx") + ".int8.onnx"
 
+    @property
+    def int4_file_name(self) -> str:  # the generator's 4-bit weight-only sibling
+        return self.file_name.removesuffix(".onnx") + ".int4.onnx"
+
 
 def register(spec: OnnxSpec) -> OnnxSpec:
     SPECS[spec.component] = spec

@@ -15,6 +15,8 @@ the positions. Validation perplexity is reported for PyTorch, fp32 and INT8.
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +28,12 @@ from sphana.export import (
     OnnxSpec,
     check_parity,
     export_onnx,
+    external_data,
     model_bytes,
     quantize_gated,
     register,
     sample_feeds,
+    save_model,
     session,
     signature,
 )
@@ -58,6 +62,7 @@ from sphana.llm import (
     torch_step,
 )
 
+log = logging.getLogger(__name__)
 CACHED_STEPS = 8  # cached decoding steps compared logit by logit after the prefill
 
 
@@ -132,6 +137,48 @@ def ort_perplexity(
         total += float((log_z - picked).sum())
         tokens += len(rows)
     return perplexity(total, tokens)
+
+
+def int4_sibling(
+    fp32_path: Path, int4_path: Path, cfg: ExportConfig, generations: Any
+) -> dict[str, Any]:
+    """The generator's 4-bit weight-only sibling (``export.llm_int4_block_size``): every MatMul
+    with a constant weight becomes ONNX Runtime's ``MatMulNBits`` (symmetric 4-bit blocks along
+    K, int8 activations: ``accuracy_level`` 4), kept only when ``generations(path)`` agrees with
+    PyTorch's tokens at least ``export.parity.int4_min_token_agreement``. Unlike INT8 it is
+    optional: a miss removes the file and the report says why; the export goes on."""
+    block = cfg.llm_int4_block_size
+    minimum = cfg.parity.int4_min_token_agreement
+    if not block:
+        return {"passed": False, "reason": "export.llm_int4_block_size is 0"}
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(fp32_path)), bits=4, block_size=block, is_symmetric=True, accuracy_level=4
+    )
+    quantizer.process()
+    graph = quantizer.model.model
+    ops = [n.op_type for n in graph.graph.node]
+    save_model(graph, int4_path, cfg.external_data_mb)
+    result = generations(int4_path)
+    del result["tokens"]
+    result.update(
+        block_size=block,
+        matmul_nbits=ops.count("MatMulNBits"),
+        matmul_fp32=ops.count("MatMul"),  # MatMuls without a constant weight (attention)
+        min_token_agreement=minimum,
+        passed=result["token_agreement"] >= minimum,
+    )
+    if not result["passed"]:
+        result["reason"] = (
+            f"4-bit greedy token agreement {result['token_agreement']:.2%} < "
+            f"export.parity.int4_min_token_agreement={minimum}: not shipped"
+        )
+        log.warning("llm: %s", result["reason"])
+        int4_path.unlink()
+        external_data(int4_path).unlink(missing_ok=True)
+    return result
 
 
 def token_agreement(reference: list[list[int]], other: list[list[int]]) -> float:
@@ -219,37 +266,49 @@ def export_generator(
     save_tokenizer(tokenizer, out)
     write_json_atomic(out / META_FILE, info)
 
+    def timed(step: Any) -> tuple[list[list[int]], float]:
+        """Greedy new tokens of every prompt and the tokens per second it took (KV cache)."""
+        start = time.perf_counter()
+        tokens = generate_ids(step, prompts, p.llm_new_tokens, shape, **decode)
+        return tokens, round(sum(map(len, tokens)) / (time.perf_counter() - start), 1)
+
+    reference, torch_speed = timed(torch_fn)
+
+    def generations(path: Path) -> dict[str, Any]:
+        """An ONNX file's greedy generations against PyTorch's, its perplexity and speed."""
+        step = ort_step(session(path, threads))
+        tokens, speed = timed(step)
+        return {
+            "token_agreement": round(token_agreement(reference, tokens), 6),
+            "identical_generations": float(
+                np.mean([a == b for a, b in zip(reference, tokens, strict=True)])
+            ),
+            "metrics": ort_perplexity(step, validation, shape, info["pad_token_id"]),
+            "tokens_per_second": speed,
+            "tokens": tokens,
+        }
+
     fp32_fn = ort_step(session(fp32_path, threads))
     checks = cached_parity(torch_fn, fp32_fn, prompts[:4], shape, info["pad_token_id"])
     worst = float(np.max([c["max_abs_diff"] for c in checks]))  # NaN never passes
-    reference = generate_ids(torch_fn, prompts, p.llm_new_tokens, shape, **decode)
-    fp32_tokens = generate_ids(fp32_fn, prompts, p.llm_new_tokens, shape, **decode)
-    identical = float(np.mean([a == b for a, b in zip(reference, fp32_tokens, strict=True)]))
+    fp32 = generations(fp32_path)
+    del fp32["tokens"], fp32["token_agreement"]
+    identical = fp32["identical_generations"]
     fp32 = {
         "max_abs_diff": worst,
         "threshold": p.llm_max_abs_diff,
         "checks": checks,
         "prompts": len(prompts),
         "new_tokens": p.llm_new_tokens,
-        "identical_generations": identical,
-        "metrics": ort_perplexity(fp32_fn, validation, shape, info["pad_token_id"]),
+        **fp32,
         "passed": bool(np.isfinite(worst) and worst <= p.llm_max_abs_diff) and identical == 1,
     }
 
     def gate(path: Path) -> tuple[dict[str, Any], list[str]]:
-        int8_fn = ort_step(session(path, threads))
-        tokens = generate_ids(int8_fn, prompts, p.llm_new_tokens, shape, **decode)
-        agreement = token_agreement(reference, tokens)
-        int8 = {
-            "token_agreement": round(agreement, 6),
-            "min_token_agreement": p.int8_min_token_agreement,
-            "identical_generations": float(
-                np.mean([a == b for a, b in zip(reference, tokens, strict=True)])
-            ),
-            "metrics": ort_perplexity(int8_fn, validation, shape, info["pad_token_id"]),
-            "passed": agreement >= p.int8_min_token_agreement,
-            "tokens": tokens,
-        }
+        int8 = generations(path)
+        agreement = int8["token_agreement"]
+        int8["min_token_agreement"] = p.int8_min_token_agreement
+        int8["passed"] = agreement >= p.int8_min_token_agreement
         missed = (
             f"INT8 greedy token agreement {agreement:.2%} < "
             f"export.parity.int8_min_token_agreement={p.int8_min_token_agreement}"
@@ -267,10 +326,16 @@ def export_generator(
         fp32_path, int8_path, cfg.quantization, gate, feeds
     )
     int8_tokens = int8.pop("tokens")
+    int4_path = out / onnx_spec.int4_file_name
+    int4 = int4_sibling(fp32_path, int4_path, cfg, generations)
     report = {
         "fp32": fp32,
         "int8": int8,
-        "pytorch": {"metrics": evaluate(model, validation, info["pad_token_id"], 16)},
+        "int4": int4,
+        "pytorch": {
+            "metrics": evaluate(model, validation, info["pad_token_id"], 16),
+            "tokens_per_second": torch_speed,
+        },
         "samples": [
             {
                 "prompt": tokenizer.decode(q),
@@ -281,10 +346,19 @@ def export_generator(
         ],
         "quantization": quantization,
         "signature": signature(fp32_path),
-        "files": {"fp32": onnx_spec.file_name, "int8": onnx_spec.int8_file_name},
-        "sizes": {"fp32": model_bytes(fp32_path), "int8": model_bytes(int8_path)},
+        "files": {
+            "fp32": onnx_spec.file_name,
+            "int8": onnx_spec.int8_file_name,
+            "int4": int4_path.name if int4["passed"] else None,
+        },
+        "sizes": {
+            "fp32": model_bytes(fp32_path),
+            "int8": model_bytes(int8_path),
+            "int4": model_bytes(int4_path) if int4["passed"] else None,
+        },
         "model_config": {
             **info,  # layers, heads, special ids, chat template, base model
+            "int4_file": int4_path.name if int4["passed"] else None,
             "inputs": list(onnx_spec.input_names),
             "outputs": list(onnx_spec.output_names),
             "cache": "past_key_values.<i>.{key,value} [batch, kv_heads, past_sequence, "

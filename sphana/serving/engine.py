@@ -26,7 +26,7 @@ from sphana.errors import ConfigError
 log = logging.getLogger("sphana.serve")
 
 COMPONENTS = ("embedding", "relation", "gnn", "llm")
-PRECISIONS = ("int8", "fp32")
+PRECISIONS = ("int8", "fp32", "int4")  # int4: the generator's 4-bit weight-only sibling
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 PROVIDERS = ("cpu", "cuda")
 WARMUP_LENGTHS = (8, 64)  # tokens: representative shapes each text session runs once before ready
@@ -85,14 +85,17 @@ class SessionSettings:
 
 def parse_precision(spec: Sequence[str]) -> dict[str, str]:
     """``--precision`` values: ``int8`` or ``fp32`` for every component, or ``name=precision``
-    for one (later values win): ``["int8", "llm=fp32"]``."""
+    for one (later values win): ``["int8", "llm=fp32"]``; ``llm=int4`` for the generator's
+    4-bit sibling."""
     out = dict.fromkeys(COMPONENTS, "int8")
     for item in spec:
         name, _, value = item.rpartition("=")
-        if value not in PRECISIONS or (name and name not in COMPONENTS):
+        valid = value in PRECISIONS and (value != "int4" or name == "llm")
+        if not valid or (name and name not in COMPONENTS):
             raise ConfigError(
                 f"--precision {item!r}: give int8 or fp32, for all components or as "
-                f"COMPONENT=PRECISION with COMPONENT one of {', '.join(COMPONENTS)}"
+                f"COMPONENT=PRECISION with COMPONENT one of {', '.join(COMPONENTS)} "
+                "(and llm=int4 for the generator's 4-bit weights)"
             )
         for component in [name] if name else COMPONENTS:
             out[component] = value
@@ -343,8 +346,10 @@ class Engine:
             start = time.perf_counter()
             config = entry["model_config"]
             wanted = precision.get(name, "int8")
-            if wanted == "int8" and config.get("quantized"):
-                rel = entry["path"]
+            if wanted == "int4" and config.get("int4_file"):
+                rel = (Path(entry["path"]).parent / config["int4_file"]).as_posix()
+            elif wanted != "fp32" and config.get("quantized"):  # int4 without one: int8
+                rel, wanted = entry["path"], "int8"
             else:
                 rel, wanted = config.get("fp32_path", entry["path"]), "fp32"
             path = root / rel

@@ -72,7 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="[COMPONENT=]int8|fp32",
         help="int8 (default, where the release kept an INT8 file) or fp32, for all components "
-        "or one (repeatable): --precision int8 --precision llm=fp32",
+        "or one (repeatable): --precision int8 --precision llm=fp32; llm=int4 serves the "
+        "generator's 4-bit weights where the release has them",
     )
     p.add_argument(
         "--workdir",
