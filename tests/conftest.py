@@ -12,7 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -330,3 +330,32 @@ def serving(
             proc.terminate()
             proc.wait(timeout=30)
         assert not any(c.exists() for c in copies), "the server left its copy of the release"
+
+
+def tiny_causal_lm(kind: str, tokenizer: Any) -> Any:
+    """A tiny random causal LM of ``kind`` (llama | qwen2) over ``tokenizer`` (ChatML tokens),
+    seeded: the same weights on every call."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from sphana.generation import EOS_TEXT, IM_END
+
+    config_class, model_class = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[kind]
+    torch.manual_seed(0)
+    vocab = tokenizer.get_vocab()
+    config = config_class(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=vocab[IM_END],
+        pad_token_id=vocab[EOS_TEXT],
+        tie_word_embeddings=True,
+    )
+    return model_class(config).eval()

@@ -402,32 +402,11 @@ def chat_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def causal_lm(kind: str, tokenizer: Any, out: Path) -> Path:
     """A tiny random causal LM of ``kind`` (llama | qwen2), saved with ``tokenizer``."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from conftest import tiny_causal_lm
 
-    from sphana.generation import EOS_TEXT, IM_END
     from sphana.llm import save_tokenizer
 
-    config_class, model_class = {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    }[kind]
-    torch.manual_seed(0)
-    vocab = tokenizer.get_vocab()
-    model = model_class(
-        config_class(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            eos_token_id=vocab[IM_END],
-            pad_token_id=vocab[EOS_TEXT],
-            tie_word_embeddings=True,
-        )
-    )
-    model.save_pretrained(out)
+    tiny_causal_lm(kind, tokenizer).save_pretrained(out)
     save_tokenizer(tokenizer, out)
     return out
 

