@@ -36,6 +36,40 @@ def chat_prompt(user: str) -> str:
     return f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
 
 
+def normalize_answer(text: str) -> str:
+    """Lowercase, punctuation and articles dropped, whitespace collapsed (SQuAD's rule)."""
+    import unicodedata
+
+    text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text.lower())
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def answer_scores(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
+    """How well generated answers match the gold ones, averaged: ``contained`` (the normalized
+    gold answer appears in the normalized prediction: an instruct model answers in sentences),
+    ``exact_match`` and ``token_f1`` (SQuAD's definitions), over ``questions``."""
+    from collections import Counter
+
+    contained = exact = f1 = 0.0
+    for prediction, gold in zip(predictions, golds, strict=True):
+        p, g = normalize_answer(prediction), normalize_answer(gold)
+        contained += f" {g} " in f" {p} " if g else p == ""
+        exact += p == g
+        common = sum((Counter(p.split()) & Counter(g.split())).values())
+        if common:
+            precision, recall = common / len(p.split()), common / len(g.split())
+            f1 += 2 * precision * recall / (precision + recall)
+        else:
+            f1 += float(p == g)
+    n = max(len(golds), 1)
+    return {
+        "answer_contained": round(contained / n, 4),
+        "answer_exact_match": round(exact / n, 4),
+        "answer_token_f1": round(f1 / n, 4),
+        "questions": len(golds),
+    }
+
+
 def pad(
     sequences: list[list[int]], pad_id: int, side: str = "right"
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -47,6 +47,7 @@ META_FILE = "llm.json"  # layers, heads, special token ids, prompt format
 # causal LMs (config.json model_type) whose KV cache the export contract carries
 ARCHITECTURES = ("qwen2", "llama")
 IGNORE = -100  # label of a token the loss skips (prompt, padding)
+ANSWER_TOKENS = 32  # new tokens of a greedy answer to a validation question (train and export)
 
 
 # --- tokenizer -----------------------------------------------------------------------------------
@@ -394,10 +395,18 @@ def greedy(
     )
 
 
-def answer_exact_match(
-    step: Any, tokenizer: Any, info: dict[str, Any], records: list[dict[str, Any]], tokens: int
-) -> float | None:
-    """Share of question-answer records whose greedy answer is exactly the gold answer."""
+def answer_quality(
+    step: Any,
+    tokenizer: Any,
+    info: dict[str, Any],
+    records: list[dict[str, Any]],
+    tokens: int = ANSWER_TOKENS,
+) -> dict[str, Any] | None:
+    """The greedy answers of ``step`` (PyTorch or ONNX) to the question-answer records (the gold
+    passage as context, in the chat template) scored against the gold answers
+    (:func:`sphana.generation.answer_scores`); None without questions."""
+    from sphana.generation import answer_scores
+
     qa = [r for r in records if r["kind"] == "qa"]
     if not qa:
         return None
@@ -408,9 +417,7 @@ def answer_exact_match(
         for a in greedy(step, tokenizer, info, prompts[i : i + 16], tokens)
     ]
     texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
-    return round(
-        sum(t.strip() == r["text"].strip() for t, r in zip(texts, qa, strict=True)) / len(qa), 4
-    )
+    return answer_scores(texts, [r["text"] for r in qa])
 
 
 def train(
@@ -439,6 +446,10 @@ def train(
         examples = random.Random(runtime.seed).sample(examples, cfg.max_train_examples)
     validation = encode(tokenizer, validation_records, cfg.max_seq_length)
     prompts = sample_prompts(validation_records, cfg.sample_prompts)
+    base = None  # a pretrained model's answers before fine-tuning: does fine-tuning pay?
+    if cfg.base_model and rt.rank() == 0:
+        step = torch_step(model.to(device).eval(), device)
+        base = {"answers": answer_quality(step, tokenizer, info, validation_records)}
     samples: list[dict[str, Any]] = []
 
     def loss(m: nn.Module, batch: list[dict[str, list[int]]], dev: torch.device) -> torch.Tensor:
@@ -479,14 +490,15 @@ def train(
                 f"llm quality gate failed: validation perplexity {scores['perplexity']:.2f} > "
                 f"llm.max_perplexity = {cfg.max_perplexity}; nothing was written"
             )
-        scores["answer_exact_match"] = answer_exact_match(
-            torch_step(model, device), tokenizer, info, validation_records, cfg.sample_tokens
+        scores["answers"] = answer_quality(
+            torch_step(model, device), tokenizer, info, validation_records
         )
         model.cpu().eval()
         save(model, tokenizer, info, out_dir)
         rt.clear_checkpoints(Path(paths.checkpoints), "llm")
         metrics = {
             "validation": scores,
+            **({"base_validation": base} if base else {}),
             "samples": samples,
             "train": {
                 "examples": len(examples),

@@ -145,6 +145,21 @@ def int4_evaluation(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def answer_evaluation(train: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """The generator's answers to the validation questions (gold passage as context): the
+    pretrained base model before fine-tuning, the shipped PyTorch model and each ONNX file."""
+    found = {
+        "base_answers": (train.get("base_validation") or {}).get("answers"),
+        "answers": train["validation"].get("answers"),
+        **{
+            f"onnx_{kind}_answers": (report.get(kind) or {}).get("answers")
+            for kind in ("fp32", "int8", "int4")
+            if kind != "int4" or (report.get("int4") or {}).get("passed")
+        },
+    }
+    return {key: value for key, value in found.items() if value}
+
+
 def _component_metrics(component: str, train: dict[str, Any], report: dict[str, Any]) -> dict:
     """What the manifest says about a component's quality (from its train and export metrics)."""
     if component == "embedding":
@@ -167,6 +182,7 @@ def _component_metrics(component: str, train: dict[str, Any], report: dict[str, 
             "onnx_int8_validation": report["int8"]["metrics"],
             "int8_token_agreement": report["int8"]["token_agreement"],
             **int4_evaluation(report),
+            **answer_evaluation(train, report),
         }
     return {
         "validation": {k: train["validation"][k] for k in ("macro_f1", "accuracy")},

@@ -170,6 +170,22 @@ def test_generation_stops_at_an_end_token(tokenizer, model) -> None:
     assert stopped == free[: free.index(free[3])]
 
 
+def test_answers_are_scored_as_squad_scores_them_plus_contained() -> None:
+    from sphana.generation import answer_scores
+
+    scores = answer_scores(
+        ["Halvard Berg works at the Oslo Institute.", "The Oslo Institute", "Bergen"],
+        ["Oslo Institute", "oslo institute!", "Oslo Institute"],
+    )
+    assert scores == {
+        "answer_contained": round(2 / 3, 4),
+        "answer_exact_match": round(1 / 3, 4),  # articles and punctuation do not count
+        "answer_token_f1": round((0.5 + 1 + 0) / 3, 4),  # 2 of 6 words, all of the gold's
+        "questions": 3,
+    }
+    assert answer_scores(["Oslo Institutes"], ["Oslo Institute"])["answer_contained"] == 0
+
+
 def test_tiny_llm_build(built_tiny) -> None:
     cfg, results = built_tiny
     datasets = Path(cfg.paths.datasets) / "llm"
@@ -180,8 +196,13 @@ def test_tiny_llm_build(built_tiny) -> None:
 
     metrics = results["train_llm"]
     assert metrics["validation"]["perplexity"] > 1 and metrics["samples"]
-    assert 0 <= metrics["validation"]["answer_exact_match"] <= 1
+    answers = metrics["validation"]["answers"]
+    assert answers["questions"] == sum(r["kind"] == "qa" for r in validation) > 0
+    assert 0 <= answers["answer_exact_match"] <= answers["answer_contained"] <= 1
     report = results["export_llm"]
+    assert report["pytorch"]["answers"] == answers  # the same greedy answers, same scores
+    assert report["fp32"]["answers"] == answers
+    assert report["int8"]["answers"]["questions"] == answers["questions"]
     fp32 = report["fp32"]
     assert fp32["max_abs_diff"] <= cfg.export.parity.llm_max_abs_diff
     assert fp32["identical_generations"] == 1.0 and fp32["prompts"] == cfg.export.parity.llm_prompts

@@ -238,7 +238,7 @@ def export_generator(
     Raises:
         ParityError: naming the gate, the measured value and the threshold.
     """
-    from sphana.llm import CachedLM, evaluate
+    from sphana.llm import CachedLM, answer_quality, evaluate
 
     validation = encode(tokenizer, records, info["max_seq_length"])
     shape = cache_shape(model.config)
@@ -274,6 +274,9 @@ def export_generator(
 
     reference, torch_speed = timed(torch_fn)
 
+    def answers(step: Any) -> dict[str, Any] | None:  # the question-answer records, if any
+        return answer_quality(step, tokenizer, info, records)
+
     def generations(path: Path) -> dict[str, Any]:
         """An ONNX file's greedy generations against PyTorch's, its perplexity and speed."""
         step = ort_step(session(path, threads))
@@ -284,6 +287,7 @@ def export_generator(
                 np.mean([a == b for a, b in zip(reference, tokens, strict=True)])
             ),
             "metrics": ort_perplexity(step, validation, shape, info["pad_token_id"]),
+            "answers": answers(step),
             "tokens_per_second": speed,
             "tokens": tokens,
         }
@@ -334,6 +338,7 @@ def export_generator(
         "int4": int4,
         "pytorch": {
             "metrics": evaluate(model, validation, info["pad_token_id"], 16),
+            "answers": answers(torch_fn),
             "tokens_per_second": torch_speed,
         },
         "samples": [
