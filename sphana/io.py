@@ -77,6 +77,13 @@ def dumps_json(data: Any) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n"
 
 
+def write_live_without_steps(live_dir: Path, metrics: dict[str, Any]) -> None:
+    """A training stage's DVCLive outputs when it trained nothing (an imported model, a model
+    shipped as is, a skipped component): its metrics and an empty plots directory."""
+    write_json_atomic(live_dir / "metrics.json", metrics)
+    (live_dir / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+
+
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     write_text_atomic(path, dumps_json(data))
 

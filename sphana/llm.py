@@ -35,7 +35,7 @@ from sphana.base_models import gguf_file
 from sphana.config import LlmConfig, PathsConfig, RuntimeConfig
 from sphana.errors import ConfigError, InputError
 from sphana.generation import EOS_TEXT, IM_END, IM_START, chat_prompt, pad, positions
-from sphana.io import atomic_dir, load_jsonl, write_json_atomic
+from sphana.io import atomic_dir, load_jsonl, write_json_atomic, write_live_without_steps
 
 SPECIAL_TOKENS = (EOS_TEXT, IM_START, IM_END)
 CHAT_TEMPLATE = (
@@ -447,7 +447,7 @@ def train(
     validation = encode(tokenizer, validation_records, cfg.max_seq_length)
     prompts = sample_prompts(validation_records, cfg.sample_prompts)
     base = None  # a pretrained model's answers before fine-tuning: does fine-tuning pay?
-    if cfg.base_model and rt.rank() == 0:
+    if cfg.base_model and cfg.epochs and rt.rank() == 0:
         step = torch_step(model.to(device).eval(), device)
         base = {"answers": answer_quality(step, tokenizer, info, validation_records)}
     samples: list[dict[str, Any]] = []
@@ -479,7 +479,9 @@ def train(
         evaluate=evaluate_epoch,
         select_metric="neg_loss",  # the lowest validation loss
     )
-    result = rt.fit_stage(job, runtime, device, paths)
+    # llm.epochs=0: the pretrained model ships as it is (measured below as the fine-tune is)
+    result = rt.fit_stage(job, runtime, device, paths) if cfg.epochs else None
+    model.to(device)
     metrics: dict[str, Any] = {}
     if rt.rank() == 0:
         scores = evaluate(model, validation, ids[EOS_TEXT], cfg.eval_batch_size, device)
@@ -506,8 +508,11 @@ def train(
                 "tokens": sum(len(x["input_ids"]) for x in examples),
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "vocab_size": len(tokenizer),
-                **rt.summary(result, runtime, "perplexity"),
+                **(rt.summary(result, runtime, "perplexity") if result else {"epochs": 0}),
             },
         }
+        if result is None:
+            metrics["base_validation"] = {"answers": scores["answers"]}  # shipped as it is
+            write_live_without_steps(Path(paths.live) / "train_llm", scores)
     rt.teardown()
     return metrics

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sphana.config import SphanaConfig
-from sphana.io import read_skipped, write_json_atomic, write_skipped
+from sphana.io import read_skipped, write_json_atomic, write_live_without_steps, write_skipped
 
 
 def component_dir(cfg: SphanaConfig, component: str, kind: str) -> Path:
@@ -110,9 +110,7 @@ def _skip(cfg: SphanaConfig, component: str, kind: str, stage: str, reason: str)
     metrics = {"skipped": reason}
     write_json_atomic(metrics_file(cfg, stage), metrics)
     if kind == "pytorch":
-        live = Path(cfg.paths.live) / stage
-        write_json_atomic(live / "metrics.json", metrics)
-        (live / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+        write_live_without_steps(Path(cfg.paths.live) / stage, metrics)
         if component == "relation":
             write_json_atomic(metrics_file(cfg, f"{stage}_confusion"), [])
     return metrics

@@ -31,7 +31,7 @@ from torch import nn
 
 from sphana.config import ClassWeighting, PathsConfig, RelationConfig, RuntimeConfig
 from sphana.errors import InputError
-from sphana.io import atomic_dir, load_jsonl, write_json_atomic
+from sphana.io import atomic_dir, load_jsonl, write_json_atomic, write_live_without_steps
 from sphana.relation_inputs import MARKERS, pair_examples, pair_relations, relation_inputs
 from sphana.tokenization import Padding, backend
 
@@ -350,9 +350,8 @@ def import_model(
         tokenizer.save_pretrained(tmp)
         write_vocab_txt(tokenizer, tmp / "vocab.txt")
         write_json_atomic(tmp / META_FILE, meta)
-    live = Path(paths.live) / "train_relation"  # the stage's DVCLive outputs: no steps
-    write_json_atomic(live / "metrics.json", {k: scores[k] for k in ("macro_f1", "accuracy")})
-    (live / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+    live = Path(paths.live) / "train_relation"
+    write_live_without_steps(live, {k: scores[k] for k in ("macro_f1", "accuracy")})
     return {
         "imported": {"source": lineage},
         **_validation_report(train_examples, validation, labels, scores, predicted),

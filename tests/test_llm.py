@@ -446,3 +446,28 @@ def test_fine_tunes_a_local_qwen2_checkpoint(built_tiny, tokenizer, model, tmp_p
     )
     with pytest.raises(ConfigError, match="llm.base_model"):
         llm_lib.load_tokenizer(LlmConfig(base_model=str(tmp_path / "missing")), [])
+
+
+def test_epochs_0_ships_the_base_model_as_it_is_with_its_answers_measured(
+    built_tiny, tokenizer, model, tmp_path: Path
+) -> None:
+    from sphana import llm as llm_lib
+
+    cfg, _ = built_tiny
+    base = tmp_path / "qwen2-base"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    paths = dataclasses.replace(cfg.paths, live=str(tmp_path / "live"))
+    llm_cfg = LlmConfig(base_model=str(base), epochs=0)
+    out = tmp_path / "pytorch"
+    metrics = llm_lib.train(llm_cfg, cfg.runtime, paths, Path(cfg.paths.datasets) / "llm", out)
+    shipped, _, _ = llm_lib.load_trained(out)
+    for key, value in model.state_dict().items():
+        assert torch.equal(shipped.state_dict()[key], value), key
+    assert metrics["train"]["epochs"] == 0
+    answers = metrics["validation"]["answers"]
+    assert answers["questions"] > 0 and metrics["base_validation"]["answers"] == answers
+    live = json.loads((tmp_path / "live" / "train_llm" / "metrics.json").read_text())
+    assert live["perplexity"] == metrics["validation"]["perplexity"]
+    with pytest.raises(ValueError, match="llm.epochs=0 ships llm.base_model"):
+        LlmConfig(epochs=0)
