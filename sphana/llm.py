@@ -197,7 +197,10 @@ def build_model(cfg: LlmConfig, tokenizer: Any) -> nn.Module:
         where = (gguf.parent, {"gguf_file": gguf.name}) if gguf else (cfg.base_model, {})
         model = AutoModelForCausalLM.from_pretrained(
             where[0], local_files_only=True, dtype=torch.float32, **where[1]
-        )  # a GGUF file's weights are dequantized to fp32
+        )
+        if gguf:  # dequantized to fp32: a plain model from here on, saved and exported as one
+            model.hf_quantizer = None
+            vars(model.config).pop("quantization_config", None)
         if model.config.model_type not in ARCHITECTURES:
             raise ConfigError(
                 f"llm.base_model={cfg.base_model!r} is a {model.config.model_type!r} model; "

