@@ -6,8 +6,9 @@ Run after `dvc repro` (or `make run`), from the repository root:
 
 One validation prompt (chat format) is decoded greedily for exactly N new tokens (end tokens are
 ignored, so every run does the same work) with ``sphana.generation`` on ``llm_generator.onnx`` and
-its INT8 sibling, with the cache (one step per token) and without it (the whole sequence every
-step). Prints tokens/s (best of the runs), the speed-up and the file sizes. It asserts nothing.
+its INT8 and 4-bit siblings (those the export shipped), with the cache (one step per token) and
+without it (the whole sequence every step). Prints tokens/s (best of the runs), the speed-up and
+the file sizes. It asserts nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def main() -> None:
         for line in (Path(paths["datasets"]) / "llm" / "validation.jsonl").read_text().splitlines()
     ]
     prompt = chat_prompt(next(r["prompt"] for r in records if r["kind"] == "qa"))
-    for file_name in ("llm_generator.onnx", "llm_generator.int8.onnx"):
+    files = ("llm_generator.onnx", "llm_generator.int8.onnx", "llm_generator.int4.onnx")
+    for file_name in [f for f in files if (onnx_dir / f).is_file()]:
         gen = OnnxGenerator(onnx_dir, file_name, threads=args.threads)
         ids = gen.tokenizer.encode(prompt, add_special_tokens=False).ids
         info = gen.info
