@@ -72,6 +72,15 @@ def model_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
+def files_report(spec: OnnxSpec, fp32_path: Path, int8_path: Path) -> dict[str, Any]:
+    """The ``signature``, ``files`` and ``sizes`` of an export report whose INT8 file ships."""
+    return {
+        "signature": signature(fp32_path),
+        "files": {"fp32": spec.file_name, "int8": spec.int8_file_name},
+        "sizes": {"fp32": model_bytes(fp32_path), "int8": model_bytes(int8_path)},
+    }
+
+
 def weight_bytes(model: Any) -> int:
     return sum(t.ByteSize() for t in model.graph.initializer)
 

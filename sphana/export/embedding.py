@@ -17,13 +17,12 @@ from sphana.export import (
     TOKENIZER_FILES,
     check_parity,
     export_text_encoder,
+    files_report,
     fp32_failures,
-    model_bytes,
     parity_batch,
     quantize_gated,
     sample_feeds,
     session,
-    signature,
     text_model_spec,
 )
 from sphana.io import atomic_dir
@@ -257,9 +256,7 @@ def export_encoder(
         "pytorch": {"metrics": torch_metrics},
         "quantization": quantization,
         "fusion": fusion,
-        "signature": signature(fp32_path),
-        "files": {"fp32": SPEC.file_name, "int8": SPEC.int8_file_name},
-        "sizes": {"fp32": model_bytes(fp32_path), "int8": model_bytes(int8_path)},
+        **files_report(SPEC, fp32_path, int8_path),
         "model_config": {
             "dimension": int(encoder.transformer.config.hidden_size),
             "max_seq_length": max_length,

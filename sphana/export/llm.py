@@ -140,11 +140,11 @@ def ort_perplexity(
 
 
 def int4_sibling(
-    fp32_path: Path, int4_path: Path, cfg: ExportConfig, generations: Any
+    fp32_path: Path, int4_path: Path, cfg: ExportConfig, measured: Any
 ) -> dict[str, Any]:
     """The generator's 4-bit weight-only sibling (``export.llm_int4_block_size``): every MatMul
     with a constant weight becomes ONNX Runtime's ``MatMulNBits`` (symmetric 4-bit blocks along
-    K, int8 activations: ``accuracy_level`` 4), kept only when ``generations(path)`` agrees with
+    K, int8 activations: ``accuracy_level`` 4), kept only when ``measured(path)`` agrees with
     PyTorch's tokens at least ``export.parity.int4_min_token_agreement``. Unlike INT8 it is
     optional: a miss removes the file and the report says why; the export goes on."""
     block = cfg.llm_int4_block_size
@@ -161,7 +161,7 @@ def int4_sibling(
     graph = quantizer.model.model
     ops = [n.op_type for n in graph.graph.node]
     save_model(graph, int4_path, cfg.external_data_mb)
-    result = generations(int4_path)
+    result = measured(int4_path)
     del result["tokens"]
     result.update(
         block_size=block,
@@ -274,29 +274,34 @@ def export_generator(
 
     reference, torch_speed = timed(torch_fn)
 
-    def answers(step: Any) -> dict[str, Any] | None:  # the question-answer records, if any
-        return answer_quality(step, tokenizer, info, records)
-
-    def generations(path: Path) -> dict[str, Any]:
-        """An ONNX file's greedy generations against PyTorch's, its perplexity and speed."""
-        step = ort_step(session(path, threads))
+    def generations(step: Any) -> dict[str, Any]:
+        """A step's greedy generations against PyTorch's, and its speed: what the gates read."""
         tokens, speed = timed(step)
         return {
             "token_agreement": round(token_agreement(reference, tokens), 6),
             "identical_generations": float(
                 np.mean([a == b for a, b in zip(reference, tokens, strict=True)])
             ),
-            "metrics": ort_perplexity(step, validation, shape, info["pad_token_id"]),
-            "answers": answers(step),
             "tokens_per_second": speed,
             "tokens": tokens,
         }
 
+    def quality(step: Any) -> dict[str, Any]:
+        """Perplexity and answers to the question-answer records (if any): measured once for a
+        file that ships, not for every INT8 recipe the gate tries."""
+        return {
+            "metrics": ort_perplexity(step, validation, shape, info["pad_token_id"]),
+            "answers": answer_quality(step, tokenizer, info, records),
+        }
+
+    def measured(path: Path) -> dict[str, Any]:
+        step = ort_step(session(path, threads))
+        return {**generations(step), **quality(step)}
+
     fp32_fn = ort_step(session(fp32_path, threads))
     checks = cached_parity(torch_fn, fp32_fn, prompts[:4], shape, info["pad_token_id"])
     worst = float(np.max([c["max_abs_diff"] for c in checks]))  # NaN never passes
-    fp32 = generations(fp32_path)
-    del fp32["tokens"], fp32["token_agreement"]
+    fp32 = generations(fp32_fn)
     identical = fp32["identical_generations"]
     fp32 = {
         "max_abs_diff": worst,
@@ -304,12 +309,14 @@ def export_generator(
         "checks": checks,
         "prompts": len(prompts),
         "new_tokens": p.llm_new_tokens,
-        **fp32,
+        "identical_generations": identical,
+        "tokens_per_second": fp32["tokens_per_second"],
+        **quality(fp32_fn),
         "passed": bool(np.isfinite(worst) and worst <= p.llm_max_abs_diff) and identical == 1,
     }
 
     def gate(path: Path) -> tuple[dict[str, Any], list[str]]:
-        int8 = generations(path)
+        int8 = generations(ort_step(session(path, threads)))
         agreement = int8["token_agreement"]
         int8["min_token_agreement"] = p.int8_min_token_agreement
         int8["passed"] = agreement >= p.int8_min_token_agreement
@@ -330,15 +337,16 @@ def export_generator(
         fp32_path, int8_path, cfg.quantization, gate, feeds
     )
     int8_tokens = int8.pop("tokens")
+    int8.update(quality(ort_step(session(int8_path, threads))))  # the recipe that ships
     int4_path = out / onnx_spec.int4_file_name
-    int4 = int4_sibling(fp32_path, int4_path, cfg, generations)
+    int4 = int4_sibling(fp32_path, int4_path, cfg, measured)
     report = {
         "fp32": fp32,
         "int8": int8,
         "int4": int4,
         "pytorch": {
             "metrics": evaluate(model, validation, info["pad_token_id"], 16),
-            "answers": answers(torch_fn),
+            "answers": answer_quality(torch_fn, tokenizer, info, records),
             "tokens_per_second": torch_speed,
         },
         "samples": [

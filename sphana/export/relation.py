@@ -16,13 +16,12 @@ from sphana.export import (
     TOKENIZER_FILES,
     check_parity,
     export_text_encoder,
+    files_report,
     fp32_failures,
-    model_bytes,
     parity_batch,
     quantize_gated,
     sample_feeds,
     session,
-    signature,
     text_model_spec,
 )
 from sphana.io import atomic_dir, write_json_atomic
@@ -168,9 +167,7 @@ def export_classifier(
         "pytorch": {"metrics": _summary(torch_scores)},
         "quantization": quantization,
         "fusion": fusion,
-        "signature": signature(fp32_path),
-        "files": {"fp32": SPEC.file_name, "int8": SPEC.int8_file_name},
-        "sizes": {"fp32": model_bytes(fp32_path), "int8": model_bytes(int8_path)},
+        **files_report(SPEC, fp32_path, int8_path),
         "model_config": {
             "labels": labels,
             "num_labels": len(labels),
