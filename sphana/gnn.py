@@ -54,6 +54,7 @@ from sphana.graph_inputs import (
     node_texts,
     passage,
     ranker_inputs,
+    ranking_metrics,
 )
 from sphana.io import atomic_dir, load_jsonl, read_jsonl, read_skipped, write_json_atomic
 from sphana.relation_inputs import NO_RELATION, Relation
@@ -368,22 +369,6 @@ def listnet_loss(scores: torch.Tensor, labels: torch.Tensor, counts: list[int]) 
         for s, y in zip(scores.split(counts), labels.split(counts), strict=True)
     ]
     return torch.stack(losses).mean()
-
-
-def ranking_metrics(
-    scores: list[np.ndarray], labels: list[np.ndarray], k: int = 10
-) -> dict[str, float]:
-    """Mean nDCG@k and MRR (binary or graded gains, ties broken by candidate order)."""
-    ndcg, rr = [], []
-    for s, y in zip(scores, labels, strict=True):
-        order = np.argsort(-s, kind="stable")
-        gains = (2.0 ** y[order] - 1)[:k]
-        discounts = 1.0 / np.log2(np.arange(2, len(gains) + 2))
-        ideal = (np.sort(2.0**y - 1)[::-1][:k] * discounts).sum()
-        ndcg.append(float((gains * discounts).sum() / ideal) if ideal > 0 else 0.0)
-        hits = np.flatnonzero(y[order] > 0)
-        rr.append(1.0 / (hits[0] + 1) if len(hits) else 0.0)
-    return {f"ndcg@{k}": round(float(np.mean(ndcg)), 6), "mrr": round(float(np.mean(rr)), 6)}
 
 
 def similarity_baseline(queries: list[dict[str, Any]]) -> dict[str, float]:

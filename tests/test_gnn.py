@@ -20,10 +20,9 @@ from sphana.gnn import (
     listnet_loss,
     passage_pairs,
     passages_with_entities,
-    ranking_metrics,
     similarity_baseline,
 )
-from sphana.graph_inputs import EXTRA_FEATURES, Passage, candidate_graph
+from sphana.graph_inputs import EXTRA_FEATURES, Passage, candidate_graph, ranking_metrics
 from sphana.io import load_jsonl
 
 

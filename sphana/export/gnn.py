@@ -36,9 +36,9 @@ from sphana.gnn import (
     collate,
     load_split,
     load_trained,
-    ranking_metrics,
     score_queries,
 )
+from sphana.graph_inputs import ranking_metrics
 from sphana.io import atomic_dir, write_json_atomic
 
 SPEC = register(

@@ -46,8 +46,7 @@ def ranker(post: Post, target: Path, manifest: dict[str, Any], precision: str) -
     read with the build's scores, never rises by more than :data:`TIE`)."""
     import onnxruntime as ort
 
-    from sphana.gnn import ranking_metrics
-    from sphana.graph_inputs import RANK, ranker_inputs
+    from sphana.graph_inputs import RANK, ranker_inputs, ranking_metrics
 
     entry = manifest["components"]["gnn"]
     session = ort.InferenceSession(
