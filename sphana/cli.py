@@ -8,6 +8,8 @@
   (git tags in GTO's format over the ``artifacts:`` of dvc.yaml; see sphana/registry.py).
 - ``convert MODEL OUT --kind embedding|relation|llm``: a model trained elsewhere into a gated bundle
   (sphana/convert/).
+- ``query "QUESTION" [--release ...]``: answer a question over a release's corpus index
+  (sphana/query.py): retrieval, graph re-ranking, the generator's answer, cited passages.
 - ``serve RELEASE``: serve a release on ONNX Runtime (sphana/serving/); needs only
   ``pip install 'sphana[serve]'``, no torch.
 """
@@ -292,6 +294,49 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from sphana import query
+    from sphana.manifest import checked, validate_schema
+    from sphana.release import open_release
+    from sphana.serving.engine import Engine, SessionSettings, parse_precision
+
+    sources = [Path(s) for s in args.release or ["target/manifests/latest.json"]]
+    settings = SessionSettings(intra_op_threads=args.threads)
+    options = query.QueryOptions(top_k=args.top_k, candidates=args.candidates)
+    with tempfile.TemporaryDirectory(prefix="sphana-query-") as tmp:
+        if len(sources) == 1 and sources[0].suffix == ".json":  # in place, once every file matches
+            if not sources[0].is_file():
+                raise SphanaError(
+                    f"{sources[0]}: no manifest there; build one (`make run`) or give --release"
+                )
+            root = _default_root(sources[0]) or sources[0].parent
+            manifest = checked(sources[0], root)
+            validate_schema(manifest, str(sources[0]))
+        else:  # tarballs and bundles: verified into a temporary directory
+            release = open_release(sources, Path(tmp) / "release")
+            manifest, root = release.manifest, release.root
+        engine = Engine(manifest, root, parse_precision(args.precision), settings)
+        try:
+            result = query.answer(engine, args.question, options)
+        except query.QueryUnavailable as e:
+            raise SphanaError(str(e)) from None
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+        return 0
+    print(result["answer"] if result["answer"] is not None else f"({result['answer_skipped']})")
+    for p in result["passages"]:
+        console.print(
+            f"[{p['rank'] + 1}] {escape(p['document'])} / {escape(str(p['section']))} "
+            f"[{p['start']}:{p['end']}] score {p['score']:.4f} ({result['ranked_by']})"
+        )
+        console.print(f"    {escape(p['text'][:200])}", soft_wrap=True)
+    steps = ", ".join(f"{k} {v:.1f} ms" for k, v in result["timings_ms"].items())
+    console.print(f"[dim]{steps}[/]")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from sphana.serving.server import run
 
@@ -426,6 +471,36 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--threads", type=int, default=2, help="for the parity and speed figures")
     cv.add_argument("--seconds", type=float, default=2.0, help="per backend, speed table")
     cv.set_defaults(func=cmd_convert)
+
+    q = sub.add_parser(
+        "query",
+        help="answer a question over a release's corpus index (ONNX Runtime only)",
+        description="Embed the question, retrieve from the release's corpus index, re-rank with "
+        "the graph ranker and answer with the generator from the best passage; print the answer "
+        "and the cited passages (document, section, offsets, scores) and each step's time.",
+    )
+    q.add_argument("question")
+    q.add_argument(
+        "--release",
+        action="append",
+        metavar="SOURCE",
+        help="a release .tar.gz, bundle directory (repeatable) or manifest .json "
+        "(default: target/manifests/latest.json, its files under paths.artifacts)",
+    )
+    q.add_argument("--top-k", type=int, default=5, help="passages cited (default 5)")
+    q.add_argument(
+        "--candidates", type=int, default=20, help="passages retrieved for re-ranking (20)"
+    )
+    q.add_argument(
+        "--precision",
+        action="append",
+        default=[],
+        metavar="[COMPONENT=]int8|fp32|int4",
+        help="as sphana serve --precision (default int8)",
+    )
+    q.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: default)")
+    q.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    q.set_defaults(func=cmd_query)
 
     serve = sub.add_parser(
         "serve",

@@ -491,6 +491,42 @@ class ExportConfig:
 
 
 @dataclass
+class IndexConfig:
+    batch_size: int = 64  # chunks embedded per call of the embedding model
+    # from this many passages on, search an HNSW graph (faiss) instead of the whole matrix; its
+    # recall@10 against exact search is measured and reported; 0: exact at any size
+    approximate_above: int = 200000
+    hnsw_m: int = 32  # links per node of the HNSW graph
+    ef_search: int = 64  # candidates the HNSW search keeps: higher, better recall, slower
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.hnsw_m < 2 or self.ef_search < 1:
+            raise ValueError("index: batch_size and ef_search must be >= 1, hnsw_m >= 2")
+        if self.approximate_above < 0:
+            raise ValueError("index.approximate_above must be >= 0 (0: always exact)")
+
+
+@dataclass
+class EvaluateConfig:
+    # the release's precisions the held-out questions are answered at (sphana serve --precision)
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "int8"])
+    candidates: int = 20  # passages retrieved from the index for the ranker to re-rank
+    context_passages: int = 3  # the best passages the generator answers from
+    max_questions: int = 0  # 0: every held-out question
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.precisions) - {"fp32", "int8", "int4"})
+        if unknown or not self.precisions:
+            raise ValueError(
+                f"evaluate.precisions: {unknown or 'empty'}; give some of fp32, int8, int4"
+            )
+        if self.candidates < 1 or self.context_passages < 1 or self.max_questions < 0:
+            raise ValueError(
+                "evaluate: candidates and context_passages must be >= 1, max_questions >= 0"
+            )
+
+
+@dataclass
 class ReleaseConfig:
     version: str = "0.1.0"  # version of the release bundle (manifest `version`)
     name: str = "sphana"
@@ -518,7 +554,9 @@ class SphanaConfig:
     gnn: GnnConfig = field(default_factory=GnnConfig)
     llm: LlmConfig = field(default_factory=LlmConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 def _check_semver(key: str, value: str) -> None:

@@ -53,6 +53,7 @@ from sphana import contracts
 from sphana.config import DatasetConfig
 from sphana.documents import split_sentences
 from sphana.errors import InputError
+from sphana.generation import qa_prompt
 from sphana.io import (
     atomic_dir,
     load_jsonl,
@@ -379,11 +380,6 @@ def build_llm(corpus: Corpus, out_dir: Path) -> dict[str, Any]:
         "examples": {name: {k: counts[name][k] for k in ("passage", "qa")} for name in names},
         "questions_without_answer": without_answer,
     }
-
-
-def qa_prompt(context: str, question: str) -> str:
-    """The user turn of a question-answer example (the generator answers from the context)."""
-    return f"Context: {context}\nQuestion: {question}"
 
 
 def run(

@@ -146,6 +146,8 @@ def _summary(result: Any) -> str:
     keys = (
         "documents",
         "chunks",
+        "passages",
+        "questions",
         "ignored_by_extension",
         "skipped_count",
         "embedding",
@@ -159,10 +161,14 @@ def _summary(result: Any) -> str:
     for key in keys:
         if key in result:
             value = result[key]
-            if key == "fp32":
+            if key == "fp32" and "max_abs_diff" in value:  # an export report
                 value = {"max_abs_diff": value["max_abs_diff"]}
+            elif key == "fp32":  # the evaluate stage's
+                value = {k: value[k] for k in ("recall@5", "ndcg@10") if k in value}
             elif key == "embedding" and isinstance(value, dict) and "pairs" in value:
                 value = {"pairs": value["pairs"]}
+            elif key == "embedding" and isinstance(value, dict) and "file" in value:
+                value = value["file"]  # the index's
             elif key == "members":
                 value = len(value)
             parts.append(f"{key}={value}")

@@ -36,6 +36,11 @@ def chat_prompt(user: str) -> str:
     return f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
 
 
+def qa_prompt(context: str, question: str) -> str:
+    """The user turn of a question-answer example (the generator answers from the context)."""
+    return f"Context: {context}\nQuestion: {question}"
+
+
 def normalize_answer(text: str) -> str:
     """Lowercase, punctuation and articles dropped, whitespace collapsed (SQuAD's rule)."""
     import unicodedata

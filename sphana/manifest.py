@@ -33,7 +33,25 @@ COMPONENT_STAGES = {
         "export_gnn",
     ],
     "llm": ["ingest", "build_datasets", "train_llm", "export_llm"],
+    # not a component (no ONNX model): the release's `index`, shipped in the embedding bundle
+    "index": [
+        "ingest",
+        "build_datasets",
+        "train_embedding",
+        "export_embedding",
+        "train_relation",
+        "export_relation",
+        "index",
+    ],
 }
+INDEX_COMPONENT = "embedding"  # the bundle that carries the index: it is only valid with it
+
+
+def parts(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every part of a release that lists files: its components and, where it has one, the
+    corpus ``index`` (:mod:`sphana.index`)."""
+    index = manifest.get("index")
+    return {**manifest["components"], **({"index": index} if index is not None else {})}
 
 
 def schema() -> dict[str, Any]:
@@ -233,8 +251,28 @@ def component_entry(
             .as_posix(),
         },
         "files": files,
-        "parity": {k: report[k] for k in ("fp32", "int8")},
+        # the generator's 4-bit gate too, where its export tried one (shipped or not)
+        "parity": {k: report[k] for k in ("fp32", "int8", "int4") if report.get(k)},
         "signature": report["signature"],
+    }
+
+
+def index_entry(index_dir: Path, version: str, artifacts_root: Path) -> dict[str, Any]:
+    """The manifest's ``index``: every file of ``index_dir`` (under ``artifacts_root``), its
+    ``index.json`` as ``path``, and what that says (counts, the embedding file of the vectors)."""
+    from sphana import index as index_lib
+
+    info_file = index_dir / index_lib.INFO
+    info = json.loads(info_file.read_text(encoding="utf-8"))
+    return {
+        "version": version,
+        "path": info_file.relative_to(artifacts_root).as_posix(),
+        "checksum": f"sha256:{sha256_file(info_file)}",
+        "files": [
+            file_entry(artifacts_root, p) for p in sorted(index_dir.iterdir()) if p.is_file()
+        ],
+        "metrics": {k: v for k, v in info.items() if _is_number(v)},
+        "config": info,
     }
 
 
@@ -247,8 +285,10 @@ def assemble(
     gold: dict[str, Any],
     provenance: dict[str, Any],
     min_onnxruntime: str,
+    index: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A manifest of :func:`component_entry` entries, validated against both schemas."""
+    """A manifest of :func:`component_entry` entries (and the :func:`index_entry`), validated
+    against both schemas."""
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "name": name,
@@ -265,6 +305,7 @@ def assemble(
             "execution_providers": ["CPUExecutionProvider"],
         },
         "provenance": provenance,
+        **({"index": index} if index is not None else {}),
     }
     validate_schema(manifest, "manifest")
     validate_consumer(manifest, "manifest")
@@ -282,6 +323,7 @@ def build(
     lock_file: Path,
     data_paths: list[str],
     min_onnxruntime: str,
+    index: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest of a pipeline build, its provenance from ``dvc.lock`` and git.
 
@@ -291,12 +333,17 @@ def build(
         gold: ``ingest``'s account of the gold annotations and where each component's training
             signal came from (``report.json`` ``gold``).
         data_paths: the raw-data deps (the corpus root) whose md5 ``provenance.data`` repeats.
+        index: the corpus index's ``{"dir", "version"}`` (:func:`index_entry`), or None.
     """
     entries: dict[str, Any] = {}
     stages: dict[str, Any] = {}
     for component, info in components.items():
         entries[component] = component_entry(component, info, name, artifacts_root)
         stages.update(lock_provenance(lock_file, COMPONENT_STAGES[component]))
+    index_part = None
+    if index is not None:
+        index_part = index_entry(index["dir"], index["version"], artifacts_root)
+        stages.update(lock_provenance(lock_file, COMPONENT_STAGES["index"]))
     commit, dirty = git_state(lock_file.parent)
     recorded = {path: md5 for s in stages.values() for path, md5 in s["deps"].items()}
     data = {path: recorded[path] for path in data_paths if path in recorded}
@@ -308,6 +355,7 @@ def build(
         gold=gold,
         provenance={"git_commit": commit, "git_dirty": dirty, "data": data, "stages": stages},
         min_onnxruntime=min_onnxruntime,
+        index=index_part,
     )
 
 
@@ -331,7 +379,7 @@ def package(
     file, sorted, with fixed owners and timestamps. Returns the member names."""
     members = [(MANIFEST_NAME, manifest_file)] + sorted(
         (f["path"], artifacts_root / f["path"])
-        for c in manifest["components"].values()
+        for c in parts(manifest).values()
         for f in c["files"]
     )
 
@@ -361,11 +409,17 @@ def package(
 
 
 def excerpt(manifest: dict[str, Any], component: str) -> dict[str, Any]:
-    """The manifest of one component: its entry, its opset, and the provenance of its stages."""
+    """The manifest of one component: its entry, its opset, and the provenance of its stages;
+    the embedding's also the corpus index (made by it, valid with it only)."""
     entry = manifest["components"][component]
     stages = manifest["provenance"]["stages"]
+    own = COMPONENT_STAGES[component]
+    out = {k: v for k, v in manifest.items() if k != "index"}
+    if component == INDEX_COMPONENT and "index" in manifest:
+        out["index"] = manifest["index"]
+        own = own + [s for s in COMPONENT_STAGES["index"] if s not in own]
     return {
-        **manifest,
+        **out,
         "components": {component: entry},
         "system_requirements": {
             **manifest["system_requirements"],
@@ -373,7 +427,7 @@ def excerpt(manifest: dict[str, Any], component: str) -> dict[str, Any]:
         },
         "provenance": {
             **manifest["provenance"],
-            "stages": {s: stages[s] for s in COMPONENT_STAGES[component] if s in stages},
+            "stages": {s: stages[s] for s in own if s in stages},
         },
     }
 
@@ -384,21 +438,20 @@ def write_bundles(manifest: dict[str, Any], artifacts_root: Path, out_dir: Path)
     what a deployer of one component fetches (the registry's artifact paths). Written whole or
     not at all. Returns the components."""
     with atomic_dir(out_dir) as tmp:
-        for component, entry in manifest["components"].items():
+        for component in manifest["components"]:
             bundle = tmp / component
-            for f in entry["files"]:
+            part = excerpt(manifest, component)
+            for f in (f for entry in parts(part).values() for f in entry["files"]):
                 (bundle / f["path"]).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(artifacts_root / f["path"], bundle / f["path"])
-            (bundle / MANIFEST_NAME).write_text(
-                dumps_json(excerpt(manifest, component)), encoding="utf-8"
-            )
+            (bundle / MANIFEST_NAME).write_text(dumps_json(part), encoding="utf-8")
     return sorted(manifest["components"])
 
 
 def check_files(manifest: dict[str, Any], root: Path) -> list[str]:
     """Every mismatch between the manifest and the files under ``root`` (empty when all match)."""
     problems = []
-    for name, component in manifest["components"].items():
+    for name, component in parts(manifest).items():
         listed = {f["path"]: f for f in component["files"]}
         if component["path"] not in listed:
             problems.append(f"{name}: path {component['path']} is not among its files")
@@ -450,7 +503,7 @@ def verify(target: Path, root: Path | None = None, lock_file: Path | None = None
         return {
             "manifest": f"{target}:{MANIFEST_NAME}",
             "components": sorted(manifest["components"]),
-            "files": sum(len(c["files"]) for c in manifest["components"].values()),
+            "files": sum(len(c["files"]) for c in parts(manifest).values()),
         }
     bundle = target.is_dir()
     manifest_file = target / MANIFEST_NAME if bundle else target
@@ -466,7 +519,7 @@ def verify(target: Path, root: Path | None = None, lock_file: Path | None = None
     root = root or manifest_file.parent
     problems = check_files(manifest, root)
     if bundle:
-        listed = {f["path"] for c in manifest["components"].values() for f in c["files"]}
+        listed = {f["path"] for c in parts(manifest).values() for f in c["files"]}
         extra = sorted(
             p.relative_to(root).as_posix()
             for p in root.rglob("*")
@@ -477,7 +530,7 @@ def verify(target: Path, root: Path | None = None, lock_file: Path | None = None
         problems += check_lock(manifest, lock_file)
     if problems:
         raise VerifyError(f"{target}: {len(problems)} mismatch(es):\n  " + "\n  ".join(problems))
-    n_files = sum(len(c["files"]) for c in manifest["components"].values())
+    n_files = sum(len(c["files"]) for c in parts(manifest).values())
     return {
         "manifest": str(manifest_file),
         "components": sorted(manifest["components"]),

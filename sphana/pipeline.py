@@ -132,6 +132,123 @@ def build_graphs(cfg: SphanaConfig) -> dict[str, Any]:
     return report
 
 
+def _onnx_model(cfg: SphanaConfig, component: str, settings: Any) -> Any:
+    """The exported fp32 model of ``component`` in an ONNX Runtime session, as a server holds it
+    (:class:`sphana.serving.engine.Model`); its path in a release is ``model.rel``."""
+    from sphana.serving.engine import Model
+
+    report = json.loads(metrics_file(cfg, f"export_{component}").read_text(encoding="utf-8"))
+    path = component_dir(cfg, component, "onnx") / report["files"]["fp32"]
+    version = getattr(cfg, component).version
+    model = Model(component, version, "fp32", path, report["model_config"], settings.session(path))
+    model.rel = path.relative_to(cfg.paths.artifacts).as_posix()  # type: ignore[attr-defined]
+    return model
+
+
+def index(cfg: SphanaConfig) -> dict[str, Any]:
+    """Stage ``index``: every chunk with its vector by the exported embedding model and its
+    candidate pairs and relations by the exported relation extractor (:mod:`sphana.index`)."""
+    from sphana import index as index_lib
+    from sphana.entities import detect, load_parser
+    from sphana.errors import SphanaError
+    from sphana.serving.engine import Embedder, RelationExtractor, SessionSettings
+
+    reason = read_skipped(component_dir(cfg, "embedding", "onnx"))
+    if reason is not None:
+        raise SphanaError(f"index: no embedding model to index the corpus with ({reason})")
+    settings = SessionSettings(intra_op_threads=cfg.runtime.threads)
+    embedding = _onnx_model(cfg, "embedding", settings)
+    embedder = Embedder(embedding, embedding.path.parent)
+    extractor = None
+    if read_skipped(component_dir(cfg, "relation", "onnx")) is None:
+        relation = _onnx_model(cfg, "relation", settings)
+        extractor = RelationExtractor(relation, relation.path.parent)
+    parser = load_parser(cfg.ingest.parser, cfg.ingest.spacy_model)
+    report = index_lib.build(
+        Path(cfg.paths.ingest) / "chunks.jsonl",
+        Path(cfg.paths.artifacts) / "index",
+        embed=embedder.run,
+        embedding_file=embedding.path,
+        embedding_rel=embedding.rel,
+        candidates=partial(detect, max_pair_chars=cfg.ingest.max_pair_chars, parser=parser),
+        relations=None if extractor is None else (lambda pairs: extractor.score(pairs)[1]),
+        batch_size=cfg.index.batch_size,
+        approximate_above=cfg.index.approximate_above,
+        hnsw_m=cfg.index.hnsw_m,
+        ef_search=cfg.index.ef_search,
+    )
+    write_json_atomic(metrics_file(cfg, "index"), report)
+    return report
+
+
+def gold_questions(cfg: SphanaConfig) -> list[dict[str, Any]]:
+    """The corpus's gold questions as ``ingest`` resolved them (none on a corpus without)."""
+    from sphana.io import load_jsonl
+
+    questions_file = Path(cfg.paths.ingest) / "questions.jsonl"
+    return load_jsonl(questions_file) if questions_file.is_file() else []
+
+
+def held_out_questions(cfg: SphanaConfig) -> list[dict[str, Any]]:
+    """The graph ranker's validation queries (gold questions, or pseudo-queries on a corpus
+    without them) with their relevant passages, and the gold answer where there is one."""
+    from sphana.graph_inputs import RANK
+    from sphana.io import load_jsonl
+
+    answers = {q["id"]: q.get("answer") for q in gold_questions(cfg)}
+    out = []
+    for q in load_jsonl(Path(cfg.paths.datasets) / "gnn" / "validation.jsonl"):
+        relevant = {c["id"]: float(c["label"]) for c in q["candidates"] if c["label"] > 0}
+        out.append(
+            {
+                "id": q["query_id"],
+                "query": q["query"],
+                "relevant": relevant,
+                "answer": answers.get(q["query_id"]),
+                # the ranker's own candidate list: passage, first-stage rank (a node feature)
+                "candidates": [
+                    (c["id"], round(1 / c["node_features"][0][RANK] - 1), float(c["label"]))
+                    for c in q["candidates"]
+                ],
+            }
+        )
+    return out
+
+
+def evaluate(cfg: SphanaConfig) -> dict[str, Any]:
+    """Stage ``evaluate``: the built release answers the held-out questions end to end
+    (:func:`sphana.query.evaluate`) at each precision of ``evaluate.precisions``."""
+    from sphana import manifest as manifest_lib
+    from sphana import query
+    from sphana.serving.engine import Engine, SessionSettings
+
+    manifest_file = Path(cfg.paths.manifests) / "latest.json"
+    artifacts = Path(cfg.paths.artifacts)
+    release = manifest_lib.checked(manifest_file, artifacts)
+    held_out = held_out_questions(cfg)
+    questions = held_out[: cfg.evaluate.max_questions or None]
+    options = query.QueryOptions(
+        candidates=cfg.evaluate.candidates, context_passages=cfg.evaluate.context_passages
+    )
+    settings = SessionSettings(intra_op_threads=cfg.runtime.threads)
+    report: dict[str, Any] = {"questions": len(questions)}
+    for precision in cfg.evaluate.precisions:
+        engine = Engine(
+            release, artifacts, dict.fromkeys(release["components"], precision), settings
+        )
+        report[precision] = query.evaluate(engine, questions, options)
+        if "gnn" in engine.models:
+            # every held-out question: the ranker's own validation set
+            report[precision]["ranker_on_its_candidates"] = query.rerank_candidates(
+                engine, held_out
+            )
+    report["ranker_validation"] = json.loads(
+        metrics_file(cfg, "train_gnn").read_text(encoding="utf-8")
+    ).get("validation")
+    write_json_atomic(metrics_file(cfg, "evaluate"), report)
+    return report
+
+
 def int4_evaluation(report: dict[str, Any]) -> dict[str, Any]:
     """The generator's 4-bit sibling in its evaluation, when the export shipped one."""
     int4 = report.get("int4")  # none in an export report written before 4-bit existed
@@ -221,9 +338,18 @@ def manifest(cfg: SphanaConfig, lock_file: Path = Path("dvc.lock")) -> dict[str,
         lock_file=lock_file,
         data_paths=[cfg.paths.data],
         min_onnxruntime=cfg.release.min_onnxruntime,
+        index=_index_part(cfg, components),
     )
     manifest_lib.write(result, Path(cfg.paths.manifests) / "latest.json")
     return result
+
+
+def _index_part(cfg: SphanaConfig, components: dict[str, Any]) -> dict[str, Any] | None:
+    """The corpus index, where the release ships the embedding model that made it."""
+    index_dir = Path(cfg.paths.artifacts) / "index"
+    if "embedding" not in components or not index_dir.is_dir():
+        return None
+    return {"dir": index_dir, "version": cfg.embedding.version}
 
 
 def package(cfg: SphanaConfig) -> dict[str, Any]:
@@ -256,6 +382,8 @@ STAGES = {
     "export_gnn": partial(export, component="gnn"),
     "train_llm": partial(train, component="llm"),
     "export_llm": partial(export, component="llm"),
+    "index": index,
     "manifest": manifest,
     "package": package,
+    "evaluate": evaluate,
 }

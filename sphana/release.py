@@ -31,7 +31,7 @@ from typing import IO, Any
 
 from sphana.errors import InputError, SphanaError, VerifyError
 from sphana.io import atomic_dir, dumps_json
-from sphana.manifest import MANIFEST_NAME, validate_schema
+from sphana.manifest import MANIFEST_NAME, parts, validate_schema
 
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KiB; anything near this is not one
 BLOCK_SIZE = 1 << 20  # files are copied, counted and hashed this many bytes at a time
@@ -158,13 +158,13 @@ def listed_files(manifest: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], l
     own inconsistencies (a component path or checksum that is not one of its files)."""
     listed: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
-    for name, component in manifest["components"].items():
+    for name, component in parts(manifest).items():
         own = {f["path"]: f for f in component["files"]}
         if component["path"] not in own:
             problems.append(f"{name}: path {component['path']} is not among its files")
         elif own[component["path"]]["sha256"] != component["checksum"]:
             problems.append(f"{name}: checksum differs from the sha256 of {component['path']}")
-        fp32 = component["model_config"].get("fp32_path")
+        fp32 = component.get("model_config", {}).get("fp32_path")
         if fp32 is not None and fp32 not in own:
             problems.append(f"{name}: model_config.fp32_path {fp32} is not among its files")
         for rel, f in own.items():
@@ -470,6 +470,7 @@ def merge(manifests: Sequence[dict[str, Any]]) -> dict[str, Any]:
     data: dict[str, Any] = {}
     signals: dict[str, Any] = {}
     system = dict(first["system_requirements"])
+    index = next((m["index"] for m in manifests if "index" in m), None)
     for m in manifests:
         components.update(m["components"])
         skipped.update(m["skipped_components"])
@@ -495,6 +496,7 @@ def merge(manifests: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "training_signals": {**first["training_signals"], "signals": signals},
         "system_requirements": system,
         "provenance": {**first["provenance"], "data": data, "stages": stages},
+        **({"index": index} if index is not None else {}),
     }
 
 
@@ -539,7 +541,7 @@ def open_release(sources: Sequence[Path], workdir: Path, *, root: Path | None = 
                     f"{source}: component {name} is also in {owner[name]}; "
                     "give one source per component"
                 )
-        rels = {f["path"] for c in manifest["components"].values() for f in c["files"]}
+        rels = {f["path"] for c in parts(manifest).values() for f in c["files"]}
         for rel in sorted(rels):
             other = paths.get(rel) or dirs.get(rel)
             other = other or next((paths[p] for p in _parents(rel) if p in paths), None)

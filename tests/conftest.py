@@ -28,7 +28,9 @@ GROUPS = (
     "gnn",
     "llm",
     "export",
+    "index",
     "release",
+    "evaluate",
 )
 TINY = [f"{group}=tiny" for group in GROUPS]
 COMMAND_TIMEOUT = 1200  # seconds: a command that hangs fails its test instead of stalling CI
@@ -137,6 +139,7 @@ def built_tiny(tmp_path_factory: pytest.TempPathFactory):
         "export_gnn",
         "train_llm",
         "export_llm",
+        "index",
     ):
         results[name] = pipeline.STAGES[name](cfg)
     return cfg, results

@@ -25,18 +25,23 @@ ALL_STAGES = [
     "export_gnn",
     "train_llm",
     "export_llm",
+    "index",
     "manifest",
     "package",
+    "evaluate",
 ]
-# what a change to the embedding model reruns: its export, and the graph ranker built on it
+# what a change to the embedding model reruns: its export, the corpus index it embeds, the graph
+# ranker built on it, and the end-to-end evaluation
 EMBEDDING_CHAIN = [
     "train_embedding",
     "export_embedding",
+    "index",
     "build_graphs",
     "train_gnn",
     "export_gnn",
     "manifest",
     "package",
+    "evaluate",
 ]
 # (upstream, downstream) stage pairs of dvc.yaml: DVC must run the first before the second
 ORDER = [
@@ -55,7 +60,11 @@ ORDER = [
     ("build_datasets", "train_llm"),
     ("train_llm", "export_llm"),
     ("export_llm", "manifest"),
+    ("export_embedding", "index"),
+    ("export_relation", "index"),
+    ("index", "manifest"),
     ("manifest", "package"),
+    ("manifest", "evaluate"),
 ]
 
 
@@ -176,6 +185,70 @@ def test_package_is_reproducible(repo: Path, tmp_path: Path) -> None:
     assert (repo / "target/manifests/latest.tar.gz").read_bytes() == first
 
 
+def test_the_index_ships_with_its_embedding_and_the_release_answers_end_to_end(
+    repo: Path,
+) -> None:
+    manifest = json.loads((repo / "target/manifests/latest.json").read_text())
+    index = manifest["index"]
+    chunks = {
+        c["id"]: c
+        for c in map(json.loads, (repo / "target/ingest/chunks.jsonl").read_text().splitlines())
+    }
+    assert index["config"]["passages"] == len(chunks) and index["config"]["search"] == "exact"
+    embedding = manifest["components"]["embedding"]
+    assert index["config"]["embedding"]["sha256"] in {f["sha256"] for f in embedding["files"]}
+    assert "index" in manifest["provenance"]["stages"]
+    # the index travels with the embedding model that made it, in its bundle and nowhere else
+    bundle = json.loads((repo / "target/bundles/embedding/manifest.json").read_text())
+    assert bundle["index"] == index and "index" in bundle["provenance"]["stages"]
+    assert "index" not in json.loads((repo / "target/bundles/gnn/manifest.json").read_text())
+    assert "files" in json.loads(sphana("verify", "target/bundles/embedding", cwd=repo).stdout)
+
+    report = json.loads((repo / "target/metrics/evaluate.json").read_text())
+    assert report["questions"] > 0
+    for precision in ("fp32", "int8"):
+        figures = report[precision]
+        assert figures["questions"] == report["questions"]
+        assert 0 <= figures["recall@1"] <= figures["recall@5"] <= 1
+        assert 0 <= figures["ndcg@10"] <= 1 and figures["ranked_by"] == "gnn"
+        assert figures["answers"]["questions"] > 0
+        assert 0 < figures["latency_ms"]["p50"] <= figures["latency_ms"]["p95"]
+    # through the query path, on the ranker's own candidate lists: what train_gnn measured
+    ranker = json.loads((repo / "target/metrics/train_gnn.json").read_text())["validation"]
+    assert report["ranker_validation"] == ranker
+    served = report["fp32"]["ranker_on_its_candidates"]
+    assert served == pytest.approx(ranker, abs=1e-3)
+    assert "evaluate.json" in dvc("metrics", "show", "--json", cwd=repo).stdout
+
+    question = json.loads((repo / "target/ingest/questions.jsonl").read_text().splitlines()[0])
+    proc = sphana("query", question["question"], "--json", "--top-k", "3", cwd=repo)
+    result = json.loads(proc.stdout)
+    assert result["ranked_by"] == "gnn" and isinstance(result["answer"], str)
+    assert len(result["passages"]) == 3
+    for p in result["passages"]:  # cited as the corpus has them
+        chunk = chunks[p["id"]]
+        assert (p["document"], p["section"], p["start"], p["end"], p["text"]) == (
+            chunk["doc_id"],
+            chunk["section"],
+            chunk["start"],
+            chunk["end"],
+            chunk["text"],
+        )
+    assert [p["rank"] for p in result["passages"]] == [0, 1, 2]
+    assert set(result["timings_ms"]) == {"embed", "retrieve", "rerank", "generate", "total"}
+    # the embedding bundle alone: retrieval by cosine, no answer, said so
+    proc = sphana(
+        "query", question["question"], "--json", "--release", "target/bundles/embedding", cwd=repo
+    )
+    alone = json.loads(proc.stdout)
+    assert alone["ranked_by"] == "embedding" and alone["answer"] is None
+    assert alone["answer_skipped"] and alone["passages"]
+    # a release without the index cannot answer: one line says what to load
+    proc = sphana("query", "Who?", "--release", "target/bundles/gnn", cwd=repo, check=False)
+    assert proc.returncode == 1 and "no corpus index" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_second_repro_runs_nothing(repo: Path) -> None:
     proc = dvc("repro", cwd=repo)
     assert ran(proc) == []
@@ -200,11 +273,13 @@ def test_relation_param_experiment_reruns_only_the_relation_chain(repo: Path) ->
         [
             "train_relation",
             "export_relation",
+            "index",  # the relations of each passage are precomputed there
             "build_graphs",
             "train_gnn",
             "export_gnn",
             "manifest",
             "package",
+            "evaluate",
         ],
     )
     manifest = json.loads((repo / "target/manifests/latest.json").read_text())
@@ -215,12 +290,15 @@ def test_relation_param_experiment_reruns_only_the_relation_chain(repo: Path) ->
 def test_gnn_and_llm_params_rerun_only_their_chains(repo: Path) -> None:
     base = ["-S", "embedding.lr=0.002", "-S", "relation.dropout=0.2"]  # the previous experiment
     # two independent chains in one experiment: a model param of each reruns its training and
-    # export only (the graph ranker's graphs stay)
+    # export only (the graph ranker's graphs and the corpus index stay), and the evaluation
     proc = dvc("exp", "run", *base, "-S", "gnn.hidden=8", "-S", "llm.lr=0.002", cwd=repo)
-    assert_ran(proc, ["train_gnn", "export_gnn", "train_llm", "export_llm", "manifest", "package"])
+    assert_ran(
+        proc,
+        ["train_gnn", "export_gnn", "train_llm", "export_llm", "manifest", "package", "evaluate"],
+    )
     base += ["-S", "gnn.hidden=8", "-S", "llm.lr=0.002"]
     proc = dvc("exp", "run", *base, "-S", "gnn.graph.top_k=3", cwd=repo)
-    assert ran(proc) == ["build_graphs", "train_gnn", "export_gnn", "manifest", "package"]
+    assert_ran(proc, ["build_graphs", "train_gnn", "export_gnn", "manifest", "package", "evaluate"])
     manifest = json.loads((repo / "target/manifests/latest.json").read_text())
     gnn = manifest["components"]["gnn"]
     assert [t["name"] for t in gnn["signature"]["inputs"]] == [
@@ -246,6 +324,7 @@ def test_chunking_param_reruns_from_ingest(repo: Path) -> None:
     # relations.jsonl does not depend on chunking: the relation chain stops at build_datasets;
     # the graph ranker's candidates and the generator's examples are passages: theirs rerun
     assert_ran(proc, ["ingest", "build_datasets", *EMBEDDING_CHAIN, "train_llm", "export_llm"])
+    assert json.loads((repo / "target/metrics/index.json").read_text())["passages"] > 0
 
 
 def test_editing_a_data_file_is_detected(repo: Path) -> None:

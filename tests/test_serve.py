@@ -176,6 +176,8 @@ def test_tei_embed_and_timing_headers(server: str) -> None:
             422,
             "entities[0]",
         ),
+        ("/v1/query", {"query": " "}, 422, "query"),
+        ("/v1/query", {"query": "Who?", "top_k": 0}, 422, "top_k"),
         ("/v2/models/nonexistent/infer", {"inputs": []}, 404, "unknown model"),
         ("/v2/models/embedding/infer", {"inputs": [{"name": "x"}]}, 400, "not an input"),
     ],
@@ -369,6 +371,7 @@ def test_stdio_answers_a_scripted_session(tarball: Path) -> None:
         {"id": 7, "op": "relations", "text": "Ines Varga founded the Lab in Halvard."},
         {"id": 8, "op": "rerank", "query": "Who founded it?", "texts": TEXTS},
         {"id": 9, "op": "relations", "text": "Ines Varga.", "entities": [{"start": 0, "end": 99}]},
+        {"id": 10, "op": "query", "query": "Who founded the Lab?", "top_k": 2},
     ]
     script = "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines)
     proc = subprocess.run(
@@ -393,6 +396,7 @@ def test_stdio_answers_a_scripted_session(tarball: Path) -> None:
     assert out[6]["entities"] == expected and len(out[6]["pairs"]) >= 1
     assert sorted(r["index"] for r in out[7]["results"]) == [0, 1, 2]
     assert out[7]["scored_by"] == "gnn" and "entities[0]" in out[8]["error"]
+    assert len(out[9]["passages"]) == 2 and isinstance(out[9]["answer"], str)
 
 
 def test_relations_detected_as_ingest_does_and_scored_both_ways(server: str) -> None:
@@ -462,3 +466,29 @@ def test_rerank_orders_by_the_graph_ranker(server: str) -> None:
     assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
     again = httpx.post(f"{server}/v1/rerank", json={**body, "top_n": 1, "return_text": True})
     assert again.json() == [{**ranked[0], "text": texts[ranked[0]["index"]]}]
+
+
+def test_query_answers_with_cited_passages_and_step_timings(server: str, built: Path) -> None:
+    chunks = {
+        c["id"]: c
+        for c in map(json.loads, (built / "target/ingest/chunks.jsonl").read_text().splitlines())
+    }
+    body = {"query": "Who founded the Northreach Tidal Computing Lab?", "top_k": 3}
+    response = httpx.post(f"{server}/v1/query", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    out = response.json()
+    assert out["query"] == body["query"] and isinstance(out["answer"], str)
+    assert out["ranked_by"] == "gnn" and len(out["passages"]) == 3
+    for p in out["passages"]:
+        chunk = chunks[p["id"]]
+        assert (p["document"], p["section"], p["start"], p["end"]) == (
+            chunk["doc_id"],
+            chunk["section"],
+            chunk["start"],
+            chunk["end"],
+        )
+    assert out["timings_ms"]["total"] >= out["timings_ms"]["generate"] > 0
+    assert "x-total-time" in response.headers
+    # the same question, the same answer (greedy; the release is deterministic)
+    assert httpx.post(f"{server}/v1/query", json=body, timeout=60).json()["answer"] == out["answer"]
+    assert 'endpoint="/v1/query"' in httpx.get(f"{server}/metrics").text

@@ -22,6 +22,9 @@ SHARED = (
     "sphana.relation_inputs",
     "sphana.graph_inputs",
     "sphana.entities",
+    "sphana.generation",
+    "sphana.index",
+    "sphana.query",
 )
 FORBIDDEN = "('torch.', 'transformers', 'torch_geometric', 'dvc', 'hydra')"
 CHECK = (

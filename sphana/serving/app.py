@@ -127,6 +127,14 @@ class RerankRequest(BaseModel):
     )
 
 
+class QueryRequest(BaseModel):
+    query: str = Field(description="the question")
+    top_k: int = Field(5, ge=1, le=50, description="passages cited, best first")
+    candidates: int = Field(
+        20, ge=1, le=200, description="passages retrieved from the index for the ranker"
+    )
+
+
 class Feedback(BaseModel):
     request_id: str = Field(description="the x-request-id of the response it is about")
     reward: float = Field(description="the outcome: 0/1 (click, thumbs) or any number")
@@ -600,6 +608,18 @@ def create_app(
 
     # --- relations and rerank ------------------------------------------------------------
 
+    def check_text(text: str, field: str) -> None:
+        """One text of a request: not blank (422), at most ``max_text_chars`` (413)."""
+        if not text.strip():
+            raise ApiError(422, f"{field}: empty", field)
+        if len(text) > limits.max_text_chars:
+            raise ApiError(
+                413,
+                f"{field}: {len(text)} characters, more than "
+                f"max_text_chars={limits.max_text_chars}",
+                field,
+            )
+
     async def in_thread(request: Request, fn: Any, *args: Any) -> tuple[Any, dict[str, str]]:
         """``fn(*args)`` on a worker thread (the event loop keeps serving), with timing headers."""
         if await gone(request):
@@ -615,15 +635,7 @@ def create_app(
         every two of the given spans in one sentence), both readings scored and the relation it
         states."""
         engine = need("relation")
-        if not body.text.strip():
-            raise ApiError(422, "text: empty", "text")
-        if len(body.text) > limits.max_text_chars:
-            raise ApiError(
-                413,
-                f"text: {len(body.text)} characters, more than "
-                f"max_text_chars={limits.max_text_chars}",
-                "text",
-            )
+        check_text(body.text, "text")
         spans = None if body.entities is None else [e.model_dump() for e in body.entities]
         out, headers = await in_thread(request, engine.relations, body.text, spans)
         if out is None:
@@ -738,6 +750,32 @@ def create_app(
         seconds = time.perf_counter() - start
         headers = {"x-inference-time": _ms(seconds), "x-total-time": _ms(seconds)}
         return JSONResponse(final(), headers=headers)
+
+    # --- query: the whole chain ---------------------------------------------------------------
+
+    @app.post("/v1/query", tags=["query"])
+    async def query_endpoint(body: QueryRequest, request: Request) -> Response:
+        """A question answered over the release's corpus index: embedded, retrieved, re-ranked
+        by the graph ranker, answered by the generator from the best passages; the cited
+        passages (document, section, offsets, scores) and the time of each step."""
+        from sphana import query
+
+        engine = current.get().engine
+        check_text(body.query, "query")
+        try:
+            query.check(engine)
+        except query.QueryUnavailable as e:
+            raise ApiError(404, str(e), "model") from None
+        options = query.QueryOptions(top_k=body.top_k, candidates=body.candidates)
+        if await gone(request):
+            return Response(status_code=499)
+        loop = asyncio.get_running_loop()
+        # on the generator's thread when there is a generator, as /v1/generate decodes
+        executor = current.get().llm_executor if engine.generator is not None else None
+        out = await loop.run_in_executor(executor, query.answer, engine, body.query, options)
+        count("/v1/query", out["ranked_by"])
+        total = _ms(out["timings_ms"]["total"] / 1000)
+        return JSONResponse(out, headers={"x-inference-time": total, "x-total-time": total})
 
     # --- Open Inference Protocol v2 ----------------------------------------------------------
 

@@ -342,6 +342,7 @@ class Engine:
         self.parser_name = str(ingest.get("parser", "simple"))
         graph = stage_params(manifest, "build_graphs", "gnn.graph")
         self.max_entities = int(graph.get("max_entities", 8))
+        self.index = self._index()
         for name, entry in sorted(manifest["components"].items()):
             start = time.perf_counter()
             config = entry["model_config"]
@@ -373,6 +374,30 @@ class Engine:
                 self.timings[name],
                 model.session.get_providers()[0],
             )
+
+    def _index(self) -> Any:
+        """The release's corpus index (:mod:`sphana.index`), None without one; refused unless
+        its vectors came from this release's embedding model."""
+        entry = self.manifest.get("index")
+        if entry is None:
+            return None
+        from sphana.errors import VerifyError
+        from sphana.index import Index
+
+        embedding = self.manifest["components"].get("embedding")
+        if embedding is None:
+            raise VerifyError(
+                "the release has a corpus index but no embedding model to embed queries with; "
+                "load the embedding bundle with it"
+            )
+        start = time.perf_counter()
+        index = Index(self.root / Path(entry["path"]).parent)
+        index.check_embedding([f["sha256"] for f in embedding["files"]])
+        self.timings["index"] = time.perf_counter() - start
+        log.info(
+            "loaded the corpus index: %d passages in %.2f s", len(index), self.timings["index"]
+        )
+        return index
 
     @property
     def version(self) -> str:
@@ -490,18 +515,17 @@ class Engine:
         cosine = passage_vecs @ query_vec
         if "gnn" not in self.models:
             return [float(c) for c in cosine], "embedding"
-        from sphana.graph_inputs import passage, query_graphs, ranker_inputs
+        from sphana.graph_inputs import passage
 
-        ranker = self.models["gnn"]
         if ranks is None:
             order = np.argsort(-cosine, kind="stable")
             by_cosine = np.empty(len(texts), dtype=np.int64)
             by_cosine[order] = np.arange(len(texts))
             ranks = by_cosine.tolist()
-        with_relations = bool(ranker.config.get("relation_nodes")) and self.extractor is not None
         pairs = [[p for s in self.candidates(text) for p in s["pairs"]] for text in texts]
         relations: list[Any] = [None] * len(texts)
-        if with_relations:  # every candidate's pairs in one call of the relation model
+        if self.ranker_reads_relations:  # every candidate's pairs in one call of the extractor
+            assert self.extractor is not None
             found = self.extractor.score([p for ps in pairs for p in ps])[1]
             bounds = np.cumsum([0, *map(len, pairs)])
             relations = [found[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -509,6 +533,30 @@ class Engine:
             passage(str(i), text, ps, rs)
             for i, (text, ps, rs) in enumerate(zip(texts, pairs, relations, strict=True))
         ]
+        return self.graph_scores(query, query_vec, passages, passage_vecs, ranks), "gnn"
+
+    @property
+    def ranker_reads_relations(self) -> bool:
+        """Whether the ranker was trained with relation nodes and the release can find them."""
+        ranker = self.models.get("gnn")
+        return (
+            ranker is not None
+            and bool(ranker.config.get("relation_nodes"))
+            and (self.extractor is not None)
+        )
+
+    def graph_scores(
+        self,
+        query: str,
+        query_vec: np.ndarray,
+        passages: Sequence[Any],
+        passage_vecs: np.ndarray,
+        ranks: Sequence[int],
+    ) -> list[float]:
+        """The ranker's score of each candidate (:class:`sphana.graph_inputs.Passage`) for
+        ``query``, its graph built as in training."""
+        from sphana.graph_inputs import query_graphs, ranker_inputs
+
         graphs = query_graphs(
             query,
             passages,
@@ -518,8 +566,7 @@ class Engine:
             query_vec=query_vec,
             passage_vecs=passage_vecs,
         )
-        scores = ranker.run(ranker_inputs(graphs))[0]
-        return [float(s) for s in scores], "gnn"
+        return [float(s) for s in self.models["gnn"].run(ranker_inputs(graphs))[0]]
 
     def decoding(
         self,

@@ -12,6 +12,7 @@ One request per line on stdin, one response per line on stdout, in order::
                                                -> {"id": 5, "results": [{"index", "score"}]}
     {"id": 6, "op": "generate", "prompt": "...", "max_new_tokens": 16}
                                                              -> {"id": 6, "generated_text": ...}
+    {"id": 7, "op": "query", "query": "...", "top_k": 5}    -> {"id": 7, "answer", "passages", ...}
 
 ``truncate`` (embed) and ``chat``, ``top_k``, ``top_p``, ``temperature``, ``seed``, ``stop``
 (generate) are optional, as over HTTP. A bad request gets ``{"id", "error"}`` and the process
@@ -26,7 +27,7 @@ from typing import IO, Any
 
 from sphana.serving.engine import Engine, InputTooLong, InvalidInput
 
-OPS = ("ping", "info", "embed", "relations", "rerank", "generate")
+OPS = ("ping", "info", "embed", "relations", "rerank", "generate", "query")
 
 
 class _Refused(ValueError):
@@ -121,6 +122,17 @@ def handle(engine: Engine, request: Any, args: argparse.Namespace) -> dict[str, 
             "finish_reason": decoding.finish_reason,
             "generated_tokens": decoding.tokens,
         }
+    if op == "query":  # as POST /v1/query
+        from sphana import query
+
+        question = _text(request, "query")
+        top_k = request.get("top_k", 5)
+        if not isinstance(top_k, int) or not 1 <= top_k <= 50:
+            raise _Refused("top_k: an integer from 1 to 50")
+        try:
+            return query.answer(engine, question, query.QueryOptions(top_k=top_k))
+        except query.QueryUnavailable as e:
+            raise _Refused(str(e)) from None
     raise _Refused(f"op: {op!r} is not one of {', '.join(OPS)}")
 
 
