@@ -102,6 +102,8 @@ def test_health_info_metrics_and_docs(server: str, tarball: Path) -> None:
         assert c["sha256"] == listed[c["file"]] and c["version"]
     assert info["limits"]["max_concurrent_requests"] == MAX_CONCURRENT
     assert "max_batch_tokens" in info["batching"] and info["timings"]["warmup"] > 0
+    assert info["index"]["passages"] == manifest["index"]["config"]["passages"]
+    assert info["index"]["embedding"] == manifest["index"]["config"]["embedding"]
     assert "/v1/embeddings" in httpx.get(f"{server}/openapi.json").json()["paths"]
     assert httpx.get(f"{server}/docs").status_code == 200
     metrics = httpx.get(f"{server}/metrics").text

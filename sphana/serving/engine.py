@@ -604,6 +604,13 @@ class Engine:
                 for name, m in self.models.items()
             },
             "skipped_components": self.manifest.get("skipped_components", {}),
+            "index": None
+            if self.index is None
+            else {
+                k: self.index.info[k]
+                for k in ("passages", "dimension", "search", "embedding")
+                if k in self.index.info
+            },
         }
 
 
