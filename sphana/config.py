@@ -504,7 +504,7 @@ class IndexConfig:
     batch_size: int = 64  # chunks embedded per call of the embedding model
     # from this many passages on, search an HNSW graph (faiss) instead of the whole matrix; its
     # recall@10 against exact search is measured and reported; 0: exact at any size
-    approximate_above: int = 200000
+    approximate_above: int = 100000
     hnsw_m: int = 32  # links per node of the HNSW graph
     ef_search: int = 64  # candidates the HNSW search keeps: higher, better recall, slower
 
