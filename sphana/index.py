@@ -19,8 +19,8 @@ the manifest's ``index`` (not a component: every component is an ONNX model a co
 
 Search is exact below ``index.approximate_above`` (100k) passages: one matrix-vector product,
 about 12 ms a query at 100k passages of 384 dimensions on these 2 cores, against 0.25 ms for the
-HNSW graph at recall@10 0.9996 (``benchmarks/index_search.py``). Nothing here imports torch: the build and
-the server both use this module.
+HNSW graph at recall@10 0.9996 (``benchmarks/index_search.py``). Nothing here imports torch:
+the build and the server both use this module.
 """
 
 from __future__ import annotations

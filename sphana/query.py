@@ -58,11 +58,23 @@ def check(engine: Any) -> None:
         raise QueryUnavailable("the release has no embedding model to embed the question with")
 
 
+def ranker_passages(engine: Any, rows: Sequence[int]) -> list[Any]:
+    """The index's passages at ``rows`` as the ranker's graphs read them: their precomputed
+    entity pairs, and their relations where the ranker was trained with relation nodes."""
+    from sphana.graph_inputs import passage
+    from sphana.index import relations_of
+
+    index = engine.index
+    with_relations = engine.ranker_reads_relations and index.info["relations"]
+    return [
+        passage(r["id"], r["text"], r["pairs"], relations_of(r) if with_relations else None)
+        for r in (index.passages[i] for i in rows)
+    ]
+
+
 def retrieve(engine: Any, question: str, options: QueryOptions = QueryOptions()) -> dict[str, Any]:
     """The passages :func:`answer` cites for ``question`` (best first), what ranked them and the
     time of each step in milliseconds; no answer."""
-    from sphana.graph_inputs import passage
-    from sphana.index import relations_of
 
     check(engine)
     index = engine.index
@@ -82,12 +94,7 @@ def retrieve(engine: Any, question: str, options: QueryOptions = QueryOptions())
     scores = [h.score for h in hits]
     ranked_by = "embedding"
     if "gnn" in engine.models and hits:
-        records = [index.passages[h.row] for h in hits]
-        with_relations = engine.ranker_reads_relations and index.info["relations"]
-        passages = [
-            passage(r["id"], r["text"], r["pairs"], relations_of(r) if with_relations else None)
-            for r in records
-        ]
+        passages = ranker_passages(engine, [h.row for h in hits])
         vectors = np.asarray(index.vectors[[h.row for h in hits]])
         scores = engine.graph_scores(question, query_vec, passages, vectors, range(len(hits)))
         ranked_by = "gnn"
@@ -199,20 +206,14 @@ def rerank_candidates(engine: Any, questions: Sequence[dict[str, Any]]) -> dict[
     first-stage rank, label)``, as ``build_graphs`` chose them), through the query path's
     re-ranking with the index's passages: nDCG@10 and MRR, what ``train_gnn`` and ``export_gnn``
     measure on the same lists."""
-    from sphana.graph_inputs import passage, ranking_metrics
-    from sphana.index import relations_of
+    from sphana.graph_inputs import ranking_metrics
 
     index = engine.index
     row_of = {p["id"]: i for i, p in enumerate(index.passages)}
-    with_relations = engine.ranker_reads_relations and index.info["relations"]
     scores, labels = [], []
     for q in questions:
         rows = [row_of[pid] for pid, _, _ in q["candidates"]]
-        records = [index.passages[r] for r in rows]
-        passages = [
-            passage(r["id"], r["text"], r["pairs"], relations_of(r) if with_relations else None)
-            for r in records
-        ]
+        passages = ranker_passages(engine, rows)
         query_vec = engine.embedder.run([q["query"]])[0]
         vectors = np.asarray(index.vectors[rows])
         ranks = [rank for _, rank, _ in q["candidates"]]
