@@ -146,7 +146,8 @@ def answer(engine: Any, question: str, options: QueryOptions = QueryOptions()) -
         result["finish_reason"] = decoding.finish_reason
         result["context_passages"] = [p["id"] for p in cited[: options.context_passages]]
         generate = round((time.perf_counter() - start) * 1000, 3)
-        timings = {**timings, "generate": generate, "total": round(timings["total"] + generate, 3)}
+        total = timings.pop("total")  # the total last
+        timings = {**timings, "generate": generate, "total": round(total + generate, 3)}
     else:
         result["answer_skipped"] = "the release has no generator (llm)"
     result["timings_ms"] = timings
