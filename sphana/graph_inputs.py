@@ -89,6 +89,11 @@ def passage(
     return Passage(id, doc_id, text, entities, sorted(stated, key=lambda r: (stated[r], r)))
 
 
+def first_stage_rank(candidate: dict[str, Any]) -> int:
+    """The retrieval rank a built candidate graph carries in its passage node (:data:`RANK`)."""
+    return round(1 / candidate["node_features"][0][RANK] - 1)
+
+
 def named_in(query: str, entity: str) -> bool:
     """Whether ``query`` names ``entity`` (as whole words, case-sensitive)."""
     return re.search(rf"(?<!\w){re.escape(entity)}(?!\w)", query) is not None

@@ -173,7 +173,7 @@ def build(
             ``hnsw_m``, ``ef_search``) that search uses; 0: exact search at any size.
     """
     start = time.perf_counter()
-    count = dimension = pair_count = relation_count = 0
+    count = pair_count = relation_count = 0
     vectors: list[np.ndarray] = []
     with atomic_dir(out_dir) as tmp, open(tmp / PASSAGES, "w", encoding="utf-8") as out:
         batch: list[dict[str, Any]] = []

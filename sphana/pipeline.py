@@ -134,15 +134,13 @@ def build_graphs(cfg: SphanaConfig) -> dict[str, Any]:
 
 def _onnx_model(cfg: SphanaConfig, component: str, settings: Any) -> Any:
     """The exported fp32 model of ``component`` in an ONNX Runtime session, as a server holds it
-    (:class:`sphana.serving.engine.Model`); its path in a release is ``model.rel``."""
+    (:class:`sphana.serving.engine.Model`)."""
     from sphana.serving.engine import Model
 
     report = json.loads(metrics_file(cfg, f"export_{component}").read_text(encoding="utf-8"))
     path = component_dir(cfg, component, "onnx") / report["files"]["fp32"]
     version = getattr(cfg, component).version
-    model = Model(component, version, "fp32", path, report["model_config"], settings.session(path))
-    model.rel = path.relative_to(cfg.paths.artifacts).as_posix()  # type: ignore[attr-defined]
-    return model
+    return Model(component, version, "fp32", path, report["model_config"], settings.session(path))
 
 
 def index(cfg: SphanaConfig) -> dict[str, Any]:
@@ -169,7 +167,7 @@ def index(cfg: SphanaConfig) -> dict[str, Any]:
         Path(cfg.paths.artifacts) / "index",
         embed=embedder.run,
         embedding_file=embedding.path,
-        embedding_rel=embedding.rel,
+        embedding_rel=embedding.path.relative_to(cfg.paths.artifacts).as_posix(),
         candidates=partial(detect, max_pair_chars=cfg.ingest.max_pair_chars, parser=parser),
         relations=None if extractor is None else (lambda pairs: extractor.score(pairs)[1]),
         batch_size=cfg.index.batch_size,
@@ -192,7 +190,7 @@ def gold_questions(cfg: SphanaConfig) -> list[dict[str, Any]]:
 def held_out_questions(cfg: SphanaConfig) -> list[dict[str, Any]]:
     """The graph ranker's validation queries (gold questions, or pseudo-queries on a corpus
     without them) with their relevant passages, and the gold answer where there is one."""
-    from sphana.graph_inputs import RANK
+    from sphana.graph_inputs import first_stage_rank
     from sphana.io import load_jsonl
 
     answers = {q["id"]: q.get("answer") for q in gold_questions(cfg)}
@@ -207,8 +205,7 @@ def held_out_questions(cfg: SphanaConfig) -> list[dict[str, Any]]:
                 "answer": answers.get(q["query_id"]),
                 # the ranker's own candidate list: passage, first-stage rank (a node feature)
                 "candidates": [
-                    (c["id"], round(1 / c["node_features"][0][RANK] - 1), float(c["label"]))
-                    for c in q["candidates"]
+                    (c["id"], first_stage_rank(c), float(c["label"])) for c in q["candidates"]
                 ],
             }
         )

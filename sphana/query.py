@@ -171,12 +171,10 @@ def evaluate(
     for q in questions:
         result = answer(engine, q["query"], options)
         latency.append(result["timings_ms"]["total"])
-        gains = [float(q["relevant"].get(p["id"], 0.0)) for p in result["passages"]]
-        missed = [
-            g
-            for pid, g in q["relevant"].items()
-            if pid not in {p["id"] for p in result["passages"]}
-        ]
+        cited = [p["id"] for p in result["passages"]]
+        gains = [float(q["relevant"].get(pid, 0.0)) for pid in cited]
+        seen = set(cited)
+        missed = [g for pid, g in q["relevant"].items() if pid not in seen]
         labels.append(np.array(gains + missed, dtype=np.float64))
         scores.append(np.array([-float(r) for r in range(len(gains))] + [-np.inf] * len(missed)))
         for k, found in hits_at.items():

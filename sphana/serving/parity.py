@@ -46,7 +46,7 @@ def ranker(post: Post, target: Path, manifest: dict[str, Any], precision: str) -
     read with the build's scores, never rises by more than :data:`TIE`)."""
     import onnxruntime as ort
 
-    from sphana.graph_inputs import RANK, ranker_inputs, ranking_metrics
+    from sphana.graph_inputs import first_stage_rank, ranker_inputs, ranking_metrics
 
     entry = manifest["components"]["gnn"]
     session = ort.InferenceSession(
@@ -57,7 +57,7 @@ def ranker(post: Post, target: Path, manifest: dict[str, Any], precision: str) -
     scores, labels, same, up_to_ties = [], [], 0, 0
     for q in queries:
         cands = q["candidates"]
-        ranks = [round(1 / c["node_features"][0][RANK] - 1) for c in cands]
+        ranks = [first_stage_rank(c) for c in cands]
         body = {"query": q["query"], "texts": [chunks[c["id"]] for c in cands], "ranks": ranks}
         served = np.zeros(len(cands))
         for r in post("/v1/rerank", body):
