@@ -402,6 +402,8 @@ class LlmConfig:
     model: LlmModelConfig = field(default_factory=LlmModelConfig)
     max_seq_length: int = 256  # tokens per example (a long prompt is cut at its start)
     max_train_examples: int = 0  # 0 = all
+    # what it is trained on: passage (language modelling on the corpus), qa (the chat examples)
+    train_on: list[str] = field(default_factory=lambda: ["passage", "qa"])
     epochs: int = 8  # at most: early stopping on validation loss; 0 = ship llm.base_model as is
     patience: int = 2  # epochs without a lower validation loss before stopping; 0 = never
     batch_size: int = 16
@@ -436,6 +438,11 @@ class LlmConfig:
             )
         if self.lr <= 0 or self.patience < 0 or self.sample_prompts < 0:
             raise ValueError("llm.lr must be > 0, llm.patience and llm.sample_prompts >= 0")
+        if not self.train_on or set(self.train_on) - {"passage", "qa"}:
+            raise ValueError(
+                f"llm.train_on={self.train_on}: list one or both of passage (language modelling "
+                "on the corpus) and qa (the chat examples)"
+            )
 
 
 @dataclass

@@ -11,8 +11,10 @@ own tokenizer is used instead.
 **Examples** (``datasets/llm/{train,validation}.jsonl``, written by ``build_datasets``): a
 ``passage`` is trained on whole (``text<|endoftext|>``); a ``qa`` example is one chat turn, the
 prompt (context passage + question) masked out of the loss and the answer learned
-(:func:`render`). Batches are padded, with an attention mask and ``position_ids`` counted over
-the real tokens only, so left and right padding give the same logits.
+(:func:`render`); ``llm.train_on`` picks which kinds train (a pretrained instruct model learns
+the answer format from the chat turns alone). Batches are padded, with an attention mask and
+``position_ids`` counted over the real tokens only, so left and right padding give the same
+logits.
 
 **Model** (:func:`build_model`). ``Qwen2ForCausalLM`` from ``llm.model`` (a small config, random
 weights) or from ``llm.base_model``. :class:`CachedLM` is the model as a consumer calls it — the
@@ -458,7 +460,9 @@ def train(
     info = meta(model, tokenizer, cfg.import_from or cfg.base_model, cfg.max_seq_length)
     if lineage is not None:
         info["source"] = lineage  # its path and the sha256 of its files, into the manifest
-    examples = encode(tokenizer, train_records, cfg.max_seq_length)
+    examples = encode(
+        tokenizer, [r for r in train_records if r["kind"] in cfg.train_on], cfg.max_seq_length
+    )
     if cfg.max_train_examples and len(examples) > cfg.max_train_examples:
         examples = random.Random(runtime.seed).sample(examples, cfg.max_train_examples)
     validation = encode(tokenizer, validation_records, cfg.max_seq_length)
