@@ -46,6 +46,7 @@ def test_dvc_composes_the_same_params_with_the_schema(tmp_path: Path) -> None:
         (["ingest.overlap_tokens=100"], "ingest.overlap_tokens"),
         (["embedding.version=one"], "embedding.version"),
         (["release.components=[embedding,oracle]"], "release.components"),
+        (["llm.train_on=[qa,summaries]"], "llm.train_on"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_key(overrides: list[str], message: str) -> None:

@@ -26,6 +26,7 @@ from sphana.generation import (
     pad,
     positions,
 )
+from sphana.io import load_jsonl
 from sphana.llm import (
     CHAT_TEMPLATE,
     IGNORE,
@@ -441,9 +442,12 @@ def test_fine_tunes_a_local_qwen2_checkpoint(built_tiny, tokenizer, model, tmp_p
     own = copy.deepcopy(tokenizer)
     own.chat_template = "{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}" + CHAT_TEMPLATE
     own.save_pretrained(base)
-    llm_cfg = LlmConfig(base_model=str(base), epochs=1, max_train_examples=16, sample_prompts=1)
-    out = tmp_path / "pytorch"
-    metrics = llm_lib.train(llm_cfg, cfg.runtime, cfg.paths, Path(cfg.paths.datasets) / "llm", out)
+    # the default's recipe: fine-tuned on the chat turns only (llm.train_on)
+    llm_cfg = LlmConfig(base_model=str(base), epochs=1, train_on=["qa"], sample_prompts=1)
+    out, datasets = tmp_path / "pytorch", Path(cfg.paths.datasets) / "llm"
+    metrics = llm_lib.train(llm_cfg, cfg.runtime, cfg.paths, datasets, out)
+    chat_turns = [r for r in load_jsonl(datasets / "train.jsonl") if r["kind"] == "qa"]
+    assert 0 < metrics["train"]["examples"] == len(chat_turns)
     tuned, tuned_tokenizer, info = llm_lib.load_trained(out)
     assert tuned_tokenizer.get_vocab() == tokenizer.get_vocab()  # its own, not a new one
     assert tuned_tokenizer.chat_template == CHAT_TEMPLATE  # the format it was fine-tuned on
