@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, run
 
 from sphana.config import LlmConfig, LlmModelConfig
-from sphana.errors import ConfigError
+from sphana.errors import ConfigError, ParityError
 from sphana.generation import (
     EOS_TEXT,
     IM_END,
@@ -351,7 +351,8 @@ def test_a_gguf_base_model_loads_as_the_model_it_was_written_from(tokenizer, tmp
 def test_a_4bit_generator_ships_beside_int8_when_its_tokens_agree(built_tiny, tmp_path) -> None:
     """export.llm_int4_block_size: MatMulNBits weights in llm_generator.int4.onnx, gated by token
     agreement, in the manifest's files and parity samples, and served by --precision llm=int4;
-    a miss leaves it out and the export still ships fp32 and INT8."""
+    a miss leaves it out and the export still ships fp32 and INT8. Answers worse than PyTorch's
+    by more than export.parity.llm_max_answer_drop fail INT8, and nothing is written."""
     import onnx
 
     from sphana import llm as llm_lib
@@ -410,6 +411,15 @@ def test_a_4bit_generator_ships_beside_int8_when_its_tokens_agree(built_tiny, tm
     assert not missed["int4"]["passed"] and "not shipped" in missed["int4"]["reason"]
     assert missed["files"]["int4"] is None and not (out / "llm_generator.int4.onnx").exists()
     assert (out / "llm_generator.int8.onnx").is_file()
+
+    # answers are a gate too: no INT8 recipe can answer better than PyTorch by 101 points
+    parity = dataclasses.replace(cfg.export.parity, llm_max_answer_drop=-1.01)
+    strict = dataclasses.replace(cfg.export, parity=parity)
+    out = tmp_path / "strict" / "onnx"
+    datasets, pytorch = Path(cfg.paths.datasets) / "llm", onnx_dir.parent / "pytorch"
+    with pytest.raises(ParityError, match=r"INT8 answers .*llm_max_answer_drop=-1\.01"):
+        export_llm.run(cfg.llm, strict, pytorch, datasets, out)
+    assert not out.parent.exists() or not any(out.parent.iterdir())  # nothing written
 
 
 def test_onnx_generation_needs_no_torch(built_tiny) -> None:

@@ -140,12 +140,12 @@ def ort_perplexity(
 
 
 def int4_sibling(
-    fp32_path: Path, int4_path: Path, cfg: ExportConfig, measured: Any
+    fp32_path: Path, int4_path: Path, cfg: ExportConfig, measured: Any, misses: Any
 ) -> dict[str, Any]:
     """The generator's 4-bit weight-only sibling (``export.llm_int4_block_size``): every MatMul
     with a constant weight becomes ONNX Runtime's ``MatMulNBits`` (symmetric 4-bit blocks along
-    K, int8 activations: ``accuracy_level`` 4), kept only when ``measured(path)`` agrees with
-    PyTorch's tokens at least ``export.parity.int4_min_token_agreement``. Unlike INT8 it is
+    K, int8 activations: ``accuracy_level`` 4), kept only when ``misses(measured(path))`` is
+    empty (the INT8 gates, with ``export.parity.int4_min_token_agreement``). Unlike INT8 it is
     optional: a miss removes the file and the report says why; the export goes on."""
     block = cfg.llm_int4_block_size
     minimum = cfg.parity.int4_min_token_agreement
@@ -163,18 +163,16 @@ def int4_sibling(
     save_model(graph, int4_path, cfg.external_data_mb)
     result = measured(int4_path)
     del result["tokens"]
+    missed = misses(result, "4-bit", "int4_min_token_agreement", minimum)
     result.update(
         block_size=block,
         matmul_nbits=ops.count("MatMulNBits"),
         matmul_fp32=ops.count("MatMul"),  # MatMuls without a constant weight (attention)
         min_token_agreement=minimum,
-        passed=result["token_agreement"] >= minimum,
+        passed=not missed,
     )
-    if not result["passed"]:
-        result["reason"] = (
-            f"4-bit greedy token agreement {result['token_agreement']:.2%} < "
-            f"export.parity.int4_min_token_agreement={minimum}: not shipped"
-        )
+    if missed:
+        result["reason"] = "; ".join(missed) + ": not shipped"
         log.warning("llm: %s", result["reason"])
         int4_path.unlink()
         external_data(int4_path).unlink(missing_ok=True)
@@ -273,6 +271,27 @@ def export_generator(
         return tokens, round(sum(map(len, tokens)) / (time.perf_counter() - start), 1)
 
     reference, torch_speed = timed(torch_fn)
+    # the quantized files' answers are gated against these (export.parity.llm_max_answer_drop)
+    torch_answers = answer_quality(torch_fn, tokenizer, info, records)
+
+    def misses(result: dict[str, Any], name: str, key: str, minimum: float) -> list[str]:
+        """The gates a quantized file missed: greedy token agreement with PyTorch on the
+        prompts, and its answers to the validation questions against PyTorch's (when any)."""
+        out = []
+        if not result["token_agreement"] >= minimum:
+            out.append(
+                f"{name} greedy token agreement {result['token_agreement']:.2%} < "
+                f"export.parity.{key}={minimum}"
+            )
+        if torch_answers and result["answers"]:
+            ours, theirs = (a["answer_contained"] for a in (result["answers"], torch_answers))
+            if not theirs - ours <= p.llm_max_answer_drop:
+                out.append(
+                    f"{name} answers contain the gold answer for {ours:.1%} of the validation "
+                    f"questions, PyTorch's for {theirs:.1%}: more than "
+                    f"export.parity.llm_max_answer_drop={p.llm_max_answer_drop} below"
+                )
+        return out
 
     def generations(step: Any) -> dict[str, Any]:
         """A step's greedy generations against PyTorch's, and its speed: what the gates read."""
@@ -286,17 +305,16 @@ def export_generator(
             "tokens": tokens,
         }
 
-    def quality(step: Any) -> dict[str, Any]:
-        """Perplexity and answers to the question-answer records (if any): measured once for a
-        file that ships, not for every INT8 recipe the gate tries."""
-        return {
-            "metrics": ort_perplexity(step, validation, shape, info["pad_token_id"]),
-            "answers": answer_quality(step, tokenizer, info, records),
-        }
+    def perplexity_of(step: Any) -> dict[str, Any]:
+        """Validation perplexity: measured once for a file that ships, not for every INT8
+        recipe the gate tries."""
+        return {"metrics": ort_perplexity(step, validation, shape, info["pad_token_id"])}
 
-    def measured(path: Path) -> dict[str, Any]:
+    def measured(path: Path, with_perplexity: bool = False) -> dict[str, Any]:
+        """What the gates read of a quantized file: its generations and its answers."""
         step = ort_step(session(path, threads))
-        return {**generations(step), **quality(step)}
+        out = {**generations(step), "answers": answer_quality(step, tokenizer, info, records)}
+        return {**out, **perplexity_of(step)} if with_perplexity else out
 
     fp32_fn = ort_step(session(fp32_path, threads))
     checks = cached_parity(torch_fn, fp32_fn, prompts[:4], shape, info["pad_token_id"])
@@ -311,20 +329,17 @@ def export_generator(
         "new_tokens": p.llm_new_tokens,
         "identical_generations": identical,
         "tokens_per_second": fp32["tokens_per_second"],
-        **quality(fp32_fn),
+        **perplexity_of(fp32_fn),
+        "answers": answer_quality(fp32_fn, tokenizer, info, records),
         "passed": bool(np.isfinite(worst) and worst <= p.llm_max_abs_diff) and identical == 1,
     }
 
     def gate(path: Path) -> tuple[dict[str, Any], list[str]]:
-        int8 = generations(ort_step(session(path, threads)))
-        agreement = int8["token_agreement"]
-        int8["min_token_agreement"] = p.int8_min_token_agreement
-        int8["passed"] = agreement >= p.int8_min_token_agreement
-        missed = (
-            f"INT8 greedy token agreement {agreement:.2%} < "
-            f"export.parity.int8_min_token_agreement={p.int8_min_token_agreement}"
-        )
-        return int8, [] if int8["passed"] else [missed]
+        int8 = measured(path)
+        minimum = p.int8_min_token_agreement
+        missed = misses(int8, "INT8", "int8_min_token_agreement", minimum)
+        int8.update(min_token_agreement=minimum, passed=not missed)
+        return int8, missed
 
     def prefill(chunk: list[list[int]]) -> dict[str, np.ndarray]:
         ids, mask = pad(chunk, info["pad_token_id"], "left")
@@ -337,16 +352,18 @@ def export_generator(
         fp32_path, int8_path, cfg.quantization, gate, feeds
     )
     int8_tokens = int8.pop("tokens")
-    int8.update(quality(ort_step(session(int8_path, threads))))  # the recipe that ships
+    int8.update(perplexity_of(ort_step(session(int8_path, threads))))  # the recipe that ships
     int4_path = out / onnx_spec.int4_file_name
-    int4 = int4_sibling(fp32_path, int4_path, cfg, measured)
+    int4 = int4_sibling(
+        fp32_path, int4_path, cfg, lambda path: measured(path, with_perplexity=True), misses
+    )
     report = {
         "fp32": fp32,
         "int8": int8,
         "int4": int4,
         "pytorch": {
             "metrics": evaluate(model, validation, info["pad_token_id"], 16),
-            "answers": answer_quality(torch_fn, tokenizer, info, records),
+            "answers": torch_answers,
             "tokens_per_second": torch_speed,
         },
         "samples": [
