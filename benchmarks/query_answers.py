@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from sphana import pipeline, query
 from sphana.config import LlmConfig, validate
-from sphana.generation import answer_scores, chat_prompt, qa_prompt
+from sphana.generation import answer_scores, chat_prompt, normalize_answer, qa_prompt
 from sphana.manifest import checked
 from sphana.serving.engine import Engine, SessionSettings
 
@@ -74,6 +75,14 @@ def main() -> None:
         "gold passage": [texts[gold_of[q["id"]]["relevant"][0]["chunk_ids"][0]] for q in questions],
     }
     golds = [q["answer"] for q in questions]
+    for name, passages in contexts.items():  # what a perfect reader could answer from
+        present = np.mean(
+            [
+                normalize_answer(g) in normalize_answer(p)
+                for p, g in zip(passages, golds, strict=True)
+            ]
+        )
+        print(f"{name}: the gold answer is in the context for {present:.3f} of the questions")
     for spec in args.generator or [str(artifacts / "llm" / cfg.llm.version / "pytorch")]:
         model, tokenizer, info = generator(spec)
         step = llm.torch_step(model)
