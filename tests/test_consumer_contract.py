@@ -350,7 +350,7 @@ def _stage_files(component: str, int8_kept: bool) -> tuple[dict[str, Any], dict[
         }
         model_config = {
             "architecture": "Qwen2ForCausalLM",
-            "base_model": None,  # built from scratch (llm.base_model null, the default)
+            "base_model": None,  # built from scratch (llm=scratch: llm.base_model null)
             "layers": 2,
             "kv_heads": 1,
             "head_dim": 16,
