@@ -62,7 +62,8 @@ def with_distractors(records: list[dict[str, Any]], count: int, seed: int) -> li
     return out
 
 
-def fine_tune(recipe: str, lr: float, cfg: Any, train: list, seed: int) -> tuple[Any, Any, dict]:
+def fine_tune(recipe: str, lr: float, cfg: Any, train: list, seed: int) -> tuple[Any, ...]:
+    """The fine-tuned model, its tokenizer, its ``llm.meta`` and what the training took."""
     torch.manual_seed(seed)
     tokenizer = llm.load_tokenizer(cfg, [])
     model = llm.build_model(cfg, tokenizer)
@@ -107,7 +108,7 @@ def fine_tune(recipe: str, lr: float, cfg: Any, train: list, seed: int) -> tuple
         "trainable": sum(p.numel() for p in params),
         "seconds": round(seconds),
     }
-    return model.eval(), tokenizer, {**info, "report": report}
+    return model.eval(), tokenizer, info, report
 
 
 def main() -> None:
@@ -122,8 +123,7 @@ def main() -> None:
     train, validation = llm.load_split(Path(cfg.paths.datasets) / "llm")
     for recipe in args.recipes:
         lr = args.lora_lr if recipe == "lora" else args.lr
-        model, tokenizer, info = fine_tune(recipe, lr, cfg.llm, train, cfg.runtime.seed)
-        report = info.pop("report")
+        model, tokenizer, info, report = fine_tune(recipe, lr, cfg.llm, train, cfg.runtime.seed)
         answers = llm.answer_quality(llm.torch_step(model), tokenizer, info, validation)
         print(
             f"{recipe} (lr {lr:g}): {report['examples']} examples, {report['tokens']} tokens, "

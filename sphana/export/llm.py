@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -139,16 +140,13 @@ def ort_perplexity(
     return perplexity(total, tokens)
 
 
-def int4_sibling(
-    fp32_path: Path, int4_path: Path, cfg: ExportConfig, measured: Any, misses: Any
-) -> dict[str, Any]:
+def int4_sibling(fp32_path: Path, int4_path: Path, cfg: ExportConfig, gate: Any) -> dict[str, Any]:
     """The generator's 4-bit weight-only sibling (``export.llm_int4_block_size``): every MatMul
     with a constant weight becomes ONNX Runtime's ``MatMulNBits`` (symmetric 4-bit blocks along
-    K, int8 activations: ``accuracy_level`` 4), kept only when ``misses(measured(path))`` is
-    empty (the INT8 gates, with ``export.parity.int4_min_token_agreement``). Unlike INT8 it is
-    optional: a miss removes the file and the report says why; the export goes on."""
+    K, int8 activations: ``accuracy_level`` 4), kept only when ``gate(path) -> (result,
+    failures)`` passes (the INT8 gates, with ``export.parity.int4_min_token_agreement``). Unlike
+    INT8 it is optional: a miss removes the file and the report says why; the export goes on."""
     block = cfg.llm_int4_block_size
-    minimum = cfg.parity.int4_min_token_agreement
     if not block:
         return {"passed": False, "reason": "export.llm_int4_block_size is 0"}
     import onnx
@@ -161,15 +159,12 @@ def int4_sibling(
     graph = quantizer.model.model
     ops = [n.op_type for n in graph.graph.node]
     save_model(graph, int4_path, cfg.external_data_mb)
-    result = measured(int4_path)
+    result, missed = gate(int4_path)
     del result["tokens"]
-    missed = misses(result, "4-bit", "int4_min_token_agreement", minimum)
     result.update(
         block_size=block,
         matmul_nbits=ops.count("MatMulNBits"),
         matmul_fp32=ops.count("MatMul"),  # MatMuls without a constant weight (attention)
-        min_token_agreement=minimum,
-        passed=not missed,
     )
     if missed:
         result["reason"] = "; ".join(missed) + ": not shipped"
@@ -274,25 +269,6 @@ def export_generator(
     # the quantized files' answers are gated against these (export.parity.llm_max_answer_drop)
     torch_answers = answer_quality(torch_fn, tokenizer, info, records)
 
-    def misses(result: dict[str, Any], name: str, key: str, minimum: float) -> list[str]:
-        """The gates a quantized file missed: greedy token agreement with PyTorch on the
-        prompts, and its answers to the validation questions against PyTorch's (when any)."""
-        out = []
-        if not result["token_agreement"] >= minimum:
-            out.append(
-                f"{name} greedy token agreement {result['token_agreement']:.2%} < "
-                f"export.parity.{key}={minimum}"
-            )
-        if torch_answers and result["answers"]:
-            ours, theirs = (a["answer_contained"] for a in (result["answers"], torch_answers))
-            if not theirs - ours <= p.llm_max_answer_drop:
-                out.append(
-                    f"{name} answers contain the gold answer for {ours:.1%} of the validation "
-                    f"questions, PyTorch's for {theirs:.1%}: more than "
-                    f"export.parity.llm_max_answer_drop={p.llm_max_answer_drop} below"
-                )
-        return out
-
     def generations(step: Any) -> dict[str, Any]:
         """A step's greedy generations against PyTorch's, and its speed: what the gates read."""
         tokens, speed = timed(step)
@@ -310,11 +286,33 @@ def export_generator(
         recipe the gate tries."""
         return {"metrics": ort_perplexity(step, validation, shape, info["pad_token_id"])}
 
-    def measured(path: Path, with_perplexity: bool = False) -> dict[str, Any]:
-        """What the gates read of a quantized file: its generations and its answers."""
+    def gate(
+        path: Path, name: str = "INT8", precision: str = "int8", with_perplexity: bool = False
+    ) -> tuple[dict[str, Any], list[str]]:
+        """A quantized file's generations and answers, and the gates it missed: greedy token
+        agreement with PyTorch on the prompts (``export.parity.<precision>_min_token_agreement``)
+        and its answers to the validation questions against PyTorch's (when there are any)."""
         step = ort_step(session(path, threads))
-        out = {**generations(step), "answers": answer_quality(step, tokenizer, info, records)}
-        return {**out, **perplexity_of(step)} if with_perplexity else out
+        result = {**generations(step), "answers": answer_quality(step, tokenizer, info, records)}
+        if with_perplexity:
+            result.update(perplexity_of(step))
+        key = f"{precision}_min_token_agreement"
+        minimum, missed = getattr(p, key), []
+        if not result["token_agreement"] >= minimum:
+            missed.append(
+                f"{name} greedy token agreement {result['token_agreement']:.2%} < "
+                f"export.parity.{key}={minimum}"
+            )
+        if torch_answers and result["answers"]:
+            ours, theirs = (a["answer_contained"] for a in (result["answers"], torch_answers))
+            if not theirs - ours <= p.llm_max_answer_drop:
+                missed.append(
+                    f"{name} answers contain the gold answer for {ours:.1%} of the validation "
+                    f"questions, PyTorch's for {theirs:.1%}: more than "
+                    f"export.parity.llm_max_answer_drop={p.llm_max_answer_drop} below"
+                )
+        result.update(min_token_agreement=minimum, passed=not missed)
+        return result, missed
 
     fp32_fn = ort_step(session(fp32_path, threads))
     checks = cached_parity(torch_fn, fp32_fn, prompts[:4], shape, info["pad_token_id"])
@@ -334,13 +332,6 @@ def export_generator(
         "passed": bool(np.isfinite(worst) and worst <= p.llm_max_abs_diff) and identical == 1,
     }
 
-    def gate(path: Path) -> tuple[dict[str, Any], list[str]]:
-        int8 = measured(path)
-        minimum = p.int8_min_token_agreement
-        missed = misses(int8, "INT8", "int8_min_token_agreement", minimum)
-        int8.update(min_token_agreement=minimum, passed=not missed)
-        return int8, missed
-
     def prefill(chunk: list[list[int]]) -> dict[str, np.ndarray]:
         ids, mask = pad(chunk, info["pad_token_id"], "left")
         arrays = (ids, mask, positions(mask), *empty_cache(len(chunk), shape))
@@ -355,7 +346,10 @@ def export_generator(
     int8.update(perplexity_of(ort_step(session(int8_path, threads))))  # the recipe that ships
     int4_path = out / onnx_spec.int4_file_name
     int4 = int4_sibling(
-        fp32_path, int4_path, cfg, lambda path: measured(path, with_perplexity=True), misses
+        fp32_path,
+        int4_path,
+        cfg,
+        partial(gate, name="4-bit", precision="int4", with_perplexity=True),
     )
     report = {
         "fp32": fp32,
