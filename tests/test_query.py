@@ -122,6 +122,10 @@ def test_a_query_cites_corpus_passages_reranked_as_rerank_scores_them(built_tiny
     assert result["ranked_by"] == "gnn" and isinstance(result["answer"], str)
     assert result["finish_reason"] in ("eos", "length")
     assert result["context_passages"] == [p["id"] for p in result["passages"][:3]]
+    # the generator reads the best passage last, next to the question
+    prompt = query.context_prompt(question, result["passages"], 3)
+    at = [prompt.index(p["text"]) for p in result["passages"][:3]]
+    assert at == sorted(at, reverse=True) and prompt.endswith(f"Question: {question}")
     cited = result["passages"]
     assert len(cited) == 4 and [p["rank"] for p in cited] == [0, 1, 2, 3]
     for p in cited:
