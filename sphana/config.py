@@ -493,7 +493,7 @@ class ExportConfig:
     external_data_mb: float = 1900
     # llm: a 4-bit weight-only sibling (ONNX Runtime's MatMulNBits, this many weights per block
     # along K, a power of two >= 16) shipped when it meets parity.int4_min_token_agreement; 0 = none
-    llm_int4_block_size: int = 32
+    llm_int4_block_size: int = 16
 
     def __post_init__(self) -> None:
         if self.llm_int4_block_size and (
@@ -530,7 +530,7 @@ class IndexConfig:
 @dataclass
 class EvaluateConfig:
     # the release's precisions the held-out questions are answered at (sphana serve --precision)
-    precisions: list[str] = field(default_factory=lambda: ["fp32", "int8"])
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "int8", "int4"])
     candidates: int = 20  # passages retrieved from the index for the ranker to re-rank
     context_passages: int = 3  # the best passages the generator answers from
     max_questions: int = 0  # 0: every held-out question

@@ -233,6 +233,10 @@ def evaluate(cfg: SphanaConfig) -> dict[str, Any]:
         engine = Engine(
             release, artifacts, dict.fromkeys(release["components"], precision), settings
         )
+        skipped = unavailable(engine, precision)
+        if skipped:
+            report[precision] = {"skipped": skipped}
+            continue
         report[precision] = query.evaluate(engine, questions, options)
         if "gnn" in engine.models:
             # every held-out question: the ranker's own validation set
@@ -244,6 +248,18 @@ def evaluate(cfg: SphanaConfig) -> dict[str, Any]:
     ).get("validation")
     write_json_atomic(metrics_file(cfg, "evaluate"), report)
     return report
+
+
+def unavailable(engine: Any, precision: str) -> str | None:
+    """Why a loaded release cannot be evaluated at ``precision``, or None: ``int4`` needs the
+    generator's 4-bit file (the engine would serve INT8 in its place)."""
+    generator = engine.models.get("llm")
+    if precision == "int4" and (generator is None or generator.precision != "int4"):
+        return (
+            "the release has no 4-bit generator: export_llm left it out (its report says why) "
+            "or export.llm_int4_block_size is 0"
+        )
+    return None
 
 
 def int4_evaluation(report: dict[str, Any]) -> dict[str, Any]:

@@ -162,6 +162,19 @@ def test_a_release_without_a_component_degrades_as_documented(release) -> None:
         query.answer(engine_of(release, "index"), question)
 
 
+def test_int4_is_evaluated_only_where_the_release_has_a_4bit_generator(release) -> None:
+    from sphana.pipeline import unavailable
+
+    assert unavailable(engine_of(release, precision="int4"), "int4") is None
+    manifest = copy.deepcopy(release[0])
+    del manifest["components"]["llm"]["model_config"]["int4_file"]  # export_llm left it out
+    precisions = dict.fromkeys(manifest["components"], "int4")
+    engine = Engine(manifest, release[1], precisions, SessionSettings(intra_op_threads=1))
+    assert engine.models["llm"].precision == "int8"  # what a server would load instead
+    assert "no 4-bit generator" in unavailable(engine, "int4")
+    assert unavailable(engine_of(release, "llm", precision="int4"), "int4")
+
+
 def test_evaluate_scores_retrieval_answers_and_latency(engine) -> None:
     passages = engine.index.passages
     questions = [  # the passage's own text as the question: it retrieves itself first
