@@ -66,17 +66,16 @@ def main() -> None:
     manifest = checked(args.release, artifacts)
     precisions = dict.fromkeys(manifest["components"], args.precision)
     engine = Engine(manifest, artifacts, precisions, SessionSettings(args.threads))
+    gold_of = {q["id"]: q for q in pipeline.gold_questions(cfg)}
     if args.split == "validation":
         questions = [q for q in pipeline.held_out_questions(cfg) if q["answer"] is not None]
     else:  # the ranker's training queries: the generator trained on them with the gold passage
-        answers = {q["id"]: q["answer"] for q in pipeline.gold_questions(cfg) if q.get("answer")}
         questions = [
-            {"id": q["query_id"], "query": q["query"], "answer": answers[q["query_id"]]}
+            {"id": q["query_id"], "query": q["query"], "answer": gold_of[q["query_id"]]["answer"]}
             for q in load_jsonl(Path(cfg.paths.datasets) / "gnn" / "train.jsonl")
-            if q["query_id"] in answers
+            if (gold_of.get(q["query_id"]) or {}).get("answer")
         ]
     questions = questions[: args.questions or None]
-    gold_of = {q["id"]: q for q in pipeline.gold_questions(cfg)}
     texts = {p["id"]: p["text"] for p in engine.index.passages}
     start = time.perf_counter()
     found = [query.retrieve(engine, q["query"]) for q in questions]

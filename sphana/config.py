@@ -492,7 +492,8 @@ class ExportConfig:
     # external data: a protobuf cannot exceed 2 GiB)
     external_data_mb: float = 1900
     # llm: a 4-bit weight-only sibling (ONNX Runtime's MatMulNBits, this many weights per block
-    # along K, a power of two >= 16) shipped when it meets parity.int4_min_token_agreement; 0 = none
+    # along K, a power of two >= 16) shipped when it meets parity.int4_min_token_agreement and
+    # parity.llm_max_answer_drop; 0 = none
     llm_int4_block_size: int = 16
 
     def __post_init__(self) -> None:

@@ -65,6 +65,7 @@ from sphana.llm import (
 
 log = logging.getLogger(__name__)
 CACHED_STEPS = 8  # cached decoding steps compared logit by logit after the prefill
+QUANTIZED_NAMES = {"int8": "INT8", "int4": "4-bit"}  # a quantized file, as the gates name it
 
 
 def spec(layers: int) -> OnnxSpec:
@@ -287,7 +288,7 @@ def export_generator(
         return {"metrics": ort_perplexity(step, validation, shape, info["pad_token_id"])}
 
     def gate(
-        path: Path, name: str = "INT8", precision: str = "int8", with_perplexity: bool = False
+        path: Path, precision: str = "int8", with_perplexity: bool = False
     ) -> tuple[dict[str, Any], list[str]]:
         """A quantized file's generations and answers, and the gates it missed: greedy token
         agreement with PyTorch on the prompts (``export.parity.<precision>_min_token_agreement``)
@@ -296,7 +297,7 @@ def export_generator(
         result = {**generations(step), "answers": answer_quality(step, tokenizer, info, records)}
         if with_perplexity:
             result.update(perplexity_of(step))
-        key = f"{precision}_min_token_agreement"
+        name, key = QUANTIZED_NAMES[precision], f"{precision}_min_token_agreement"
         minimum, missed = getattr(p, key), []
         if not result["token_agreement"] >= minimum:
             missed.append(
@@ -349,7 +350,7 @@ def export_generator(
         fp32_path,
         int4_path,
         cfg,
-        partial(gate, name="4-bit", precision="int4", with_perplexity=True),
+        partial(gate, precision="int4", with_perplexity=True),
     )
     report = {
         "fp32": fp32,
