@@ -1,22 +1,53 @@
 """Generators on real text nobody here wrote: perplexity and bits per character on Python
 standard-library docstrings (the general out-of-domain set, ``sphana.general_eval``).
 
-    python benchmarks/llm_real_text.py PYTORCH_DIR [PYTORCH_DIR ...] [--passages 150]
+    python benchmarks/llm_real_text.py DIR [DIR ...] [--passages 150]
 
-Each directory is a ``train_llm`` output (``target/artifacts/llm/<version>/pytorch``). Perplexity
-is per token of the model's own tokenizer, so only bits per character compare models with
-different tokenizers. Prints one line per model. It asserts nothing.
+A directory is a ``train_llm`` output (``target/artifacts/llm/<version>/pytorch``) or an
+``export_llm`` one (``.../onnx``: each of its ONNX files, fp32, INT8 and 4-bit, on ONNX Runtime
+with 2 threads). Perplexity is per token of the model's own tokenizer, so only bits per character
+compare models with different tokenizers. Prints one line per model. It asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from sphana import general_eval
-from sphana.llm import encode, evaluate, load_trained
+from sphana.llm import META_FILE, encode, evaluate, load_trained
+
+
+def scorers(directory: Path) -> list[tuple[str, Any, Any]]:
+    """(name, tokenizer, perplexity of encoded examples) for each model in ``directory``."""
+    if not list(directory.glob("*.onnx")):
+        model, tokenizer, info = load_trained(directory)
+        score = partial(evaluate, model.eval(), pad_id=info["pad_token_id"], batch_size=16)
+        return [(info.get("base_model") or str(directory), tokenizer, score)]
+    from transformers import AutoTokenizer
+
+    from sphana.export import session
+    from sphana.export.llm import ort_perplexity
+    from sphana.generation import ort_step
+
+    info = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    shape = (info["layers"], info["kv_heads"], info["head_dim"])
+    return [
+        (
+            str(path),
+            tokenizer,
+            partial(
+                ort_perplexity, ort_step(session(path, 2)), shape=shape, pad_id=info["pad_token_id"]
+            ),
+        )
+        for path in sorted(directory.glob("*.onnx"))
+    ]
 
 
 def main() -> None:
@@ -27,15 +58,14 @@ def main() -> None:
     texts = [p.passage for p in general_eval.build(800).selection][: args.passages]
     records = [{"kind": "passage", "prompt": "", "text": t} for t in texts]
     chars = sum(len(t) for t in texts)
-    for directory in args.models:
-        model, tokenizer, info = load_trained(directory)
+    for name, tokenizer, score in (s for d in args.models for s in scorers(d)):
         data = encode(tokenizer, records, 256)
         tokens = sum(len(x["input_ids"]) for x in data)
         start = time.perf_counter()
-        result = evaluate(model.eval(), data, info["pad_token_id"], 16)
+        result = score(data)
         bits = math.log(result["perplexity"]) * tokens / chars / math.log(2)
         print(
-            f"{info.get('base_model') or directory}: perplexity {result['perplexity']:.2f} "
+            f"{name}: perplexity {result['perplexity']:.2f} "
             f"({tokens} tokens), {bits:.3f} bits/char over {len(texts)} stdlib docstrings "
             f"({chars} chars), {time.perf_counter() - start:.0f} s"
         )
