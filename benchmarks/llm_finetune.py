@@ -1,14 +1,15 @@
 """How to fine-tune the pretrained generator on the corpus's chat turns: the recipes
 ``train_llm`` chose between, each timed and scored the same way.
 
-    python benchmarks/llm_finetune.py full|lora|distractors [...] [--lr 1e-4] [--lora-lr 5e-4]
+    python benchmarks/llm_finetune.py full|lora|distractors [...] [--lr LR] [--lora-lr 5e-4]
         [--save DIR]
 
 After ``build_datasets`` (``make run``), from the repository root. Each recipe fine-tunes
 ``llm.base_model`` (SmolLM2-135M-Instruct by default) for one epoch on the training split's chat
-turns, batch 8, AdamW, linear warm-up and decay, 2 threads:
+turns with the ``llm`` settings (batch 8, AdamW, linear warm-up and decay) through the same
+runtime ``fit`` and loss as ``train_llm``, on the ``runtime`` settings (2 threads):
 
-- ``full``: every weight (what ``train_llm`` does);
+- ``full``: every weight (what ``train_llm`` does: without ``--lr``, at ``llm.lr``, the same model);
 - ``lora``: rank-16 adapters on every projection, merged afterwards (needs ``peft``: ``pip install
   --no-deps peft``; not a Sphana dependency);
 - ``distractors``: every weight, each question's gold passage shuffled among two other passages
@@ -22,16 +23,18 @@ Prints the training time and the answers to the validation questions with the go
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import random
-import time
+import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from sphana import llm
-from sphana.config import validate
+from sphana import runtime as rt
+from sphana.config import Resume, validate
 from sphana.generation import qa_prompt
 
 RECIPES = ("full", "lora", "distractors")
@@ -62,51 +65,42 @@ def with_distractors(records: list[dict[str, Any]], count: int, seed: int) -> li
     return out
 
 
-def fine_tune(recipe: str, lr: float, cfg: Any, train: list, seed: int) -> tuple[Any, ...]:
-    """The fine-tuned model, its tokenizer, its ``llm.meta`` and what the training took."""
-    torch.manual_seed(seed)
+def fine_tune(recipe: str, lr: float, cfg: Any, runtime: Any, train: list, work: Path) -> tuple:
+    """The fine-tuned model, its tokenizer, its ``llm.meta`` and what the training took: one epoch
+    of ``llm`` settings (``lr`` aside) through the runtime's ``fit``, as ``train_llm`` trains."""
+    device = rt.setup(runtime)
     tokenizer = llm.load_tokenizer(cfg, [])
     model = llm.build_model(cfg, tokenizer)
     info = llm.meta(model, tokenizer, cfg.base_model, cfg.max_seq_length)
-    pad_id = llm.special_ids(tokenizer)[llm.EOS_TEXT]
     if recipe == "lora":
         from peft import LoraConfig, get_peft_model
 
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
     records = (
-        with_distractors(train, 2, seed)
+        with_distractors(train, 2, runtime.seed)
         if recipe == "distractors"
         else [r for r in train if r["kind"] == "qa"]
     )
     length = cfg.max_seq_length * (2 if recipe == "distractors" else 1)
     examples = llm.encode(tokenizer, records, length)
-    random.Random(seed).shuffle(examples)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    batch, steps = 8, -(-len(examples) // 8)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 2) * max(0.0, 1 - s / steps)
+    job = rt.Job.for_component(
+        f"llm_{recipe}",
+        dataclasses.replace(cfg, lr=lr, epochs=1),
+        model=model,
+        examples=examples,
+        loss=functools.partial(llm.lm_loss, pad_id=llm.special_ids(tokenizer)[llm.EOS_TEXT]),
     )
-    start = time.perf_counter()
-    model.train()
-    for i in range(0, len(examples), batch):
-        inputs = llm.collate(examples[i : i + batch], pad_id)
-        labels = inputs.pop("labels")
-        nll, n = llm.token_nll(model(**inputs).logits, labels)
-        (nll / max(n, 1)).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-    seconds = time.perf_counter() - start
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    result = rt.fit(job, runtime, device, work / "checkpoints", work / "live", work / "profiles")
+    model = result.model.cpu()
     if recipe == "lora":
         model = model.merge_and_unload()
     report = {
         "examples": len(examples),
         "tokens": sum(len(e["input_ids"]) for e in examples),
-        "trainable": sum(p.numel() for p in params),
-        "seconds": round(seconds),
+        "trainable": trainable,
+        "seconds": round(result.seconds - result.checkpoint_seconds),
     }
     return model.eval(), tokenizer, info, report
 
@@ -114,16 +108,19 @@ def fine_tune(recipe: str, lr: float, cfg: Any, train: list, seed: int) -> tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="+", choices=RECIPES)
-    parser.add_argument("--lr", type=float, default=1e-4, help="full and distractors")
+    parser.add_argument("--lr", type=float, help="full and distractors (default: llm.lr)")
     parser.add_argument("--lora-lr", type=float, default=5e-4)
     parser.add_argument("--save", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(2)
     cfg = validate(yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8")))
     train, validation = llm.load_split(Path(cfg.paths.datasets) / "llm")
     for recipe in args.recipes:
-        lr = args.lora_lr if recipe == "lora" else args.lr
-        model, tokenizer, info, report = fine_tune(recipe, lr, cfg.llm, train, cfg.runtime.seed)
+        lr = args.lora_lr if recipe == "lora" else (args.lr or cfg.llm.lr)
+        with tempfile.TemporaryDirectory() as work:  # its checkpoints: not train_llm's
+            runtime = dataclasses.replace(cfg.runtime, resume=Resume.never)
+            model, tokenizer, info, report = fine_tune(
+                recipe, lr, cfg.llm, runtime, train, Path(work)
+            )
         answers = llm.answer_quality(llm.torch_step(model), tokenizer, info, validation)
         print(
             f"{recipe} (lr {lr:g}): {report['examples']} examples, {report['tokens']} tokens, "

@@ -26,6 +26,7 @@ and ONNX Runtime decode through the same loop.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,17 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
         reduction="sum",
     )
     return nll, int((shifted != IGNORE).sum())
+
+
+def lm_loss(
+    model: nn.Module, batch: list[dict[str, list[int]]], device: torch.device, pad_id: int
+) -> torch.Tensor:
+    """Mean negative log-likelihood of one batch's labelled tokens: what ``train_llm`` (and
+    ``benchmarks/llm_finetune.py``) minimise through the runtime's ``fit``."""
+    inputs = collate(batch, pad_id)
+    labels = inputs.pop("labels").to(device)
+    nll, n = token_nll(model(**{k: v.to(device) for k, v in inputs.items()}).logits, labels)
+    return nll / max(n, 1)
 
 
 def perplexity(nll_sum: float, tokens: int) -> dict[str, float]:
@@ -473,12 +485,6 @@ def train(
         base = {"answers": answer_quality(step, tokenizer, info, validation_records)}
     samples: list[dict[str, Any]] = []
 
-    def loss(m: nn.Module, batch: list[dict[str, list[int]]], dev: torch.device) -> torch.Tensor:
-        inputs = collate(batch, ids[EOS_TEXT])
-        labels = inputs.pop("labels").to(dev)
-        nll, n = token_nll(m(**{k: v.to(dev) for k, v in inputs.items()}).logits, labels)
-        return nll / max(n, 1)
-
     def evaluate_epoch(m: nn.Module) -> dict[str, float]:
         scores = evaluate(m, validation, ids[EOS_TEXT], cfg.eval_batch_size, device)
         if prompts:
@@ -495,7 +501,7 @@ def train(
         ignore=("eval_batch_size", "max_perplexity", "sample_prompts"),
         model=model,
         examples=examples,
-        loss=loss,
+        loss=functools.partial(lm_loss, pad_id=ids[EOS_TEXT]),
         data_files=[datasets_dir / "train.jsonl", datasets_dir / "validation.jsonl"],
         evaluate=evaluate_epoch,
         select_metric="neg_loss",  # the lowest validation loss
