@@ -2,14 +2,16 @@
 
 Run after `dvc repro` (or `make run`), from the repository root:
 
-    python benchmarks/export_speed.py [--threads 2] [--seconds 6] [--runs 200]
+    python benchmarks/export_speed.py [--threads 2] [--seconds 6] [--runs 200] [--profile]
 
 For the embedding model (on real English text nobody here wrote: passages of the general
 out-of-domain set, Python's standard-library docstrings) and the relation extractor (on its
 validation examples), it prints batch-32 throughput, single-input latency p50/p95 (tokenization
 excluded), file sizes, agreement with PyTorch (mean cosine / label agreement), the fused operators
-in the graph and the INT8 recipe the export chose. Backends take turns in rounds, so a noisy
-machine slows them alike: compare ratios, not absolute figures. It measures; it asserts nothing.
+in the graph and the INT8 recipe the export chose; ``--profile`` adds each ONNX file's share of
+kernel time per operator on the same batches (ONNX Runtime's profiler). Backends take turns in
+rounds, so a noisy machine slows them alike: compare ratios, not absolute figures. It measures;
+it asserts nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import yaml
 from sphana import general_eval
 from sphana.entry import quiet_libraries
 from sphana.export import session
-from sphana.export.speed import latency, onnx_runner, throughput, torch_runner
+from sphana.export.speed import latency, onnx_runner, operator_shares, throughput, torch_runner
 
 
 def backends(model: Any, onnx_dir: Path, files: dict[str, str], threads: int) -> dict[str, Any]:
@@ -34,6 +36,13 @@ def backends(model: Any, onnx_dir: Path, files: dict[str, str], threads: int) ->
     for name, file in files.items():
         out[f"onnx {name}"] = onnx_runner(session(onnx_dir / file, threads))
     return out
+
+
+def profile(onnx_dir: Path, files: dict[str, str], threads: int, batches: list[Any]) -> None:
+    for name, file in files.items():
+        shares = operator_shares(onnx_dir / file, threads, batches)
+        top = ", ".join(f"{op} {share:.0%}" for op, share in list(shares.items())[:6])
+        print(f"  time by operator, onnx {name}: {top}")
 
 
 def compare(
@@ -70,6 +79,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="per backend and model")
     parser.add_argument("--runs", type=int, default=200, help="single-input latency runs")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--profile", action="store_true", help="time by operator of each file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -115,6 +125,8 @@ def main() -> None:
         args.seconds,
     )
     sizes(root / "onnx", files)
+    if args.profile:
+        profile(root / "onnx", files, args.threads, batches)
 
     from sphana.relation import load_split
     from sphana.relation import load_trained as load_relation
@@ -143,6 +155,8 @@ def main() -> None:
         args.seconds,
     )
     sizes(root / "onnx", files)
+    if args.profile:
+        profile(root / "onnx", files, args.threads, batches)
 
 
 if __name__ == "__main__":

@@ -174,6 +174,27 @@ def test_export_fuses_attention_and_names_the_int8_recipe(built_tiny) -> None:
     assert quantization["preset"] == tried[-1] and quantization["tried"][-1]["failures"] == []
 
 
+def test_operator_shares_split_the_graphs_kernel_time_by_operator(built_tiny) -> None:
+    """The profiler's breakdown of the shipped graphs: shares of their own operators, largest
+    first, summing to one (what ``benchmarks/export_speed.py --profile`` prints)."""
+    from transformers import AutoTokenizer
+
+    from sphana.export.embedding import numpy_inputs
+    from sphana.export.speed import operator_shares
+
+    cfg, _ = built_tiny
+    onnx_dir = Path(cfg.paths.artifacts) / "embedding" / cfg.embedding.version / "onnx"
+    tokenizer = AutoTokenizer.from_pretrained(onnx_dir)
+    batches = [numpy_inputs(tokenizer, ["a short one", "and a much longer sentence here"], 32)]
+    fp32 = operator_shares(onnx_dir / "embedding.onnx", 1, batches)
+    int8 = operator_shares(onnx_dir / "embedding.int8.onnx", 1, batches)
+    for shares in (fp32, int8):
+        assert abs(sum(shares.values()) - 1) < 0.01, shares
+        assert list(shares.values()) == sorted(shares.values(), reverse=True)
+    assert {"Attention", "SkipLayerNormalization"} <= set(fp32), fp32
+    assert "Attention" not in int8 and "DynamicQuantizeMatMul" in int8, int8  # quantized kernels
+
+
 def test_int8_recipes_are_tried_until_the_gate_passes(built_tiny, tmp_path) -> None:
     """A gate the fastest recipe misses (it wants fp32 MatMuls left) gets the next recipe; a gate
     no recipe meets returns the misses of the last one."""

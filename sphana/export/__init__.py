@@ -442,12 +442,17 @@ def check_parity(component: str, failures: list[str], recipes: list[Quantization
         )
 
 
-def session(path: Path, threads: int = 0) -> Any:
+def session(path: Path, threads: int = 0, profile_prefix: str | None = None) -> Any:
+    """An ONNX Runtime CPU session; with ``profile_prefix``, ONNX Runtime's profiler records every
+    kernel until ``end_profiling()`` (see :func:`sphana.export.speed.operator_shares`)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,3 +50,21 @@ def torch_runner(model: Any) -> Any:
 def onnx_runner(sess: Any) -> Any:
     """``run(feed) -> np.ndarray``: the first output of an ONNX Runtime session."""
     return lambda feed: sess.run(None, feed)[0]
+
+
+def operator_shares(path: Path, threads: int, batches: list[dict[str, np.ndarray]]) -> dict:
+    """Share of an ONNX file's kernel time per operator type, largest first, over a warm-up run
+    and one pass of ``batches`` (ONNX Runtime's profiler): where an export's time goes."""
+    from sphana.export import session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = session(path, threads, profile_prefix=str(Path(tmp) / "profile"))
+        for batch in [batches[0], *batches]:  # a warm-up run, then each batch
+            sess.run(None, batch)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    time_by_op: Counter[str] = Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            time_by_op[event["args"]["op_name"]] += event["dur"]
+    total = sum(time_by_op.values()) or 1
+    return {op: round(t / total, 3) for op, t in time_by_op.most_common()}
