@@ -33,11 +33,13 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check sphana stages tests benchmarks scripts
 
-## Figures of the built models (after `make run`): encoder speed (PyTorch vs ONNX), INT8 recipes,
+## Figures of the built models (after `make run`): encoder speed (PyTorch vs ONNX) and ONNX
+## Runtime's kernels beside PyTorch's, INT8 recipes,
 ## training throughput of the runtime against a plain loop, entity parsing throughput, graph
 ## ranker latency, generator decode speed (KV cache vs none), registry listing and S3 push/pull.
 bench: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/export_speed.py --threads 2
+	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/ort_kernels.py --threads 2
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/quantization_presets.py
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/runtime_overhead.py
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/ingest_throughput.py
