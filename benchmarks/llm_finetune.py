@@ -114,10 +114,10 @@ def main() -> None:
     args = parser.parse_args()
     cfg = validate(yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8")))
     train, validation = llm.load_split(Path(cfg.paths.datasets) / "llm")
+    runtime = dataclasses.replace(cfg.runtime, resume=Resume.never)
     for recipe in args.recipes:
         lr = args.lora_lr if recipe == "lora" else (args.lr or cfg.llm.lr)
         with tempfile.TemporaryDirectory() as work:  # its checkpoints: not train_llm's
-            runtime = dataclasses.replace(cfg.runtime, resume=Resume.never)
             model, tokenizer, info, report = fine_tune(
                 recipe, lr, cfg.llm, runtime, train, Path(work)
             )

@@ -12,7 +12,6 @@ compare models with different tokenizers. Prints one line per model. It asserts 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from functools import partial
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sphana import general_eval
-from sphana.llm import META_FILE, encode, evaluate, load_trained
+from sphana.llm import encode, evaluate, load_trained
 
 
 def scorers(directory: Path) -> list[tuple[str, Any, Any]]:
@@ -31,23 +30,17 @@ def scorers(directory: Path) -> list[tuple[str, Any, Any]]:
         return [(info.get("base_model") or str(directory), tokenizer, score)]
     from transformers import AutoTokenizer
 
-    from sphana.export import session
     from sphana.export.llm import ort_perplexity
-    from sphana.generation import ort_step
+    from sphana.generation import OnnxGenerator
 
-    info = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    shape = (info["layers"], info["kv_heads"], info["head_dim"])
-    return [
-        (
-            str(path),
-            tokenizer,
-            partial(
-                ort_perplexity, ort_step(session(path, 2)), shape=shape, pad_id=info["pad_token_id"]
-            ),
-        )
-        for path in sorted(directory.glob("*.onnx"))
-    ]
+    tokenizer = AutoTokenizer.from_pretrained(directory)  # what encode() takes
+    out = []
+    for path in sorted(directory.glob("*.onnx")):
+        llm = OnnxGenerator(directory, path.name, threads=2)
+        shape = (llm.info["layers"], llm.info["kv_heads"], llm.info["head_dim"])
+        score = partial(ort_perplexity, llm.step, shape=shape, pad_id=llm.info["pad_token_id"])
+        out.append((str(path), tokenizer, score))
+    return out
 
 
 def main() -> None:

@@ -70,10 +70,11 @@ def main() -> None:
     if args.split == "validation":
         questions = [q for q in pipeline.held_out_questions(cfg) if q["answer"] is not None]
     else:  # the ranker's training queries: the generator trained on them with the gold passage
+        answers = {i: q["answer"] for i, q in gold_of.items() if q.get("answer")}
         questions = [
-            {"id": q["query_id"], "query": q["query"], "answer": gold_of[q["query_id"]]["answer"]}
+            {"id": q["query_id"], "query": q["query"], "answer": answers[q["query_id"]]}
             for q in load_jsonl(Path(cfg.paths.datasets) / "gnn" / "train.jsonl")
-            if (gold_of.get(q["query_id"]) or {}).get("answer")
+            if q["query_id"] in answers
         ]
     questions = questions[: args.questions or None]
     texts = {p["id"]: p["text"] for p in engine.index.passages}
