@@ -270,11 +270,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
         version=args.version,
     )
     if "fusion" in report:
-        fusion = report["fusion"]["fused_operators"]
+        fusion = report["fusion"]
         console.print(
             "fused: "
-            + ", ".join(f"{n} {op}" for op, n in fusion.items() if n)
-            + ("" if report["fusion"]["attention_fused"] else " [yellow](no fused attention)[/]")
+            + ", ".join(f"{n} {op}" for op, n in fusion["fused_operators"].items() if n)
+            + ("" if fusion["attention_fused"] else " [yellow](no fused attention)[/]")
+            + f"; layer norms: {fusion['layer_norm']}"
         )
     else:
         console.print("[yellow]not fused[/]: the generator keeps plain attention and rotary")

@@ -61,6 +61,14 @@ class Quantization(str, enum.Enum):
     per_tensor = "per_tensor"  # one scale per weight tensor (misses the MiniLM parity gate)
 
 
+class LayerNorm(str, enum.Enum):
+    """How the text encoders' exported graphs compute residual add + layer norm
+    (sphana.export.cpu_graph)."""
+
+    standard = "standard"  # ten standard ONNX operators: twice as fast on ONNX Runtime's CPU EP
+    fused = "fused"  # ONNX Runtime's SkipLayerNormalization: one kernel, for GPU providers
+
+
 class ClassWeighting(str, enum.Enum):
     """Cross-entropy class weights against label imbalance (sphana.relation.class_weights)."""
 
@@ -487,6 +495,8 @@ class ExportConfig:
             Quantization.per_channel_sensitive,
         ]
     )
+    # text encoders: residual add + layer norm as standard operators (faster on CPU) or fused
+    layer_norm: LayerNorm = LayerNorm.standard
     parity: ParityConfig = field(default_factory=ParityConfig)
     # an ONNX file whose weights pass this many MiB keeps them in "<file>.data" beside it (ONNX's
     # external data: a protobuf cannot exceed 2 GiB)

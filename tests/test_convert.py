@@ -16,7 +16,7 @@ import torch
 
 from sphana import general_eval
 from sphana.base_models import resolve
-from sphana.config import ExportConfig, ParityConfig, Quantization
+from sphana.config import ExportConfig, LayerNorm, ParityConfig, Quantization
 from sphana.convert import REPORT_FILE, convert, load, plan
 from sphana.errors import InputError, ParityError
 
@@ -84,9 +84,12 @@ def onnx_embed(out: Path, texts: list[str]) -> np.ndarray:
     return session(out / "embedding.onnx").run(None, inputs)[0]
 
 
-@pytest.mark.parametrize(("pooling", "normalize"), [("cls", True), ("mean", False)])
+@pytest.mark.parametrize(
+    ("pooling", "normalize", "layer_norm"),
+    [("cls", True, LayerNorm.fused), ("mean", False, LayerNorm.standard)],
+)
 def test_sentence_transformers_model_converts_with_its_pooling_in_the_graph(
-    two_layers, eval_file, tmp_path, pooling, normalize
+    two_layers, eval_file, tmp_path, pooling, normalize, layer_norm
 ) -> None:
     from sentence_transformers import SentenceTransformer
 
@@ -99,9 +102,14 @@ def test_sentence_transformers_model_converts_with_its_pooling_in_the_graph(
         64,
     )
     out = tmp_path / "out"
-    report = convert(p, out, eval_file, seconds=0.05, cfg=CLS if pooling == "cls" else TINY)
-    assert report["fusion"]["attention_fused"]
-    assert report["fusion"]["fused_operators"]["SkipLayerNormalization"] == 2 * p.layers
+    cfg = replace(CLS if pooling == "cls" else TINY, layer_norm=layer_norm)
+    report = convert(p, out, eval_file, seconds=0.05, cfg=cfg)
+    fusion, norms = report["fusion"], 2 * p.layers  # after attention and after the FFN
+    assert fusion["attention_fused"] and fusion["attention_mask_filter_value"] == -60.0
+    # the layer norms as fused kernels or as standard operators: the same vectors either way
+    standard = layer_norm is LayerNorm.standard
+    assert fusion["fused_operators"]["SkipLayerNormalization"] == (0 if standard else norms)
+    assert fusion["layer_norms_in_standard_operators"] == (norms if standard else 0)
     assert report["sentence_transformers"]["max_abs_diff"] <= TINY.parity.fp32_max_abs_diff
     # the graph alone (torch-free tokenizer + ONNX Runtime) gives sentence-transformers' vectors
     texts = ["A short one.", "Block until the internal flag is true, or until the timeout."]

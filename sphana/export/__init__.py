@@ -11,11 +11,17 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sphana.config import ExportConfig, Quantization
+from sphana.config import ExportConfig, LayerNorm, Quantization
+from sphana.export.cpu_graph import (
+    MASK_FILTER_VALUE,
+    decompose_skip_layer_norms,
+    set_mask_filter_value,
+)
 
 SPECS: dict[str, OnnxSpec] = {}
 
@@ -175,9 +181,12 @@ def export_text_encoder(
     ``example`` (tokenized inputs), at ``cfg.opset``, with fused attention:
     eager attention, the TorchScript exporter (its graph has the patterns ONNX Runtime's fusions
     match; the dynamo exporter's has not) and ONNX Runtime's transformer optimizer, which rewrites
-    attention, embeddings and layer norms into fused operators; written by :func:`save_model`.
-    Returns the fused-operator counts and whether attention fused (``attention_fused``); a graph
-    where it did not is still exact, only slower, and its parity gates still decide.
+    attention, embeddings and layer norms into fused operators; then the CPU rewrites of
+    :mod:`sphana.export.cpu_graph` (a padding mask that keeps attention fast; with
+    ``cfg.layer_norm`` standard, residual add + layer norm in standard operators); written by
+    :func:`save_model`. Returns the fused-operator counts of the written graph, whether attention
+    fused (``attention_fused``; a graph where it did not is still exact, only slower, and its
+    parity gates still decide) and the rewrites done.
     """
     import tempfile
 
@@ -215,14 +224,20 @@ def export_text_encoder(
             )
         finally:
             logging.disable(logging.NOTSET)
-        counts = optimized.get_fused_operator_statistics()
-        save_model(optimized.model, path, cfg.external_data_mb)
-    fused = {op: int(counts.get(op, 0)) for op in FUSED_OPS}
+        model = optimized.model
+        masked = set_mask_filter_value(model)
+        standard = decompose_skip_layer_norms(model) if cfg.layer_norm is LayerNorm.standard else 0
+        save_model(model, path, cfg.external_data_mb)
+    ops = Counter(node.op_type for node in model.graph.node)
+    fused = {op: ops[op] for op in FUSED_OPS}
     return {
         "exporter": "torchscript",
         "optimizer": "onnxruntime.transformers (bert)",
         "fused_operators": fused,
         "attention_fused": fused["Attention"] == config.num_hidden_layers,
+        "attention_mask_filter_value": MASK_FILTER_VALUE if masked else None,
+        "layer_norm": cfg.layer_norm.value,
+        "layer_norms_in_standard_operators": standard,
     }
 
 

@@ -1,0 +1,113 @@
+"""The CPU rewrites of sphana.export.cpu_graph on graphs built here, run by ONNX Runtime before
+and after: the same outputs, other operators."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from sphana.export.cpu_graph import decompose_skip_layer_norms, set_mask_filter_value
+
+HIDDEN = 16
+
+
+def model_of(nodes: list, inputs: list[str], outputs: list[str], weights: dict, opset: int):
+    def info(name: str, shape: list | None) -> object:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [info(name, ["batch", "sequence", HIDDEN]) for name in inputs],
+        [info(name, None) for name in outputs],
+        [numpy_helper.from_array(w, name) for name, w in weights.items()],
+    )
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=9)
+
+
+def run(model, feeds: dict, optimized: Path | None = None) -> list[np.ndarray]:
+    """``model``'s outputs on ``feeds``; with ``optimized``, the graph ONNX Runtime runs after its
+    own session-level fusions is written there."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if optimized:
+        options.optimized_model_filepath = str(optimized)
+        options.log_severity_level = 3  # its warning that the file is for this machine only
+    sess = ort.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_skip_layer_norms_become_standard_operators_with_the_same_outputs(
+    opset: int, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(0)
+    weights = {
+        name: rng.standard_normal(HIDDEN).astype(np.float32)
+        for name in ("gamma", "beta", "bias", "gamma2")
+    }
+    skip_ln = "SkipLayerNormalization"
+    nodes = [
+        # bias and beta, and the residual sum read by a later node
+        helper.make_node(
+            skip_ln,
+            ["x", "skip", "gamma", "beta", "bias"],
+            ["y1", "", "", "sum1"],
+            domain="com.microsoft",
+            epsilon=1e-5,
+        ),
+        # neither: gamma alone
+        helper.make_node(skip_ln, ["y1", "sum1", "gamma2"], ["y2"], domain="com.microsoft"),
+        # its mean is read: kept fused
+        helper.make_node(
+            skip_ln, ["y2", "x", "gamma", "beta"], ["y3", "mean3"], domain="com.microsoft"
+        ),
+    ]
+    model = model_of(nodes, ["x", "skip"], ["y2", "y3", "mean3"], weights, opset)
+    feeds = {
+        "x": rng.standard_normal((2, 5, HIDDEN)).astype(np.float32) * 3,
+        "skip": rng.standard_normal((2, 5, HIDDEN)).astype(np.float32),
+    }
+    before = run(model, feeds)
+
+    assert decompose_skip_layer_norms(model) == 2
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops[skip_ln] == 1 and ops["ReduceMean"] == 4 and ops["Pow"] == 0, ops
+    for got, want in zip(run(model, feeds, tmp_path / "run.onnx"), before, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    # what ONNX Runtime runs: its session optimizer did not fuse them back
+    ran = Counter(n.op_type for n in onnx.load(str(tmp_path / "run.onnx")).graph.node)
+    assert ran[skip_ln] == 1 and ran["LayerNormalization"] == 0, ran
+
+
+def test_attention_masks_padding_with_the_fast_value_and_the_same_outputs() -> None:
+    rng = np.random.default_rng(1)
+    weights = {
+        "w": rng.standard_normal((HIDDEN, 3 * HIDDEN)).astype(np.float32),
+        "b": rng.standard_normal(3 * HIDDEN).astype(np.float32),
+    }
+    node = helper.make_node(
+        "Attention", ["x", "w", "b", "mask"], ["y"], domain="com.microsoft", num_heads=2
+    )
+    model = model_of([node], ["x"], ["y"], weights, 18)
+    model.graph.input.append(
+        helper.make_tensor_value_info("mask", TensorProto.INT32, ["batch", "sequence"])
+    )
+    mask = np.ones((3, 7), np.int32)
+    mask[1, 4:] = mask[2, 1:] = 0  # right padding, down to a single real token
+    feeds = {"x": rng.standard_normal((3, 7, HIDDEN)).astype(np.float32), "mask": mask}
+    before = run(model, feeds)[0]
+
+    assert set_mask_filter_value(model) == 1
+    (value,) = [a.f for a in model.graph.node[0].attribute if a.name == "mask_filter_value"]
+    assert value == -60.0
+    after = run(model, feeds)[0]
+    real = mask.astype(bool)  # padded positions' outputs are never read
+    np.testing.assert_allclose(after[real], before[real], atol=1e-5)
