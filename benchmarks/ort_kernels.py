@@ -10,10 +10,12 @@ the op itself); it prints milliseconds per block for both, side by side:
 
 - fp32 GEMMs (an FFN's up and down projections, no activation) and the INT8 ones the exported
   INT8 graph runs (``DynamicQuantizeMatMul``: activations quantized per call, per-channel weights);
-- residual add + LayerNorm (``SkipLayerNormalization``, and the same computed by ten standard
-  operators) and bias + GELU (``BiasGelu``);
+- residual add + LayerNorm (``SkipLayerNormalization``, and the same computed by the ten standard
+  operators the export writes instead) and bias + GELU (``BiasGelu``);
 - the attention core (softmax(QK^T)V over 12 heads) with a padding mask, as every padded batch
-  needs, and without one (``MultiHeadAttention``; PyTorch's ``scaled_dot_product_attention``).
+  needs: ONNX Runtime's default mask value (-10000: denormal probabilities after the softmax)
+  and the export's (sphana.export.cpu_graph); and without one (``MultiHeadAttention``;
+  PyTorch's ``scaled_dot_product_attention``).
 
 No Sphana model is needed. It measures; it asserts nothing.
 """
@@ -26,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from sphana.export.cpu_graph import MASK_FILTER_VALUE, decompose_skip_layer_norms
 
 REPEATS = 8  # blocks chained in one graph / one PyTorch call
 HIDDEN, FFN, HEADS = 384, 1536, 12  # the embedding encoder's (all-MiniLM-L6-v2's) widths
@@ -40,7 +44,10 @@ def per_block_ms(run: Any, seconds: float) -> float:
     return (time.perf_counter() - start) / done / REPEATS * 1000
 
 
-def ort_chain(nodes: list[Any], inputs: list[Any], inits: list[Any], threads: int) -> Any:
+def ort_chain(
+    nodes: list[Any], inputs: list[Any], inits: list[Any], threads: int, rewrite: Any = None
+) -> Any:
+    """An ONNX Runtime session of the graph ``nodes`` make (after ``rewrite(model)``, if given)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -49,6 +56,8 @@ def ort_chain(nodes: list[Any], inputs: list[Any], inits: list[Any], threads: in
     )
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(graph, opset_imports=opsets)
+    if rewrite is not None:
+        rewrite(model)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     return ort.InferenceSession(
@@ -170,23 +179,8 @@ def main() -> None:
         )
     )
 
-    # the same in standard ONNX operators (what SkipLayerNormalization computes, unfused)
-    nodes = chain(
-        lambda src, dst, i: [
-            helper.make_node("Add", [src, "r"], [f"sum{i}"]),
-            helper.make_node("ReduceMean", [f"sum{i}"], [f"mean{i}"], axes=[-1]),
-            helper.make_node("Sub", [f"sum{i}", f"mean{i}"], [f"c{i}"]),
-            helper.make_node("Mul", [f"c{i}", f"c{i}"], [f"sq{i}"]),
-            helper.make_node("ReduceMean", [f"sq{i}"], [f"var{i}"], axes=[-1]),
-            helper.make_node("Add", [f"var{i}", "eps"], [f"ve{i}"]),
-            helper.make_node("Sqrt", [f"ve{i}"], [f"std{i}"]),
-            helper.make_node("Div", [f"c{i}", f"std{i}"], [f"z{i}"]),
-            helper.make_node("Mul", [f"z{i}", "g"], [f"zg{i}"]),
-            helper.make_node("Add", [f"zg{i}", "b"], [dst]),
-        ]
-    )
-    eps = numpy_helper.from_array(np.array(1e-12, np.float32), "eps")
-    sess = ort_chain(nodes, inputs, [*norm, eps], args.threads)
+    # the same in standard ONNX operators: the export's rewrite (export.layer_norm standard)
+    sess = ort_chain(nodes, inputs, norm, args.threads, decompose_skip_layer_norms)
     rows.append(
         (
             "the same in standard ONNX operators",
@@ -231,9 +225,16 @@ def main() -> None:
 
     tq, tk, tv = heads(x), heads(k), heads(v)
     tmask = torch.from_numpy(mask.astype(bool))[:, None, None, :]
-    for label, use_mask in (("with padding mask", True), ("no mask", False)):
+    variants = (  # ONNX Runtime's default mask value, the export's, none
+        ("padding mask of -10000", True, {}),
+        (f"padding mask of {MASK_FILTER_VALUE:g}", True, {"mask_filter_value": MASK_FILTER_VALUE}),
+        ("no mask", False, {}),
+    )
+    for label, use_mask, attrs in variants:
         extra = ["", "mask"] if use_mask else []
-        nodes = chained("MultiHeadAttention", ["k", "v", *extra], "com.microsoft", num_heads=HEADS)
+        nodes = chained(
+            "MultiHeadAttention", ["k", "v", *extra], "com.microsoft", num_heads=HEADS, **attrs
+        )
         inputs = qkv + ([value("mask", [b, s], TensorProto.INT32)] if use_mask else [])
         sess = ort_chain(nodes, inputs, [], args.threads)
         feed = {"x": x, "k": k, "v": v, **({"mask": mask} if use_mask else {})}

@@ -246,7 +246,7 @@ def cmd_artifacts_parity_samples(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from sphana.config import _check_semver
+    from sphana.config import ExportConfig, LayerNorm, _check_semver
     from sphana.convert import convert, plan, print_table
     from sphana.errors import ConfigError
 
@@ -268,6 +268,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         args.seconds,
         name=args.name,
         version=args.version,
+        cfg=ExportConfig(layer_norm=LayerNorm(args.layer_norm)),
     )
     if "fusion" in report:
         fusion = report["fusion"]
@@ -468,6 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-pickle",
         action="store_true",
         help="allow a pickle that needs more than weights_only=True (runs code from the file)",
+    )
+    cv.add_argument(
+        "--layer-norm",
+        choices=("standard", "fused"),
+        default="standard",
+        help="residual add + layer norm as standard operators (fast on CPU) or fused (for GPU "
+        "execution providers); as export.layer_norm",
     )
     cv.add_argument("--threads", type=int, default=2, help="for the parity and speed figures")
     cv.add_argument("--seconds", type=float, default=2.0, help="per backend, speed table")

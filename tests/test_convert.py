@@ -141,6 +141,8 @@ def test_transformers_model_needs_its_pooling_named(two_layers, eval_file, tmp_p
                 "embedding",
                 "--pooling",
                 "mean",
+                "--layer-norm",
+                "fused",
                 "--dry-run",
             ]
         )
