@@ -48,7 +48,8 @@ FAMILIES = {
 # how a BERT-family model is exported and checked (the generator's steps are its module's)
 TEXT_STEPS = [
     "export: eager attention, TorchScript exporter, dynamic batch and sequence axes",
-    "optimize: ONNX Runtime transformer optimizer (fused Attention, LayerNorm, GELU)",
+    "optimize: ONNX Runtime transformer optimizer (fused Attention, LayerNorm, GELU), then the "
+    "CPU rewrites (padding mask -60; layer norms as standard operators unless --layer-norm fused)",
     "gate fp32: max abs diff vs PyTorch at batch sizes 1, 2, 5, 16, two paddings",
 ]
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

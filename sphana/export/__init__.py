@@ -12,6 +12,8 @@ import inspect
 import logging
 import warnings
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,6 +172,16 @@ def export_onnx(
     onnx.checker.check_model(str(path))  # by path: a model over 2 GiB is checked too
 
 
+@contextmanager
+def no_warnings() -> Iterator[None]:
+    """Silence Python logging below ERROR (ONNX Runtime's tools log advice as warnings)."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 # Fused operators ONNX Runtime's transformer optimizer writes for a BERT-style encoder
 FUSED_OPS = ("Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu")
 
@@ -214,16 +226,13 @@ def export_text_encoder(
             dynamo=False,
         )
         config = transformer.config
-        logging.disable(logging.WARNING)  # its fusions warn when shape inference cannot help
-        try:
+        with no_warnings():  # its fusions warn when shape inference cannot help
             optimized = optimize_model(
                 str(tmp),
                 model_type="bert",
                 num_heads=config.num_attention_heads,
                 hidden_size=config.hidden_size,
             )
-        finally:
-            logging.disable(logging.NOTSET)
         model = optimized.model
         masked = set_mask_filter_value(model)
         standard = decompose_skip_layer_norms(model) if cfg.layer_norm is LayerNorm.standard else 0
@@ -288,18 +297,19 @@ def quantize(
     external = external_data(src).is_file()  # a model over 2 GiB: INT8 is written the same way
     with tempfile.TemporaryDirectory(dir=dst.parent) as scratch:
         tmp = Path(scratch) / dst.name
-        quantize_dynamic(
-            str(src),
-            str(tmp),
-            weight_type=QuantType.QInt8,
-            per_channel=preset != Quantization.per_tensor,
-            # without VNNI, x86's u8 x s8 multiply-add can saturate: 7-bit weights avoid it
-            reduce_range=not vnni,
-            nodes_to_exclude=list(exclude or []),
-            use_external_data_format=external,
-            # shape inference cannot type the fused operators' outputs: they are float
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
+        with no_warnings():  # it advises pre-processing, which is for static INT8
+            quantize_dynamic(
+                str(src),
+                str(tmp),
+                weight_type=QuantType.QInt8,
+                per_channel=preset != Quantization.per_tensor,
+                # without VNNI, x86's u8 x s8 multiply-add can saturate: 7-bit weights avoid it
+                reduce_range=not vnni,
+                nodes_to_exclude=list(exclude or []),
+                use_external_data_format=external,
+                # shape inference cannot type the fused operators' outputs: they are float
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
         save_model(onnx.load(str(tmp)), dst, 0 if external else float("inf"))
     return {
         "preset": preset.value,
