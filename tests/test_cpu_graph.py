@@ -17,14 +17,14 @@ HIDDEN = 16
 
 
 def model_of(nodes: list, inputs: list[str], outputs: list[str], weights: dict, opset: int):
-    def info(name: str, shape: list | None) -> object:
+    def info(name: str, shape: list) -> object:
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
     graph = helper.make_graph(
         nodes,
         "g",
         [info(name, ["batch", "sequence", HIDDEN]) for name in inputs],
-        [info(name, None) for name in outputs],
+        [info(name, ["batch", "sequence", None]) for name in outputs],
         [numpy_helper.from_array(w, name) for name, w in weights.items()],
     )
     opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
@@ -85,6 +85,19 @@ def test_skip_layer_norms_become_standard_operators_with_the_same_outputs(
     # what ONNX Runtime runs: its session optimizer did not fuse them back
     ran = Counter(n.op_type for n in onnx.load(str(tmp_path / "run.onnx")).graph.node)
     assert ran[skip_ln] == 1 and ran["LayerNormalization"] == 0, ran
+
+    # a second pass, over one more fused node, names what it adds apart from the first's
+    model.graph.node.append(
+        helper.make_node(skip_ln, ["y2", "skip", "gamma"], ["y4"], domain="com.microsoft")
+    )
+    model.graph.output.append(
+        helper.make_tensor_value_info("y4", TensorProto.FLOAT, ["batch", "sequence", HIDDEN])
+    )
+    before = run(model, feeds)
+    assert decompose_skip_layer_norms(model) == 1
+    onnx.checker.check_model(model)  # names still unique (SSA), nodes in order
+    for got, want in zip(run(model, feeds), before, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_attention_masks_padding_with_the_fast_value_and_the_same_outputs() -> None:

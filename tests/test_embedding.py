@@ -175,12 +175,15 @@ def test_export_fuses_attention_and_names_the_int8_recipe(built_tiny) -> None:
         attention = [
             n for n in onnx.load(str(onnx_dir / model)).graph.node if "Attention" in n.op_type
         ]
-        assert len(attention) == layers and all(
-            onnx.helper.get_attribute_value(a) == -60.0
+        values = [
+            [
+                onnx.helper.get_attribute_value(a)
+                for a in n.attribute
+                if a.name == "mask_filter_value"
+            ]
             for n in attention
-            for a in n.attribute
-            if a.name == "mask_filter_value"
-        ), model
+        ]
+        assert values == [[-60.0]] * layers, (model, values)
     quantization = report["quantization"]
     tried = [t["preset"] for t in quantization["tried"]]
     assert tried == [r.value for r in cfg.export.quantization][: len(tried)]
