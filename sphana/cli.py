@@ -25,6 +25,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from sphana.config import ExportConfig, LayerNorm
 from sphana.contracts import KINDS
 from sphana.convert import KINDS as CONVERT_KINDS
 from sphana.errors import SphanaError
@@ -246,7 +247,7 @@ def cmd_artifacts_parity_samples(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from sphana.config import ExportConfig, LayerNorm, _check_semver
+    from sphana.config import _check_semver
     from sphana.convert import convert, plan, print_table
     from sphana.errors import ConfigError
 
@@ -472,8 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cv.add_argument(
         "--layer-norm",
-        choices=("standard", "fused"),
-        default="standard",
+        choices=[m.value for m in LayerNorm],
+        default=ExportConfig.layer_norm.value,
         help="residual add + layer norm as standard operators (fast on CPU) or fused (for GPU "
         "execution providers); as export.layer_norm",
     )
