@@ -124,3 +124,40 @@ def test_attention_masks_padding_with_the_fast_value_and_the_same_outputs() -> N
     after = run(model, feeds)[0]
     real = mask.astype(bool)  # padded positions' outputs are never read
     np.testing.assert_allclose(after[real], before[real], atol=1e-5)
+
+
+def test_the_bias_is_added_where_onnx_runtime_folds_it_into_the_quantized_matmul(
+    tmp_path: Path,
+) -> None:
+    """A layer norm's bias is the bias of the projection before it: written as the first Add
+    after the MatMul, ONNX Runtime runs them as one DynamicQuantizeMatMul in the INT8 graph
+    (one pass over the activations fewer per layer norm)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    rng = np.random.default_rng(1)
+    weights = {
+        "w": rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float32),
+        **{n: rng.standard_normal(HIDDEN).astype(np.float32) for n in ("gamma", "beta", "bias")},
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["projected"]),
+        helper.make_node(
+            "SkipLayerNormalization",
+            ["projected", "skip", "gamma", "beta", "bias"],
+            ["y"],
+            domain="com.microsoft",
+        ),
+    ]
+    model = model_of(nodes, ["x", "skip"], ["y"], weights, 17)
+    feeds = {n: rng.standard_normal((2, 5, HIDDEN)).astype(np.float32) for n in ("x", "skip")}
+    before = run(model, feeds)
+    assert decompose_skip_layer_norms(model) == 1
+    onnx.save(model, tmp_path / "fp32.onnx")
+    quantize_dynamic(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", weight_type=QuantType.QInt8)
+    got = run(onnx.load(tmp_path / "int8.onnx"), feeds, tmp_path / "run.onnx")
+    np.testing.assert_allclose(got[0], before[0], atol=0.1)  # INT8: close, not equal
+    ran = onnx.load(str(tmp_path / "run.onnx")).graph
+    folded = [n for n in ran.node if n.op_type == "DynamicQuantizeMatMul"]
+    assert len(folded) == 1 and len(folded[0].input) == 5, [n.op_type for n in ran.node]
+    bias = {t.name for t in ran.initializer if t.name.startswith("bias")}
+    assert not [n for n in ran.node if n.op_type == "Add" and set(n.input) & bias]

@@ -53,7 +53,7 @@ def decompose_skip_layer_norms(model: Any) -> int:
     """Replace every ``SkipLayerNormalization`` node of ``model`` whose mean and inverse-std
     outputs nothing reads by the standard operators it computes::
 
-        sum = input + skip (+ bias);  c = sum - mean(sum)
+        sum = input (+ bias) + skip;  c = sum - mean(sum)
         out = c / sqrt(mean(c * c) + eps) * gamma (+ beta)
 
     (the square as ``Mul``: ONNX Runtime's session optimizer fuses the pattern with a ``Pow``
@@ -118,8 +118,8 @@ def _standard_layer_norm(inputs: list[str], outputs: list[str], p: str, axes: st
         )
 
     total = outputs[3] or p + "sum"
-    nodes = (
-        [op("Add", [x, skip], p + "residual"), op("Add", [p + "residual", bias], total)]
+    nodes = (  # the bias first: ONNX Runtime folds an Add of a constant into the MatMul before it
+        [op("Add", [x, bias], p + "biased"), op("Add", [p + "biased", skip], total)]
         if bias
         else [op("Add", [x, skip], total)]
     )
