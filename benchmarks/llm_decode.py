@@ -2,13 +2,15 @@
 
 Run after `dvc repro` (or `make run`), from the repository root:
 
-    python benchmarks/llm_decode.py [--new-tokens 64] [--threads 2] [--runs 3]
+    python benchmarks/llm_decode.py [--new-tokens 64] [--threads 2] [--runs 3] [--baseline DIR]
 
 One validation prompt (chat format) is decoded greedily for exactly N new tokens (end tokens are
 ignored, so every run does the same work) with ``sphana.generation`` on ``llm_generator.onnx`` and
 its INT8 and 4-bit siblings (those the export shipped), with the cache (one step per token) and
 without it (the whole sequence every step). Prints tokens/s (best of the runs), the speed-up and
-the file sizes. It asserts nothing.
+the file sizes. ``--baseline DIR`` (another export's ``onnx`` directory, e.g. a copy of the
+previous build's) times its files of the same names right after each of ours: before and after,
+side by side in one run. It asserts nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--baseline", type=Path, help="another export's onnx directory")
     args = parser.parse_args()
 
     params = yaml.safe_load(Path("params.yaml").read_text())
@@ -39,8 +42,9 @@ def main() -> None:
     ]
     prompt = chat_prompt(next(r["prompt"] for r in records if r["kind"] == "qa"))
     files = ("llm_generator.onnx", "llm_generator.int8.onnx", "llm_generator.int4.onnx")
-    for file_name in [f for f in files if (onnx_dir / f).is_file()]:
-        gen = OnnxGenerator(onnx_dir, file_name, threads=args.threads)
+    dirs = [onnx_dir, *([args.baseline] if args.baseline else [])]
+    for file_name, directory in ((f, d) for f in files for d in dirs if (d / f).is_file()):
+        gen = OnnxGenerator(directory, file_name, threads=args.threads)
         ids = gen.tokenizer.encode(prompt, add_special_tokens=False).ids
         info = gen.info
         shape = (info["layers"], info["kv_heads"], info["head_dim"])
@@ -55,9 +59,10 @@ def main() -> None:
                 )  # fmt: skip
                 best = min(best, time.perf_counter() - start)
             rates[use_cache] = args.new_tokens / best
-        size = (onnx_dir / file_name).stat().st_size
+        size = (directory / file_name).stat().st_size
         print(
-            f"{file_name} ({size / 1e6:.1f} MB), prompt {len(ids)} tokens, {args.new_tokens} new: "
+            f"{directory / file_name} ({size / 1e6:.1f} MB), prompt {len(ids)} tokens, "
+            f"{args.new_tokens} new: "
             f"cache {rates[True]:.0f} tokens/s, no cache {rates[False]:.0f} tokens/s, "
             f"speed-up {rates[True] / rates[False]:.1f}x"
         )

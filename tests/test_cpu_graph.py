@@ -1,5 +1,6 @@
-"""The CPU rewrites of sphana.export.cpu_graph on graphs built here, run by ONNX Runtime before
-and after: the same outputs, other operators."""
+"""The graph rewrites of the export (sphana.export.cpu_graph's for ONNX Runtime's CPU kernels, and
+the constant folding the quantizers need) on graphs built here, run by ONNX Runtime before and
+after: the same outputs, other operators."""
 
 from __future__ import annotations
 
@@ -161,3 +162,42 @@ def test_the_bias_is_added_where_onnx_runtime_folds_it_into_the_quantized_matmul
     assert len(folded) == 1 and len(folded[0].input) == 5, [n.op_type for n in ran.node]
     bias = {t.name for t in ran.initializer if t.name.startswith("bias")}
     assert not [n for n in ran.node if n.op_type == "Add" and set(n.input) & bias]
+
+
+def test_a_tied_output_projection_is_quantized_as_a_product_by_a_constant(tmp_path: Path) -> None:
+    """An LLM's lm_head tied to its embedding table, as torch.onnx writes it (``MatMul(h,
+    Transpose(table))``): INT8 multiplies by the transposed table as an integer weight instead of
+    dequantizing the whole table on every run."""
+    from sphana.config import Quantization
+    from sphana.export import quantize
+
+    rng = np.random.default_rng(2)
+    vocab = 40
+    table = rng.standard_normal((vocab, HIDDEN)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["hidden"]),
+            helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
+            helper.make_node("MatMul", ["hidden", "table_t"], ["logits"]),
+        ],
+        "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", vocab])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.save(model, tmp_path / "fp32.onnx")
+    feeds = {"ids": rng.integers(0, vocab, (2, 5))}
+    want = run(model, feeds)[0]
+
+    info = quantize(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", Quantization.per_channel)
+    assert info["weight_transposes_folded"] == 1
+    int8 = onnx.load(str(tmp_path / "int8.onnx"))
+    producer = {o: n.op_type for n in int8.graph.node for o in n.output}
+    ops = Counter(n.op_type for n in int8.graph.node)
+    assert ops["Transpose"] == 0 and ops["MatMul"] == 0 and ops["MatMulInteger"] == 1, ops
+    dequantized = [n for n in int8.graph.node if producer.get(n.input[-1]) == "DequantizeLinear"]
+    assert not [n.op_type for n in dequantized if n.op_type.startswith("MatMul")]
+    got = run(int8, feeds)[0]
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()  # INT8: close, not equal
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))

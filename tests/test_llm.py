@@ -369,6 +369,21 @@ def test_a_4bit_generator_ships_beside_int8_when_its_tokens_agree(built_tiny, tm
     graph = onnx.load(str(onnx_dir / "llm_generator.int4.onnx"))
     ops = [n.op_type for n in graph.graph.node]
     assert ops.count("MatMulNBits") == int4["matmul_nbits"] > 0
+    # the lm_head tied to the embedding table (a Transpose of it) is 4-bit too, and an integer
+    # product in INT8, not the whole table dequantized on every step
+    assert int4["weight_transposes_folded"] == 1
+    constants = {t.name for t in graph.graph.initializer}
+    for node in graph.graph.node:  # no product by a constant, transposed or not, left in fp32
+        if node.op_type == "Transpose":
+            assert node.input[0] not in constants, node.name
+        assert node.op_type != "MatMul" or not set(node.input) & constants, node.name
+    int8 = onnx.load(str(onnx_dir / "llm_generator.int8.onnx"))
+    producer = {o: n.op_type for n in int8.graph.node for o in n.output}
+    assert not [
+        n.name
+        for n in int8.graph.node
+        if n.op_type == "MatMul" and any(producer.get(i) == "DequantizeLinear" for i in n.input)
+    ]
     assert int4["block_size"] == cfg.export.llm_int4_block_size
     assert report["sizes"]["int4"] < report["sizes"]["fp32"]
     for kind in ("fp32", "int8", "int4"):

@@ -274,10 +274,38 @@ def ffn_down_projections(model: Any) -> list[str]:
     ]
 
 
+def fold_weight_transposes(model: Any) -> int:
+    """Replace every ``Transpose`` of a constant in ``model`` by its result, a constant of the
+    same name; returns how many. Quantizers quantize only products by a constant weight:
+    torch.onnx writes a tied output projection (an LLM's ``lm_head``, the embedding table) as
+    ``MatMul(x, Transpose(table))``, which dynamic INT8 then runs by dequantizing the whole table
+    on every call and ``MatMulNBits`` leaves in fp32. ONNX Runtime folds the same transpose when
+    it loads an fp32 file, so the fp32 file keeps it (smaller on disk)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    constants = {t.name: t for t in graph.initializer}
+    kept, count = [], 0
+    for node in graph.node:
+        if node.op_type == "Transpose" and node.input[0] in constants:
+            array = numpy_helper.to_array(constants[node.input[0]])
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            folded = np.ascontiguousarray(array.transpose(perm))  # perm None: reversed axes
+            graph.initializer.append(numpy_helper.from_array(folded, node.output[0]))
+            count += 1
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return count
+
+
 def quantize(
     src: Path, dst: Path, preset: Quantization, exclude: list[str] | None = None
 ) -> dict[str, Any]:
-    """Dynamic INT8 quantization of ``src`` into ``dst``; returns what was done.
+    """Dynamic INT8 quantization of ``src`` into ``dst`` (transposed constant weights folded
+first: :func:`fold_weight_transposes`); returns what was done.
 
     Presets:
         per_tensor: one scale per weight tensor (MiniLM: mean cosine ~0.957 — misses the gate).
@@ -291,15 +319,17 @@ def quantize(
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    model = onnx.load(str(src))
+    folded = fold_weight_transposes(model)
     if preset == Quantization.per_channel_ffn_fp32:
-        exclude = ffn_down_projections(onnx.load(str(src)))
+        exclude = ffn_down_projections(model)
     vnni = cpu_has_vnni()
     external = external_data(src).is_file()  # a model over 2 GiB: INT8 is written the same way
     with tempfile.TemporaryDirectory(dir=dst.parent) as scratch:
         tmp = Path(scratch) / dst.name
         with no_warnings():  # it advises pre-processing, which is for static INT8
             quantize_dynamic(
-                str(src),
+                model,
                 str(tmp),
                 weight_type=QuantType.QInt8,
                 per_channel=preset != Quantization.per_tensor,
@@ -316,6 +346,7 @@ def quantize(
         "weight_type": "QInt8",
         "activations": "dynamic uint8",
         "fp32_nodes": len(exclude or []),
+        "weight_transposes_folded": folded,
         "cpu_vnni": vnni,
         "reduce_range": not vnni,
     }

@@ -30,6 +30,7 @@ from sphana.export import (
     check_parity,
     export_onnx,
     external_data,
+    fold_weight_transposes,
     model_bytes,
     quantize_gated,
     register,
@@ -153,8 +154,10 @@ def int4_sibling(fp32_path: Path, int4_path: Path, cfg: ExportConfig, gate: Any)
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    model = onnx.load(str(fp32_path))
+    folded = fold_weight_transposes(model)  # a tied lm_head: 4-bit as well
     quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(fp32_path)), bits=4, block_size=block, is_symmetric=True, accuracy_level=4
+        model, bits=4, block_size=block, is_symmetric=True, accuracy_level=4
     )
     quantizer.process()
     graph = quantizer.model.model
@@ -166,6 +169,7 @@ def int4_sibling(fp32_path: Path, int4_path: Path, cfg: ExportConfig, gate: Any)
         block_size=block,
         matmul_nbits=ops.count("MatMulNBits"),
         matmul_fp32=ops.count("MatMul"),  # MatMuls without a constant weight (attention)
+        weight_transposes_folded=folded,
     )
     if missed:
         result["reason"] = "; ".join(missed) + ": not shipped"
