@@ -305,7 +305,7 @@ def quantize(
     src: Path, dst: Path, preset: Quantization, exclude: list[str] | None = None
 ) -> dict[str, Any]:
     """Dynamic INT8 quantization of ``src`` into ``dst`` (transposed constant weights folded
-first: :func:`fold_weight_transposes`); returns what was done.
+    first: :func:`fold_weight_transposes`); returns what was done.
 
     Presets:
         per_tensor: one scale per weight tensor (MiniLM: mean cosine ~0.957 — misses the gate).
