@@ -372,9 +372,6 @@ def test_a_4bit_generator_ships_beside_int8_when_its_tokens_agree(built_tiny, tm
     # the lm_head tied to the embedding table (a Transpose of it) is 4-bit too, and an integer
     # product in INT8, not the whole table dequantized on every step
     assert int4["weight_transposes_folded"] == 1
-    # the embedding table is 4-bit as well; int4 tensors need opset 21, which the manifest says
-    assert ops.count("GatherBlockQuantized") == int4["gather_4bit"] == 1
-    assert report["model_config"]["opset"] == int4["opset"] >= 21
     constants = {t.name for t in graph.graph.initializer}
     for node in graph.graph.node:  # no product by a constant, transposed or not, left in fp32
         if node.op_type == "Transpose":

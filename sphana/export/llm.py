@@ -32,7 +32,6 @@ from sphana.export import (
     external_data,
     fold_weight_transposes,
     model_bytes,
-    no_warnings,
     quantize_gated,
     register,
     sample_feeds,
@@ -158,18 +157,9 @@ def int4_sibling(fp32_path: Path, int4_path: Path, cfg: ExportConfig, gate: Any)
     model = onnx.load(str(fp32_path))
     folded = fold_weight_transposes(model)  # a tied lm_head: 4-bit as well
     quantizer = MatMulNBitsQuantizer(
-        model,
-        bits=4,
-        block_size=block,
-        is_symmetric=True,
-        accuracy_level=4,
-        # the embedding table too (GatherBlockQuantized, blocks along the hidden axis): the
-        # file's largest tensor, read a row per token
-        op_types_to_quantize=("MatMul", "Gather"),
-        quant_axes=(("MatMul", 0), ("Gather", 1)),
+        model, bits=4, block_size=block, is_symmetric=True, accuracy_level=4
     )
-    with no_warnings():  # that int4 tensors move the graph to opset 21
-        quantizer.process()
+    quantizer.process()
     graph = quantizer.model.model
     ops = [n.op_type for n in graph.graph.node]
     save_model(graph, int4_path, cfg.external_data_mb)
@@ -179,9 +169,7 @@ def int4_sibling(fp32_path: Path, int4_path: Path, cfg: ExportConfig, gate: Any)
         block_size=block,
         matmul_nbits=ops.count("MatMulNBits"),
         matmul_fp32=ops.count("MatMul"),  # MatMuls without a constant weight (attention)
-        gather_4bit=ops.count("GatherBlockQuantized"),
         weight_transposes_folded=folded,
-        opset=next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
     )
     if missed:
         result["reason"] = "; ".join(missed) + ": not shipped"
@@ -405,8 +393,7 @@ def export_generator(
             "cache": "past_key_values.<i>.{key,value} [batch, kv_heads, past_sequence, "
             "head_dim]; length 0 on the prefill; feed present.* back as the next past",
             "tokenizer": "tokenizer.json",
-            # what a runtime must support to load every file (int4 tensors: opset 21)
-            "opset": max(cfg.opset, int4["opset"] if int4["passed"] else 0),
+            "opset": cfg.opset,
         },
     }
     failures = []
