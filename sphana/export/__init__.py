@@ -329,7 +329,8 @@ def quantize(
         tmp = Path(scratch) / dst.name
         with no_warnings():  # it advises pre-processing, which is for static INT8
             quantize_dynamic(
-                model,
+                # a graph it changed; else the file (a ModelProto is saved and read back)
+                model if folded else str(src),
                 str(tmp),
                 weight_type=QuantType.QInt8,
                 per_channel=preset != Quantization.per_tensor,
