@@ -271,16 +271,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         version=args.version,
         cfg=ExportConfig(layer_norm=LayerNorm(args.layer_norm)),
     )
-    if "fusion" in report:
-        fusion = report["fusion"]
-        console.print(
-            "fused: "
-            + ", ".join(f"{n} {op}" for op, n in fusion["fused_operators"].items() if n)
-            + ("" if fusion["attention_fused"] else " [yellow](no fused attention)[/]")
-            + f"; layer norms: {fusion['layer_norm']}"
-        )
-    else:
-        console.print("[yellow]not fused[/]: the generator keeps plain attention and rotary")
+    fusion = report["fusion"]
+    console.print(
+        "fused: "
+        + ", ".join(f"{n} {op}" for op, n in fusion["fused_operators"].items() if n)
+        + ("" if fusion["attention_fused"] else " [yellow](no fused attention)[/]")
+        + (f"; layer norms: {fusion['layer_norm']}" if "layer_norm" in fusion else "")
+    )
     q = report["quantization"]
     console.print(f"INT8 recipe: {q['preset']} (tried {[t['preset'] for t in q['tried']]})")
     if report.get("sentence_transformers"):

@@ -164,28 +164,40 @@ def test_the_bias_is_added_where_onnx_runtime_folds_it_into_the_quantized_matmul
     assert not [n for n in ran.node if n.op_type == "Add" and set(n.input) & bias]
 
 
-def test_a_tied_output_projection_is_quantized_as_a_product_by_a_constant(tmp_path: Path) -> None:
+@pytest.mark.parametrize("form", ["transpose", "fused_matmul"])
+def test_a_tied_output_projection_is_quantized_as_a_product_by_a_constant(
+    form: str, tmp_path: Path
+) -> None:
     """An LLM's lm_head tied to its embedding table, as torch.onnx writes it (``MatMul(h,
-    Transpose(table))``): INT8 multiplies by the transposed table as an integer weight instead of
-    dequantizing the whole table on every run."""
+    Transpose(table))``) or as the generator's fusions leave it (``FusedMatMul(h, table,
+    transB=1)``): INT8 multiplies by the transposed table as an integer weight instead of
+    dequantizing the whole table on every run (or leaving it fp32)."""
     from sphana.config import Quantization
     from sphana.export import quantize
 
     rng = np.random.default_rng(2)
     vocab = 40
     table = rng.standard_normal((vocab, HIDDEN)).astype(np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("Gather", ["table", "ids"], ["hidden"]),
+    projection = {
+        "transpose": [
             helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
             helper.make_node("MatMul", ["hidden", "table_t"], ["logits"]),
         ],
+        "fused_matmul": [
+            helper.make_node(
+                "FusedMatMul", ["hidden", "table"], ["logits"], domain="com.microsoft", transB=1
+            )
+        ],
+    }[form]
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["hidden"]), *projection],
         "tied",
         [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "sequence"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", vocab])],
         [numpy_helper.from_array(table, "table")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=9)
     onnx.save(model, tmp_path / "fp32.onnx")
     feeds = {"ids": rng.integers(0, vocab, (2, 5))}
     want = run(model, feeds)[0]
@@ -195,7 +207,8 @@ def test_a_tied_output_projection_is_quantized_as_a_product_by_a_constant(tmp_pa
     int8 = onnx.load(str(tmp_path / "int8.onnx"))
     producer = {o: n.op_type for n in int8.graph.node for o in n.output}
     ops = Counter(n.op_type for n in int8.graph.node)
-    assert ops["Transpose"] == 0 and ops["MatMul"] == 0 and ops["MatMulInteger"] == 1, ops
+    assert ops["Transpose"] == ops["FusedMatMul"] == ops["MatMul"] == 0, ops
+    assert ops["MatMulInteger"] == 1, ops
     dequantized = [n for n in int8.graph.node if producer.get(n.input[-1]) == "DequantizeLinear"]
     assert not [n.op_type for n in dequantized if n.op_type.startswith("MatMul")]
     got = run(int8, feeds)[0]

@@ -201,6 +201,12 @@ def test_tiny_llm_build(built_tiny) -> None:
     assert answers["questions"] == sum(r["kind"] == "qa" for r in validation) > 0
     assert 0 <= answers["answer_exact_match"] <= answers["answer_contained"] <= 1
     report = results["export_llm"]
+    # attention, rotary and RMS norms run as ONNX Runtime's fused operators; the parity gates
+    # below (left-padded prefill, cached steps) passed on that graph
+    layers, fusion = cfg.llm.model.layers, report["fusion"]
+    assert fusion["attention_fused"] and fusion["left_padded_attention"] == layers
+    assert fusion["fused_operators"]["GroupQueryAttention"] == layers
+    assert fusion["fused_operators"]["RotaryEmbedding"] == 2 * layers
     assert report["pytorch"]["answers"] == answers  # the same greedy answers, same scores
     assert report["fp32"]["answers"] == answers
     assert report["int8"]["answers"]["questions"] == answers["questions"]

@@ -124,10 +124,13 @@ def export_onnx(
     path: Path,
     opset: int,
     external_mb: float = EXTERNAL_DATA_MB,
-) -> None:
+    rewrite: Any = None,
+) -> Any:
     """Export ``module`` (called with ``example``'s tensors as positional inputs, in
     ``spec.input_names`` order) to ``path`` (:func:`save_model`: one file, or the graph and
-    ``<file>.data`` past ``external_mb`` MiB of weights).
+    ``<file>.data`` past ``external_mb`` MiB of weights). ``rewrite(model) -> (model, info)``
+    (e.g. :func:`sphana.export.llm_graph.fuse_generator`) rewrites the graph before it is
+    written; its ``info`` is returned.
 
     Dynamic axes that share a label (e.g. ``batch``) are one symbolic dimension.
     """
@@ -168,8 +171,13 @@ def export_onnx(
     clash = internal & set(spec.input_names)
     if clash:
         raise ValueError(f"{path}: graph input names {sorted(clash)} clash with internal nodes")
+    info = None
+    if rewrite is not None:
+        model, info = rewrite(model)
     save_model(model, path, external_mb)
-    onnx.checker.check_model(str(path))  # by path: a model over 2 GiB is checked too
+    if rewrite is None:  # ONNX's checker knows no ONNX Runtime operator; the session checks those
+        onnx.checker.check_model(str(path))  # by path: a model over 2 GiB is checked too
+    return info
 
 
 @contextmanager
@@ -275,24 +283,41 @@ def ffn_down_projections(model: Any) -> list[str]:
 
 
 def fold_weight_transposes(model: Any) -> int:
-    """Replace every ``Transpose`` of a constant in ``model`` by its result, a constant of the
-    same name; returns how many. Quantizers quantize only products by a constant weight:
-    torch.onnx writes a tied output projection (an LLM's ``lm_head``, the embedding table) as
-    ``MatMul(x, Transpose(table))``, which dynamic INT8 then runs by dequantizing the whole table
-    on every call and ``MatMulNBits`` leaves in fp32. ONNX Runtime folds the same transpose when
-    it loads an fp32 file, so the fp32 file keeps it (smaller on disk)."""
+    """Fold every transposed constant weight of ``model`` into a constant; returns how many.
+    Quantizers quantize only ``MatMul`` by a constant weight: torch.onnx writes a tied output
+    projection (an LLM's ``lm_head``, the embedding table) as ``MatMul(x, Transpose(table))``,
+    and graph fusions as ``FusedMatMul(x, table, transB=1)``, which dynamic INT8 would then run
+    by dequantizing the whole table on every call (or leave fp32) and ``MatMulNBits`` leaves in
+    fp32. A ``Transpose`` of a constant becomes a constant of the same name; such a
+    ``FusedMatMul`` a ``MatMul`` by ``<weight>.transposed``. ONNX Runtime folds the same
+    transposes when it loads an fp32 file, so the fp32 file keeps them (smaller on disk)."""
     import numpy as np
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     graph = model.graph
     constants = {t.name: t for t in graph.initializer}
     kept, count = [], 0
     for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "Transpose" and node.input[0] in constants:
             array = numpy_helper.to_array(constants[node.input[0]])
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            folded = np.ascontiguousarray(array.transpose(perm))  # perm None: reversed axes
+            folded = np.ascontiguousarray(array.transpose(attrs.get("perm")))  # None: reversed
             graph.initializer.append(numpy_helper.from_array(folded, node.output[0]))
+            count += 1
+        elif (
+            node.op_type == "FusedMatMul"
+            and node.input[1] in constants
+            and len(constants[node.input[1]].dims) == 2
+            and attrs == {"transB": 1}  # no transA, batch transposes or alpha
+        ):
+            name = f"{node.input[1]}.transposed"
+            if name not in constants:
+                array = numpy_helper.to_array(constants[node.input[1]])
+                constants[name] = numpy_helper.from_array(np.ascontiguousarray(array.T), name)
+                graph.initializer.append(constants[name])
+            kept.append(
+                helper.make_node("MatMul", [node.input[0], name], list(node.output), node.name)
+            )
             count += 1
         else:
             kept.append(node)

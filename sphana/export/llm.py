@@ -39,6 +39,7 @@ from sphana.export import (
     session,
     signature,
 )
+from sphana.export.llm_graph import fuse_generator
 from sphana.generation import (
     INPUTS,
     ONNX_FILE,
@@ -260,7 +261,17 @@ def export_generator(
     torch_fn = torch_step(model)
     decode = {"eos_ids": info["eos_token_ids"], "pad_id": info["pad_token_id"]}
     fp32_path, int8_path = out / onnx_spec.file_name, out / onnx_spec.int8_file_name
-    export_onnx(CachedLM(model), example, onnx_spec, fp32_path, cfg.opset, cfg.external_data_mb)
+    fusion = export_onnx(
+        CachedLM(model),
+        example,
+        onnx_spec,
+        fp32_path,
+        cfg.opset,
+        cfg.external_data_mb,
+        rewrite=fuse_generator,
+    )
+    if not fusion["attention_fused"]:
+        log.warning("llm: attention did not fuse (%s); the graph is exact, only slower", fusion)
     save_tokenizer(tokenizer, out)
     write_json_atomic(out / META_FILE, info)
 
@@ -357,6 +368,7 @@ def export_generator(
         partial(gate, precision="int4", with_perplexity=True),
     )
     report = {
+        "fusion": {"exporter": "dynamo", **fusion},
         "fp32": fp32,
         "int8": int8,
         "int4": int4,
