@@ -563,7 +563,7 @@ class ReleaseConfig:
     version: str = "0.1.0"  # version of the release bundle (manifest `version`)
     name: str = "sphana"
     components: list[str] = field(default_factory=lambda: ["embedding", "relation", "gnn", "llm"])
-    min_onnxruntime: str = "1.17"  # written to system_requirements for consumers
+    min_onnxruntime: str = "1.21"  # written to system_requirements for consumers
 
     def __post_init__(self) -> None:
         _check_semver("release.version", self.version)

@@ -483,8 +483,8 @@ def test_model_config_and_system_requirements_carry_both_names(built) -> None:
     assert llm["max_seq_length"] == 2048 and llm["quantized"] is True
     assert c["llm"]["path"].endswith("llm/0.1.0/onnx/llm_generator.int8.onnx")
     requirements = manifest["system_requirements"]
-    assert requirements["onnx_runtime"] == requirements["onnxruntime"] == ">=1.17"
-    assert (requirements["cuda"], requirements["cudnn"]) == (">=11.8", ">=8.2")
+    assert requirements["onnx_runtime"] == requirements["onnxruntime"] == ">=1.21"
+    assert (requirements["cuda"], requirements["cudnn"]) == (">=12.0", ">=9.0")
     assert requirements["execution_providers"] == ["CPUExecutionProvider"]
 
 

@@ -165,6 +165,8 @@ def export_onnx(
             external_data=True,  # any size; save_model decides how it is written
             verbose=False,
         )
+        if rewrite is not None:  # the exporter's graph; ONNX's checker knows no fused operator
+            onnx.checker.check_model(str(tmp))
         model = onnx.load(str(tmp))
     strip_debug_metadata(model)
     internal = {o for node in model.graph.node for o in node.output}
@@ -175,7 +177,7 @@ def export_onnx(
     if rewrite is not None:
         model, info = rewrite(model)
     save_model(model, path, external_mb)
-    if rewrite is None:  # ONNX's checker knows no ONNX Runtime operator; the session checks those
+    if rewrite is None:
         onnx.checker.check_model(str(path))  # by path: a model over 2 GiB is checked too
     return info
 
@@ -302,13 +304,16 @@ def fold_weight_transposes(model: Any) -> int:
         if node.op_type == "Transpose" and node.input[0] in constants:
             array = numpy_helper.to_array(constants[node.input[0]])
             folded = np.ascontiguousarray(array.transpose(attrs.get("perm")))  # None: reversed
-            graph.initializer.append(numpy_helper.from_array(folded, node.output[0]))
+            constants[node.output[0]] = numpy_helper.from_array(folded, node.output[0])
+            graph.initializer.append(constants[node.output[0]])
             count += 1
         elif (
             node.op_type == "FusedMatMul"
             and node.input[1] in constants
             and len(constants[node.input[1]].dims) == 2
-            and attrs == {"transB": 1}  # no transA, batch transposes or alpha
+            and attrs.get("transB") == 1
+            and attrs.get("alpha", 1.0) == 1.0
+            and not any(attrs.get(k) for k in ("transA", "transBatchA", "transBatchB"))
         ):
             name = f"{node.input[1]}.transposed"
             if name not in constants:

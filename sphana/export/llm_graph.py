@@ -2,24 +2,25 @@
 
 torch.onnx (dynamo) writes a Qwen2/Llama decoder as plain operators: RMS norms as
 ``Pow``/``ReduceMean``/``Sqrt``, rotary embeddings as ``Slice``/``Neg``/``Concat`` arithmetic,
-attention as ``MatMul``/``Softmax`` over keys repeated for every query head. onnxscript's ONNX
-Runtime fusions (:func:`onnxscript.rewriter.ort_fusions.optimize_for_ort`) rewrite these into
-``SimplifiedLayerNormalization``/``SkipSimplifiedLayerNormalization`` and
-``GroupQueryAttention``, but their ``GroupQueryAttention`` follows onnxruntime-genai's
-convention: valid tokens first (right padding), lengths read off ``position_ids`` and positions
-counted from there. The export's contract (DESIGN.md, the .NET consumer) is a left-padded
-prefill, an ``attention_mask`` over past + new tokens and explicit ``position_ids``, under which
-that graph is wrong for every padded row. So, in order:
+attention as ``MatMul``/``Softmax``. :func:`fuse_generator` rewrites them into ONNX Runtime's
+fused operators, in order:
 
-1. transformers' rotary embedding (``position_ids * inv_freq``, ``cos``/``sin`` of it) becomes
-   ``com.microsoft.RotaryEmbedding`` reading ``position_ids`` itself, with a ``cos``/``sin``
-   table computed up to the largest position of the call (:class:`_PositionRotary`);
-2. onnxscript's fusions (RMS norms, attention);
-3. every ``GroupQueryAttention`` is rewired to the contract (:func:`_left_padded_attention`):
-   every row counted at the full length, padding masked by an ``attention_bias`` built from
-   ``attention_mask`` (the causal part stays the operator's own), rotary applied before it by
-   ``RotaryEmbedding`` with the given ``position_ids`` (the operator's own rotary derives
-   positions from lengths).
+1. onnxscript's ONNX Runtime fusions (:func:`onnxscript.rewriter.ort_fusions.optimize_for_ort`):
+   ``SimplifiedLayerNormalization``/``SkipSimplifiedLayerNormalization``, and attention as
+   ``MultiHeadAttention`` whose ``attention_bias`` is the model's own mask (causal, padding and any
+   sliding window, computed from ``attention_mask`` as before); the past keys and values are
+   joined and repeated for the query heads before it, as in the PyTorch model;
+2. transformers' rotary embedding (``position_ids * inv_freq``, ``cos``/``sin`` of it) becomes
+   ``RotaryEmbedding`` reading ``position_ids`` itself, with a ``cos``/``sin`` table computed up to
+   the largest position of the call (:func:`_rotary_rule`).
+
+Not ``GroupQueryAttention``: onnxscript fuses it only where it can drop the mask, after
+onnxruntime-genai's convention (valid tokens first, positions and lengths counted from
+``position_ids``), under which a left-padded row of this contract attends to its padding; with
+the mask as its ``attention_bias`` instead, ONNX Runtime's CPU kernel still refuses a step of
+several tokens after a past for a batch of more than one ("batch_size must be 1 when
+sequence_length > 1 and past context is given"), which the contract allows. A graph where it
+appears anyway (another onnxscript) is refused by :func:`fuse_generator`.
 
 The parity gates of :mod:`sphana.export.llm` (left-padded prefill and cached steps against
 PyTorch) decide whether the result ships, as they do for any graph.
@@ -33,7 +34,6 @@ from typing import Any
 # fused operators the generator's graph may hold (ONNX Runtime's; SimplifiedLayerNormalization
 # in the ONNX domain, where ONNX Runtime registers it, the others in com.microsoft)
 FUSED_OPS = (
-    "GroupQueryAttention",
     "MultiHeadAttention",
     "RotaryEmbedding",
     "SimplifiedLayerNormalization",
@@ -104,110 +104,36 @@ def _rotary_rule() -> Any:
     return pattern.RewriteRuleSet([_PositionRotary.rule()])
 
 
-def _left_padded_attention(model: Any) -> int:
-    """Step 3 on ``model`` (a ModelProto, in place); returns how many attention nodes."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = model.graph
-    attention = [n for n in graph.node if n.domain == _MS and n.op_type == "GroupQueryAttention"]
-    if not attention:
-        return 0
-    constants = {
-        "gqa.zero": np.array([0], np.int64),
-        "gqa.one": np.array([1], np.int64),
-        "gqa.two": np.array([2], np.int64),
-        "gqa.one_i32": np.array(1, np.int32),
-        "gqa.mask_axes": np.array([1, 2], np.int64),
-        "gqa.attend": np.array(0.0, np.float32),
-        "gqa.masked": np.array(np.finfo(np.float32).min, np.float32),
-    }
-    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items())
-    node = helper.make_node
-    shared = [  # from the inputs: lengths (every row at full length) and the padding bias
-        node("Shape", ["attention_mask"], ["gqa.mask_shape"]),
-        node("Slice", ["gqa.mask_shape", "gqa.zero", "gqa.one"], ["gqa.batch"]),
-        node("Slice", ["gqa.mask_shape", "gqa.one", "gqa.two"], ["gqa.total_1d"]),
-        node("Shape", ["input_ids"], ["gqa.ids_shape"]),
-        node("Slice", ["gqa.ids_shape", "gqa.one", "gqa.two"], ["gqa.sequence"]),
-        node("Squeeze", ["gqa.total_1d"], ["gqa.total_i64"]),
-        node("Cast", ["gqa.total_i64"], ["gqa.total"], to=TensorProto.INT32),
-        node("Sub", ["gqa.total", "gqa.one_i32"], ["gqa.last"]),
-        node("Expand", ["gqa.last", "gqa.batch"], ["gqa.seqlens_k"]),
-        node("Unsqueeze", ["attention_mask", "gqa.mask_axes"], ["gqa.mask_4d"]),
-        node("Cast", ["gqa.mask_4d"], ["gqa.keep"], to=TensorProto.BOOL),
-        node("Where", ["gqa.keep", "gqa.attend", "gqa.masked"], ["gqa.bias_row"]),
-        node(
-            "Concat",
-            ["gqa.batch", "gqa.one", "gqa.sequence", "gqa.total_1d"],
-            ["gqa.bias_shape"],
-            axis=0,
-        ),
-        node("Expand", ["gqa.bias_row", "gqa.bias_shape"], ["gqa.bias"]),
-    ]
-    nodes, rewire = shared, {id(n) for n in attention}
-    for n in graph.node:
-        if id(n) in rewire:
-            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-            ins = [*n.input, *[""] * (11 - len(n.input))]
-            if attrs.get("do_rotary"):  # query, key rotated by the given positions first
-                for i, heads in ((0, "num_heads"), (1, "kv_num_heads")):
-                    rotated = f"{n.output[0]}.rotary_{i}"
-                    nodes.append(
-                        node(
-                            "RotaryEmbedding",
-                            [ins[i], "position_ids", ins[7], ins[8]],
-                            [rotated],
-                            domain=_MS,
-                            num_heads=attrs[heads],
-                            interleaved=attrs.get("rotary_interleaved", 0),
-                        )
-                    )
-                    ins[i] = rotated
-                attrs["do_rotary"] = 0
-            ins[5], ins[6], ins[7], ins[8], ins[10] = (
-                "gqa.seqlens_k",
-                "gqa.total",
-                "",
-                "",
-                "gqa.bias",
-            )
-            del n.input[:]
-            n.input.extend(ins[: max(i for i, name in enumerate(ins) if name) + 1])
-            del n.attribute[:]
-            n.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
-        nodes.append(n)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return len(attention)
-
-
 def fuse_generator(model: Any) -> tuple[Any, dict[str, Any]]:
     """The fused graph of ``model`` (a ModelProto of the export's signature) and what was fused:
-    ``fused_operators`` (counts), ``attention_fused`` (one fused attention per layer; a graph
-    where it is not is still exact, only slower) and ``left_padded_attention`` (the
-    ``GroupQueryAttention`` nodes rewired to the contract)."""
+    ``fused_operators`` (counts) and ``attention_fused`` (one fused attention per layer; a graph
+    where it is not is still exact, only slower).
+
+    Raises:
+        RuntimeError: onnxscript fused a ``GroupQueryAttention`` (see the module's docstring).
+    """
     import onnx_ir as ir
-    import onnx_ir.passes.common as passes
     from onnxscript import optimizer
     from onnxscript.rewriter import rewrite
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
     from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_rotary_embedding
 
-    graph = ir.serde.deserialize_model(model)
-    passes.ShapeInferencePass()(graph)
-    optimizer.optimize(graph)
-    fuse_rotary_embedding(graph)
+    graph, _ = optimize_for_ort(ir.serde.deserialize_model(model))
+    fuse_rotary_embedding(graph)  # as onnxscript functions, which _rotary_rule rewrites
     rewrite(graph, _rotary_rule())
-    graph, _ = optimize_for_ort(graph)
+    optimizer.optimize(graph)  # inlines any it did not match back into plain operators
     fused = ir.serde.serialize_model(graph)
-    rewired = _left_padded_attention(fused)
     ops = Counter(n.op_type for n in fused.graph.node)
+    if ops["GroupQueryAttention"]:
+        raise RuntimeError(
+            "onnxscript fused GroupQueryAttention into the generator's graph, whose padding "
+            "convention is not this export's (sphana/export/llm_graph.py); install the "
+            "onnxscript release pyproject.toml names"
+        )
     counts = {op: ops[op] for op in FUSED_OPS}
     layers = sum(1 for i in fused.graph.input if i.name.endswith(".key"))
     return fused, {
         "optimizer": "onnxscript.rewriter.ort_fusions",
         "fused_operators": counts,
-        "attention_fused": counts["GroupQueryAttention"] + counts["MultiHeadAttention"] == layers,
-        "left_padded_attention": rewired,
+        "attention_fused": counts["MultiHeadAttention"] == layers,
     }
