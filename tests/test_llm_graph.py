@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from sphana.export import export_onnx, session
-from sphana.export.llm import cached_parity, spec
+from sphana.export.llm import cached_parity, spec, trace_example
 from sphana.export.llm_graph import fuse_generator
-from sphana.generation import ort_step, past_names
+from sphana.generation import ort_step
 from sphana.llm import CachedLM, cache_shape, torch_step
 
 # left-padded batches of unequal prompts: every row but the longest is padded
@@ -44,18 +44,8 @@ def _tiny(kind: str, kv_heads: int) -> torch.nn.Module:
 
 
 def _export(model: torch.nn.Module, path: Path) -> dict:
-    layers, kv_heads, head_dim = cache_shape(model.config)
-    generator = torch.Generator().manual_seed(0)
-    batch, sequence, past = 2, 3, 4
-    example = {
-        "input_ids": torch.randint(0, 300, (batch, sequence), generator=generator),
-        "attention_mask": torch.ones(batch, past + sequence, dtype=torch.int64),
-        "position_ids": torch.arange(past, past + sequence).expand(batch, sequence).contiguous(),
-        **{
-            name: torch.randn(batch, kv_heads, past, head_dim, generator=generator)
-            for name in past_names(layers)
-        },
-    }
+    example = trace_example(model.config.vocab_size, cache_shape(model.config))
+    layers = model.config.num_hidden_layers
     return export_onnx(CachedLM(model), example, spec(layers), path, 18, rewrite=fuse_generator)
 
 

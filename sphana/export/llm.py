@@ -219,6 +219,24 @@ def run(
         )
 
 
+def trace_example(vocab_size: int, shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    """The inputs a causal LM with cache ``shape`` (:func:`cache_shape`) is traced with: a
+    cached step of batch 2, 3 new tokens after 4 past ones. Every dynamic axis gets a distinct
+    size of at least 2, since torch.export specializes an axis traced at 0 or 1."""
+    batch, sequence, past = 2, 3, 4
+    layers, kv_heads, head_dim = shape
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.randint(0, vocab_size, (batch, sequence), generator=generator),
+        "attention_mask": torch.ones(batch, past + sequence, dtype=torch.int64),
+        "position_ids": torch.arange(past, past + sequence).expand(batch, sequence).contiguous(),
+        **{
+            name: torch.randn(batch, kv_heads, past, head_dim, generator=generator)
+            for name in past_names(layers)
+        },
+    }
+
+
 def export_generator(
     model: Any,
     tokenizer: Any,
@@ -245,19 +263,7 @@ def export_generator(
     p = cfg.parity
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
 
-    # distinct sizes on every dynamic axis: torch.export specializes an axis traced at 0 or 1
-    batch, sequence, past = 2, 3, 4
-    layers, kv_heads, head_dim = shape
-    generator = torch.Generator().manual_seed(0)
-    example = {
-        "input_ids": torch.randint(0, info["vocab_size"], (batch, sequence), generator=generator),
-        "attention_mask": torch.ones(batch, past + sequence, dtype=torch.int64),
-        "position_ids": torch.arange(past, past + sequence).expand(batch, sequence).contiguous(),
-        **{
-            name: torch.randn(batch, kv_heads, past, head_dim, generator=generator)
-            for name in past_names(layers)
-        },
-    }
+    example = trace_example(info["vocab_size"], shape)
     torch_fn = torch_step(model)
     decode = {"eos_ids": info["eos_token_ids"], "pad_id": info["pad_token_id"]}
     fp32_path, int8_path = out / onnx_spec.file_name, out / onnx_spec.int8_file_name

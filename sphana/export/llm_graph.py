@@ -39,11 +39,10 @@ FUSED_OPS = (
     "SimplifiedLayerNormalization",
     "SkipSimplifiedLayerNormalization",
 )
-_MS = "com.microsoft"
 
 
 def _rotary_rule() -> Any:
-    """The rewrite rule of step 1 (built on first use: onnxscript imports slowly)."""
+    """The rewrite rule of step 2 (built on first use: onnxscript imports slowly)."""
     import onnx_ir as ir
     from onnxscript.rewriter import pattern
 
@@ -98,7 +97,7 @@ def _rotary_rule() -> Any:
                 sin,
                 interleaved=interleaved,
                 num_heads=num_heads,
-                _domain=_MS,
+                _domain="com.microsoft",
             )
 
     return pattern.RewriteRuleSet([_PositionRotary.rule()])
