@@ -7,12 +7,13 @@ Run after `dvc repro` (or `make run`), from the repository root:
 For the embedding model (on real English text nobody here wrote: the paragraphs of the licenses
 in /usr/share/common-licenses, ~70 tokens, and the passages of the general out-of-domain set,
 Python's standard-library docstrings, ~100 tokens) and the relation extractor (on its validation
-examples), it prints batch-32 throughput, single-input latency p50/p95 (tokenization excluded),
+examples, and on the candidate pairs ingest's entity detector finds in those license sentences,
+~70 tokens), it prints batch-32 throughput, single-input latency p50/p95 (tokenization excluded),
 file sizes, agreement with PyTorch (mean cosine / label agreement), the fused operators in the
 graph and the INT8 recipe the export chose; ``--profile`` adds each ONNX file's share of kernel
-time per operator on the same batches (ONNX Runtime's profiler). Each embedding set is measured
-twice: batches in the text's own order (padded to their longest text: the worst case) and sorted
-by length first, as ``sphana serve``'s batcher forms them. Backends take turns in rounds, so a
+time per operator on the same batches (ONNX Runtime's profiler). Each set of real text is
+measured twice: batches in the text's own order (padded to their longest text: the worst case)
+and sorted by length first, as ``sphana serve``'s batcher forms them. Backends take turns in rounds, so a
 noisy machine slows them alike: compare ratios, not absolute figures. It measures; it asserts
 nothing.
 """
@@ -96,6 +97,22 @@ def license_paragraphs() -> list[str]:
     return list(paragraphs)
 
 
+def license_pairs(max_pair_chars: int, count: int) -> list[dict[str, Any]]:
+    """``count`` candidate pairs spread evenly over those ``ingest``'s entity detector
+    (:func:`sphana.entities.detect`) finds in the sentences of :func:`license_paragraphs`, as the
+    relation extractor reads them; [] where there are none."""
+    from sphana.datasets import pair_example
+    from sphana.entities import detect
+
+    pairs = [
+        pair_example(pair)
+        for paragraph in license_paragraphs()
+        for sentence in detect(paragraph, max_pair_chars)
+        for pair in sentence["pairs"]
+    ]
+    return pairs[:: max(len(pairs) // count, 1)][:count]
+
+
 def main() -> None:
     quiet_libraries()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -172,28 +189,47 @@ def main() -> None:
     root = artifacts / "relation" / params["relation"]["version"]
     files = report_of("relation")
     model, tokenizer, meta = load_relation(root / "pytorch")
+    runs = backends(model, root / "onnx", files, args.threads)
     _, validation, _ = load_split(Path(params["paths"]["datasets"]) / "relation")
-    examples = validation[: 4 * args.batch]
 
     def feed_examples(chunk: list[dict]) -> dict[str, np.ndarray]:
         inputs = tokenize_examples(tokenizer, chunk, meta["max_seq_length"])
         return {k: v.numpy() for k, v in inputs.items()}
 
-    batches = [
-        feed_examples(examples[i : i + args.batch]) for i in range(0, len(examples), args.batch)
-    ]
-    singles = [feed_examples([x]) for x in (examples * 4)[: args.runs]]
-    compare(
-        "relation",
-        backends(model, root / "onnx", files, args.threads),
-        batches,
-        singles,
-        lambda ref, got: f"label agreement {np.mean(ref.argmax(1) == got.argmax(1)):.4f}",
-        args.seconds,
-    )
+    def marked_tokens(example: dict) -> int:
+        return int(feed_examples([example])["attention_mask"].sum())
+
+    example_sets = {
+        "validation": validation[: 4 * args.batch],
+        "license sentences' candidate pairs": license_pairs(
+            params["ingest"]["max_pair_chars"], 8 * args.batch
+        ),
+    }
+    for set_name, examples in example_sets.items():
+        if not examples:
+            print(f"relation, {set_name}: none on this machine, skipped")
+            continue
+        orders = [("own order", examples)]
+        if set_name != "validation":
+            orders.append(("sorted", sorted(examples, key=marked_tokens)))
+        for order, ordered in orders:
+            batches = [
+                feed_examples(ordered[i : i + args.batch])
+                for i in range(0, len(ordered), args.batch)
+            ]
+            compare(
+                f"relation, {set_name}, {order}",
+                runs,
+                batches,
+                [feed_examples([x]) for x in (examples * 4)[: args.runs]]
+                if order == "own order"
+                else [],
+                lambda ref, got: f"label agreement {np.mean(ref.argmax(1) == got.argmax(1)):.4f}",
+                args.seconds,
+            )
+            if args.profile:
+                profile(root / "onnx", files, args.threads, batches)
     sizes(root / "onnx", files)
-    if args.profile:
-        profile(root / "onnx", files, args.threads, batches)
 
 
 if __name__ == "__main__":
