@@ -13,9 +13,9 @@ file sizes, agreement with PyTorch (mean cosine / label agreement), the fused op
 graph and the INT8 recipe the export chose; ``--profile`` adds each ONNX file's share of kernel
 time per operator on the same batches (ONNX Runtime's profiler). Each set of real text is
 measured twice: batches in the text's own order (padded to their longest text: the worst case)
-and sorted by length first, as ``sphana serve``'s batcher forms them. Backends take turns in rounds, so a
-noisy machine slows them alike: compare ratios, not absolute figures. It measures; it asserts
-nothing.
+and sorted by length first, as ``sphana serve``'s batcher forms them. Backends take turns in
+rounds, so a noisy machine slows them alike: compare ratios, not absolute figures. It measures;
+it asserts nothing.
 """
 
 from __future__ import annotations
