@@ -84,6 +84,28 @@ def compare(
         )
 
 
+def measure_orders(
+    title: str,
+    runs: dict[str, Any],
+    items: list[Any],
+    feed: Any,
+    length: Any,
+    agreement: Any,
+    args: Any,
+    profiled: tuple[Path, dict[str, str]],
+    sort: bool = True,
+) -> None:
+    """:func:`compare` on ``items`` batched in their own order (with single-input latency) and,
+    with ``sort``, sorted by ``length`` first; ``feed(chunk)`` makes a batch."""
+    orders = [("own order", items)] + ([("sorted", sorted(items, key=length))] if sort else [])
+    for order, ordered in orders:
+        batches = [feed(ordered[i : i + args.batch]) for i in range(0, len(items), args.batch)]
+        singles = [feed([x]) for x in (items * 4)[: args.runs]] if order == "own order" else []
+        compare(f"{title}, {order}", runs, batches, singles, agreement, args.seconds)
+        if args.profile:
+            profile(*profiled, args.threads, batches)
+
+
 def license_paragraphs() -> list[str]:
     """The paragraphs (at least 8 words, whitespace collapsed) of the licenses Debian installs
     in /usr/share/common-licenses, each once, in file order; [] where there are none."""
@@ -168,18 +190,16 @@ def main() -> None:
         if not texts:
             print(f"embedding, {set_name}: none on this machine, skipped")
             continue
-        for order, ordered in (("own order", texts), ("sorted", sorted(texts, key=tokens))):
-            batches = [feed(ordered[i : i + args.batch]) for i in range(0, len(texts), args.batch)]
-            compare(
-                f"embedding, {set_name}, {order}",
-                runs,
-                batches,
-                [feed([t]) for t in (texts * 4)[: args.runs]] if order == "own order" else [],
-                lambda ref, got: f"mean cosine {np.mean(np.sum(ref * got, axis=1)):.4f}",
-                args.seconds,
-            )
-            if args.profile:
-                profile(root / "onnx", files, args.threads, batches)
+        measure_orders(
+            f"embedding, {set_name}",
+            runs,
+            texts,
+            feed,
+            tokens,
+            lambda ref, got: f"mean cosine {np.mean(np.sum(ref * got, axis=1)):.4f}",
+            args,
+            (root / "onnx", files),
+        )
     sizes(root / "onnx", files)
 
     from sphana.relation import load_split
@@ -209,26 +229,17 @@ def main() -> None:
         if not examples:
             print(f"relation, {set_name}: none on this machine, skipped")
             continue
-        orders = [("own order", examples)]
-        if set_name != "validation":
-            orders.append(("sorted", sorted(examples, key=marked_tokens)))
-        for order, ordered in orders:
-            batches = [
-                feed_examples(ordered[i : i + args.batch])
-                for i in range(0, len(ordered), args.batch)
-            ]
-            compare(
-                f"relation, {set_name}, {order}",
-                runs,
-                batches,
-                [feed_examples([x]) for x in (examples * 4)[: args.runs]]
-                if order == "own order"
-                else [],
-                lambda ref, got: f"label agreement {np.mean(ref.argmax(1) == got.argmax(1)):.4f}",
-                args.seconds,
-            )
-            if args.profile:
-                profile(root / "onnx", files, args.threads, batches)
+        measure_orders(
+            f"relation, {set_name}",
+            runs,
+            examples,
+            feed_examples,
+            marked_tokens,
+            lambda ref, got: f"label agreement {np.mean(ref.argmax(1) == got.argmax(1)):.4f}",
+            args,
+            (root / "onnx", files),
+            sort=set_name != "validation",  # templated, of even length: nothing to sort
+        )
     sizes(root / "onnx", files)
 
 
