@@ -214,3 +214,25 @@ def test_a_tied_output_projection_is_quantized_as_a_product_by_a_constant(
     got = run(int8, feeds)[0]
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()  # INT8: close, not equal
     np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_int8_weights_have_7_bits_without_vnni_or_when_asked(tmp_path: Path) -> None:
+    """``reduce_range``: 7-bit weights where the CPU lacks VNNI (detected) or where the caller
+    asks for them; 8 bits otherwise."""
+    from sphana.config import Quantization
+    from sphana.export import cpu_has_vnni, quantize
+
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float32)
+    model = model_of(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], ["x"], ["y"], {"w": weight}, 17
+    )
+    onnx.save(model, tmp_path / "fp32.onnx")
+    for asked, reduced in [(True, True), (False, False), (None, not cpu_has_vnni())]:
+        dst = tmp_path / f"{asked}.onnx"
+        info = quantize(tmp_path / "fp32.onnx", dst, Quantization.per_channel, reduce_range=asked)
+        assert info["reduce_range"] is reduced and info["cpu_vnni"] is cpu_has_vnni()
+        int8 = onnx.load(str(dst))
+        (w,) = [numpy_helper.to_array(t) for t in int8.graph.initializer if len(t.dims) == 2]
+        # per channel: each column's largest weight takes the end of the range
+        assert np.abs(w.astype(int)).max() == (64 if reduced else 127), w.min()

@@ -22,6 +22,7 @@ import numpy as np
 from sphana.convert import Plan, backends, load_weights, read_json
 from sphana.embedding import POOLING_MODES
 from sphana.errors import InputError
+from sphana.index import row_cosines
 
 INT8_GATES = "mean cosine, recall@5 retention"
 ST_MODULES = {"Transformer": "transformer", "Pooling": "pooling", "Normalize": "normalize"}
@@ -320,16 +321,13 @@ def _sentence_transformers_match(p: Plan, embed: Any, texts: list[str]) -> dict[
     source directory (None for other layouts)."""
     if p.layout != "sentence-transformers":
         return None
-    import numpy as np
     from sentence_transformers import SentenceTransformer
 
     theirs = SentenceTransformer(p.source, device="cpu", local_files_only=True).encode(
         texts, batch_size=32, convert_to_numpy=True
     )
     ours = embed(texts)
-    cosine = np.sum(ours * theirs, 1) / (
-        np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1)
-    )
+    cosine = row_cosines(ours, theirs)
     return {
         "texts": len(texts),
         "max_abs_diff": float(np.max(np.abs(ours - theirs))),

@@ -332,10 +332,18 @@ def fold_weight_transposes(model: Any) -> int:
 
 
 def quantize(
-    src: Path, dst: Path, preset: Quantization, exclude: list[str] | None = None
+    src: Path,
+    dst: Path,
+    preset: Quantization,
+    exclude: list[str] | None = None,
+    reduce_range: bool | None = None,
 ) -> dict[str, Any]:
     """Dynamic INT8 quantization of ``src`` into ``dst`` (transposed constant weights folded
     first: :func:`fold_weight_transposes`); returns what was done.
+
+    Weights get 7 bits (``reduce_range``) on an x86 CPU without VNNI, where the u8 x s8
+    multiply-add of AVX2 (``vpmaddubsw``) can saturate, and 8 elsewhere
+    (:func:`cpu_has_vnni`); ``reduce_range`` given decides instead (to measure both on one CPU).
 
     Presets:
         per_tensor: one scale per weight tensor (MiniLM: mean cosine ~0.957 — misses the gate).
@@ -354,6 +362,8 @@ def quantize(
     if preset == Quantization.per_channel_ffn_fp32:
         exclude = ffn_down_projections(model)
     vnni = cpu_has_vnni()
+    if reduce_range is None:
+        reduce_range = not vnni
     external = external_data(src).is_file()  # a model over 2 GiB: INT8 is written the same way
     with tempfile.TemporaryDirectory(dir=dst.parent) as scratch:
         tmp = Path(scratch) / dst.name
@@ -364,8 +374,7 @@ def quantize(
                 str(tmp),
                 weight_type=QuantType.QInt8,
                 per_channel=preset != Quantization.per_tensor,
-                # without VNNI, x86's u8 x s8 multiply-add can saturate: 7-bit weights avoid it
-                reduce_range=not vnni,
+                reduce_range=reduce_range,
                 nodes_to_exclude=list(exclude or []),
                 use_external_data_format=external,
                 # shape inference cannot type the fused operators' outputs: they are float
@@ -379,7 +388,7 @@ def quantize(
         "fp32_nodes": len(exclude or []),
         "weight_transposes_folded": folded,
         "cpu_vnni": vnni,
-        "reduce_range": not vnni,
+        "reduce_range": reduce_range,
     }
 
 

@@ -25,6 +25,7 @@ from sphana.export import (
     session,
     text_model_spec,
 )
+from sphana.index import row_cosines
 from sphana.io import atomic_dir
 
 # output not named "embedding": an internal node of the exported graph has that name
@@ -101,8 +102,7 @@ def cosine_parity(
     ``export.parity.int8_min_mean_cosine``."""
     texts = texts[: cfg.parity.max_texts]
     ref, got = reference_embed(texts), int8_embed(texts)
-    # both norms: a converted model need not normalize its output
-    cosine = np.sum(ref * got, axis=1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    cosine = row_cosines(ref, got)  # both norms: a converted model need not normalize
     mean_cosine = float(cosine.mean())
     return {
         "mean_cosine": round(mean_cosine, 6),

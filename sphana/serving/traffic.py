@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from sphana.index import row_cosines
+
 KEY_HEADER = "x-sphana-key"
 PIN_HEADER = "x-sphana-version"
 # the component an endpoint serves: what a split of that component routes
@@ -119,9 +121,7 @@ def check_share(component: str, share: Any) -> float:
 
 def cosine_agreement(served: Any, shadow: Any) -> float:
     """Mean cosine of each input's two embeddings."""
-    a, b = np.asarray(served, dtype=np.float64), np.asarray(shadow, dtype=np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return float(np.mean(np.sum(a * b, axis=1) / np.maximum(norms, 1e-12)))
+    return float(np.mean(row_cosines(served, shadow)))
 
 
 def label_agreement(served: dict[str, Any], shadow: dict[str, Any]) -> float:
