@@ -255,25 +255,19 @@ def test_second_repro_runs_nothing(repo: Path) -> None:
     assert "up to date" in proc.stdout
 
 
-def test_training_param_experiment_reruns_exactly_the_model_chain(repo: Path) -> None:
-    proc = dvc("exp", "run", "-S", "embedding.lr=0.002", cwd=repo)
-    assert_ran(proc, EMBEDDING_CHAIN)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    assert params["embedding"]["lr"] == 0.002
-    shown = dvc("exp", "show", "--json", cwd=repo).stdout
-    assert "0.002" in shown
-
-
-def test_relation_param_experiment_reruns_only_the_relation_chain(repo: Path) -> None:
-    # on top of the previous experiment (DVC composes conf/ with the given overrides only)
+def test_param_experiment_reruns_exactly_the_chains_of_its_params(repo: Path) -> None:
+    # an embedding and a relation param: each model's chain, their shared tail once, nothing
+    # else (the embedding's chain alone: the imported-encoder test)
     proc = dvc("exp", "run", "-S", "embedding.lr=0.002", "-S", "relation.dropout=0.2", cwd=repo)
     # the graph ranker's relation nodes are the extractor's predictions: its chain follows
     assert_ran(
         proc,
         [
+            "train_embedding",
+            "export_embedding",
             "train_relation",
             "export_relation",
-            "index",  # the relations of each passage are precomputed there
+            "index",  # embeds the passages, and precomputes the relations of each
             "build_graphs",
             "train_gnn",
             "export_gnn",
@@ -282,9 +276,14 @@ def test_relation_param_experiment_reruns_only_the_relation_chain(repo: Path) ->
             "evaluate",
         ],
     )
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["embedding"]["lr"] == 0.002 and params["relation"]["dropout"] == 0.2
+    shown = dvc("exp", "show", "--json", cwd=repo).stdout
+    assert "0.002" in shown
     manifest = json.loads((repo / "target/manifests/latest.json").read_text())
-    prov = manifest["provenance"]["stages"]["train_relation"]
-    assert prov["params"]["relation"]["dropout"] == 0.2
+    prov = manifest["provenance"]["stages"]
+    assert prov["train_relation"]["params"]["relation"]["dropout"] == 0.2
+    assert prov["train_embedding"]["params"]["embedding"]["lr"] == 0.002
 
 
 def test_gnn_and_llm_params_rerun_only_their_chains(repo: Path) -> None:
