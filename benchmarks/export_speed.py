@@ -34,6 +34,7 @@ from sphana import general_eval
 from sphana.entry import quiet_libraries
 from sphana.export import session
 from sphana.export.speed import latency, onnx_runner, operator_shares, throughput, torch_runner
+from sphana.index import row_cosines
 
 
 def backends(model: Any, onnx_dir: Path, files: dict[str, str], threads: int) -> dict[str, Any]:
@@ -196,7 +197,7 @@ def main() -> None:
             texts,
             feed,
             tokens,
-            lambda ref, got: f"mean cosine {np.mean(np.sum(ref * got, axis=1)):.4f}",
+            lambda ref, got: f"mean cosine {row_cosines(ref, got).mean():.4f}",
             args,
             (root / "onnx", files),
         )
