@@ -51,14 +51,6 @@ EMBEDDING_CHAIN = [
     "package",
     "evaluate",
 ]
-# the first param experiment (test_param_experiment_reruns_exactly_the_chains_of_its_params):
-# later experiments repeat it, so that only their own params differ from the workspace's
-PREVIOUS_EXPERIMENT = [
-    "-S",
-    "embedding.import_from=models/embedding/minilm",
-    "-S",
-    "relation.dropout=0.2",
-]
 # (upstream, downstream) stage pairs of dvc.yaml: DVC must run the first before the second
 ORDER = [
     ("ingest", "build_datasets"),
@@ -272,15 +264,26 @@ def test_second_repro_runs_nothing(repo: Path) -> None:
 
 
 def test_param_experiment_reruns_exactly_the_chains_of_its_params(repo: Path, tmp_path) -> None:
-    """Two params in one experiment: ``embedding.import_from`` (a sentence-transformers encoder
+    """Three params in one experiment: ``embedding.import_from`` (a sentence-transformers encoder
     trained elsewhere, put under models/embedding/: all-MiniLM-L6-v2's first two layers, mean
-    pooling, Normalize) and a relation training param. DVC reruns each model's chain and their
-    shared tail once, nothing else; the manifest records both, the imported encoder's source and
-    hash with them; the registry versions the import; an edit to its files is a change DVC sees."""
+    pooling, Normalize), a relation and a generator training param. DVC reruns each model's
+    chain and their shared tail once, nothing else; the manifest records the params, the
+    imported encoder's source and hash with them; the registry versions the import; an edit to
+    its files is a change DVC sees."""
     source = repo / "models/embedding/minilm"
     sentence_transformers_dir(minilm_cut(tmp_path / "two_layers"), source, "mean", True)
     commit_all(repo, "an encoder trained elsewhere")
-    proc = dvc("exp", "run", *PREVIOUS_EXPERIMENT, cwd=repo)
+    proc = dvc(
+        "exp",
+        "run",
+        "-S",
+        "embedding.import_from=models/embedding/minilm",
+        "-S",
+        "relation.dropout=0.2",
+        "-S",
+        "llm.lr=0.002",
+        cwd=repo,
+    )
     # the graph ranker's relation nodes are the extractor's predictions: its chain follows
     assert_ran(
         proc,
@@ -293,6 +296,8 @@ def test_param_experiment_reruns_exactly_the_chains_of_its_params(repo: Path, tm
             "build_graphs",
             "train_gnn",
             "export_gnn",
+            "train_llm",
+            "export_llm",
             "manifest",
             "package",
             "evaluate",
@@ -300,11 +305,12 @@ def test_param_experiment_reruns_exactly_the_chains_of_its_params(repo: Path, tm
     )
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["embedding"]["import_from"] == "models/embedding/minilm"
-    assert params["relation"]["dropout"] == 0.2
+    assert params["relation"]["dropout"] == 0.2 and params["llm"]["lr"] == 0.002
     assert "models/embedding/minilm" in dvc("exp", "show", "--json", cwd=repo).stdout
     manifest = json.loads((repo / "target/manifests/latest.json").read_text())
     prov = manifest["provenance"]["stages"]
     assert prov["train_relation"]["params"]["relation"]["dropout"] == 0.2
+    assert prov["train_llm"]["params"]["llm"]["lr"] == 0.002
     embedding = prov["train_embedding"]["params"]["embedding"]
     assert embedding["import_from"] == "models/embedding/minilm"
     config = manifest["components"]["embedding"]["model_config"]
@@ -314,57 +320,6 @@ def test_param_experiment_reruns_exactly_the_chains_of_its_params(repo: Path, tm
     assert config["source"]["sha256"].startswith("sha256:")
     metrics = json.loads((repo / "target/metrics/train_embedding.json").read_text())
     assert metrics["imported"]["source"] == config["source"]
-
-    commit_all(repo, "ship the imported encoder")
-    sphana("artifacts", "register", "embedding", "0.2.0", cwd=repo)
-    assert "embedding@v0.2.0" in run(["git", "tag"], cwd=repo).stdout.split()
-
-    card = source / "README.md"
-    shipped = card.read_text()
-    card.write_text("edited model card\n")
-    status = json.loads(dvc("status", "--json", cwd=repo).stdout)
-    assert "train_embedding" in status and "train_relation" not in status
-    card.write_text(shipped)  # the experiments below start from the shipped encoder
-    assert json.loads(dvc("status", "--json", cwd=repo).stdout) == {}
-
-
-def test_gnn_and_llm_params_rerun_only_their_chains(repo: Path) -> None:
-    # a model param of the graph ranker changes its training only, not its graphs
-    params_file = repo / "params.yaml"
-    shipped = params_file.read_text()
-    params = yaml.safe_load(shipped)
-    params["gnn"]["hidden"] = 8
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    status = json.loads(dvc("status", "--json", cwd=repo).stdout)
-    assert "train_gnn" in status and "build_graphs" not in status, status
-    params_file.write_text(shipped)
-    # two independent chains in one experiment: a graph param reruns the ranker's graphs and
-    # what follows them, a generator param its training and export (the corpus index and the
-    # encoders stay), and the evaluation
-    proc = dvc(
-        "exp",
-        "run",
-        *PREVIOUS_EXPERIMENT,
-        "-S",
-        "gnn.graph.top_k=3",
-        "-S",
-        "llm.lr=0.002",
-        cwd=repo,
-    )
-    assert_ran(
-        proc,
-        [
-            "build_graphs",
-            "train_gnn",
-            "export_gnn",
-            "train_llm",
-            "export_llm",
-            "manifest",
-            "package",
-            "evaluate",
-        ],
-    )
-    manifest = json.loads((repo / "target/manifests/latest.json").read_text())
     gnn = manifest["components"]["gnn"]
     assert [t["name"] for t in gnn["signature"]["inputs"]] == [
         "node_features",
@@ -379,8 +334,50 @@ def test_gnn_and_llm_params_rerun_only_their_chains(repo: Path) -> None:
     assert [t["name"] for t in llm["signature"]["outputs"]][:2] == ["logits", "present.0.key"]
     assert llm["model_config"]["quantized"] and llm["path"].endswith("llm_generator.int8.onnx")
     assert llm["parity"]["fp32"]["identical_generations"] == 1.0
-    assert manifest["provenance"]["stages"]["train_llm"]["params"]["llm"]["lr"] == 0.002
     sphana("verify", "target/manifests/latest.json", "--lock", "dvc.lock", cwd=repo)
+
+    commit_all(repo, "ship the imported encoder")
+    sphana("artifacts", "register", "embedding", "0.2.0", cwd=repo)
+    assert "embedding@v0.2.0" in run(["git", "tag"], cwd=repo).stdout.split()
+
+    card = source / "README.md"
+    shipped = card.read_text()
+    card.write_text("edited model card\n")
+    status = json.loads(dvc("status", "--json", cwd=repo).stdout)
+    assert "train_embedding" in status and "train_relation" not in status
+    card.write_text(shipped)  # the tests below start from the shipped encoder
+    assert json.loads(dvc("status", "--json", cwd=repo).stdout) == {}
+
+
+@pytest.mark.parametrize(
+    ("param", "value", "stages"),
+    [
+        # a model param of the graph ranker changes its training, not its graphs
+        ("gnn.hidden", 8, ["export_gnn", "manifest", "train_gnn"]),
+        # a graph param changes the graphs (the corpus index and the encoders stay)
+        ("gnn.graph.top_k", 3, ["build_graphs", "export_gnn", "manifest", "train_gnn"]),
+        ("llm.lr", 0.001, ["export_llm", "manifest", "train_llm"]),
+    ],
+)
+def test_a_param_changes_exactly_the_stages_that_read_it(
+    repo: Path, param: str, value: float, stages: list[str]
+) -> None:
+    """The stages `dvc status` names for an edited param: where the experiment above ran a
+    model's whole chain, each of these starts its own (what follows them reruns on their
+    outputs, as the experiment shows)."""
+    params_file = repo / "params.yaml"
+    shipped = params_file.read_text()
+    params = yaml.safe_load(shipped)
+    *groups, key = param.split(".")
+    node = params
+    for group in groups:
+        node = node[group]
+    node[key] = value
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        assert sorted(json.loads(dvc("status", "--json", cwd=repo).stdout)) == stages
+    finally:
+        params_file.write_text(shipped)
 
 
 @pytest.mark.slow  # ~2.5 min: it reruns nearly the whole pipeline
