@@ -125,6 +125,8 @@ def built_tiny(dvc_built: tuple[Path, str], tmp_path_factory: pytest.TempPathFac
     """The tiny pipeline's stage outputs for in-process tests: (cfg, results), ``cfg`` pointing
     into a copy of :func:`dvc_built`'s ``target/`` (one build serves both kinds of test) and
     ``results`` each stage's report as the stage wrote it."""
+    from sphana import pipeline
+
     tmp = tmp_path_factory.mktemp("built")
     shutil.copytree(dvc_built[0] / "target", tmp / "target", symlinks=True)
     cfg = tiny_config(tmp)
@@ -146,7 +148,7 @@ def built_tiny(dvc_built: tuple[Path, str], tmp_path_factory: pytest.TempPathFac
         report = (
             Path(cfg.paths.ingest) / "report.json"
             if name == "ingest"
-            else Path(cfg.paths.metrics) / f"{name}.json"
+            else pipeline.metrics_file(cfg, name)
         )
         results[name] = json.loads(report.read_text(encoding="utf-8"))
     return cfg, results

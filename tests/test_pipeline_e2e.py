@@ -117,9 +117,13 @@ def set_params(overrides: list[str]) -> list[str]:
     return [arg for override in overrides for arg in ("-S", override)]
 
 
-def downstream(repo: Path, stages: list[str]) -> list[str]:
-    """``stages`` and every stage DVC's graph (`dvc dag --dot`) runs after them, sorted."""
-    edges = re.findall(r'"([^"]+)" -> "([^"]+)"', dvc("dag", "--dot", cwd=repo).stdout)
+def dag(repo: Path) -> list[tuple[str, str]]:
+    """The edges of DVC's stage graph (`dvc dag --dot`): (upstream, downstream) pairs."""
+    return re.findall(r'"([^"]+)" -> "([^"]+)"', dvc("dag", "--dot", cwd=repo).stdout)
+
+
+def downstream(edges: list[tuple[str, str]], stages: list[str]) -> list[str]:
+    """``stages`` and every stage the graph ``edges`` runs after them, sorted."""
     found, grown = set(stages), True
     while grown:
         after = {b for a, b in edges if a in found} - found
@@ -318,12 +322,13 @@ def test_param_experiment_reruns_exactly_the_chains_of_its_params(repo: Path, tm
     proc = dvc("exp", "run", *set_params(FIRST_EXPERIMENT), cwd=repo)
     assert_ran(proc, sorted({*EMBEDDING_CHAIN, *RELATION_CHAIN, *LLM_CHAIN}))
     # what each param reruns on its own, by DVC's graph: no chain reaches another model's
+    edges = dag(repo)
     for first, chain in (
         ("train_embedding", EMBEDDING_CHAIN),
         ("train_relation", RELATION_CHAIN),
         ("train_llm", LLM_CHAIN),
     ):
-        assert downstream(repo, [first]) == sorted(chain), first
+        assert downstream(edges, [first]) == sorted(chain), first
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["embedding"]["import_from"] == "models/embedding/minilm"
     assert params["relation"]["dropout"] == 0.2 and params["llm"]["lr"] == 0.002
@@ -396,7 +401,7 @@ def test_a_param_changes_exactly_the_stages_that_read_it(
         params_file.write_bytes(shipped)
     assert sorted(status) == starts
     # after them only the release's packaging and evaluation: no other model's chain
-    assert downstream(repo, starts) == sorted({*starts, "package", "evaluate"})
+    assert downstream(dag(repo), starts) == sorted({*starts, "package", "evaluate"})
 
 
 @pytest.mark.slow  # ~2.5 min: it reruns nearly the whole pipeline
