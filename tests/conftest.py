@@ -120,6 +120,17 @@ def commit_all(repo: Path, message: str) -> None:
     subprocess.run(["git", "commit", "-q", "-m", message], cwd=repo, check=True)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Order the modules for pytest-xdist (`--dist loadscope --no-loadscope-reorder`, which hands
+    whole modules to the workers in this order): the first module that reads the shared tiny
+    build (:func:`dvc_built`) goes first, so one worker starts building it at once; then every
+    module that does not read it, which keeps the other workers busy meanwhile; then the rest of
+    the build's readers. Tests keep their order within a module."""
+    readers = {item.module for item in items if "dvc_built" in item.fixturenames}
+    first = next((item.module for item in items if item.module in readers), None)
+    items.sort(key=lambda item: 0 if item.module is first else 2 if item.module in readers else 1)
+
+
 @pytest.fixture(scope="session")
 def built_tiny(dvc_built: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory):
     """The tiny pipeline's stage outputs for in-process tests: (cfg, results), ``cfg`` pointing
@@ -157,8 +168,34 @@ def built_tiny(dvc_built: tuple[Path, str], tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="session")
 def dvc_built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A copy of this repository set to the tiny configs, committed and built by `dvc repro`:
-    (path, DVC's output). Modules take their own copy (:func:`copy_built`)."""
-    repo = use_tiny_configs(copy_repo(tmp_path_factory.mktemp("dvc_built")))
+    (path, DVC's output). Modules take their own copy (:func:`copy_built`) or only read it.
+
+    Built once per test run: under pytest-xdist the first worker that needs it builds it in the
+    run's shared temporary directory while the others wait on a file lock, then all read it (a
+    failed build is recorded, so the others fail with its output instead of building again)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build_tiny(tmp_path_factory.mktemp("dvc_built"))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent
+    record = shared / "dvc_built.json"
+    with FileLock(shared / "dvc_built.lock"):
+        if not record.is_file():
+            try:
+                repo, output = build_tiny(shared / "dvc_built")
+            except Exception as err:
+                record.write_text(json.dumps({"error": repr(err)}), encoding="utf-8")
+                raise
+            record.write_text(json.dumps({"repo": str(repo), "output": output}), encoding="utf-8")
+    result = json.loads(record.read_text(encoding="utf-8"))
+    if "error" in result:
+        raise AssertionError(f"the shared tiny build failed:\n{result['error']}")
+    return Path(result["repo"]), result["output"]
+
+
+def build_tiny(dest: Path) -> tuple[Path, str]:
+    dest.mkdir(exist_ok=True)
+    repo = use_tiny_configs(copy_repo(dest))
     proc = dvc("repro", cwd=repo)
     return repo, proc.stdout + proc.stderr
 
