@@ -34,7 +34,7 @@ from sphana import general_eval
 from sphana.entry import quiet_libraries
 from sphana.export import session
 from sphana.export.speed import latency, onnx_runner, operator_shares, throughput, torch_runner
-from sphana.index import row_cosines
+from sphana.vectors import row_cosines
 
 
 def backends(model: Any, onnx_dir: Path, files: dict[str, str], threads: int) -> dict[str, Any]:

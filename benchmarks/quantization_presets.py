@@ -26,7 +26,7 @@ from sphana.embedding import ValidationSet, encode, load_trained
 from sphana.entry import quiet_libraries
 from sphana.export import cpu_has_vnni, quantize, session
 from sphana.export.embedding import ort_embed
-from sphana.index import row_cosines
+from sphana.vectors import row_cosines
 
 
 def main() -> None:

@@ -45,14 +45,6 @@ FILES = (INFO, PASSAGES, VECTORS)
 RECALL_QUERIES = 1000  # passages searched for to measure an approximate index's recall@10
 
 
-def row_cosines(a: Any, b: Any) -> np.ndarray:
-    """The cosine of each row of ``a`` to the same row of ``b`` (two embeddings of the same
-    inputs; neither need be unit length, a zero row gives 0, a NaN stays NaN)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.sum(a * b, axis=1) / np.maximum(norms, 1e-12)
-
-
 @dataclass
 class Hit:
     row: int

@@ -404,6 +404,19 @@ def test_a_param_changes_exactly_the_stages_that_read_it(
     assert downstream(dag(repo), starts) == sorted({*starts, "package", "evaluate"})
 
 
+def test_editing_the_index_code_leaves_the_encoders_alone(repo: Path) -> None:
+    """The corpus index's code is a dependency of what builds or reads the index, not of the
+    encoders' training and export (their cosine gates import :mod:`sphana.vectors`)."""
+    code = repo / "sphana/index.py"
+    shipped = code.read_bytes()
+    code.write_bytes(shipped + b"\n# an edit\n")
+    try:
+        status = json.loads(dvc("status", "--json", cwd=repo).stdout)
+    finally:
+        code.write_bytes(shipped)
+    assert sorted(status) == ["evaluate", "index", "manifest", "package"]
+
+
 @pytest.mark.slow  # ~2.5 min: it reruns nearly the whole pipeline
 def test_chunking_param_reruns_from_ingest(repo: Path) -> None:
     proc = dvc("exp", "run", *set_params([*FIRST_EXPERIMENT, "ingest.chunk_tokens=64"]), cwd=repo)

@@ -24,6 +24,7 @@ SHARED = (
     "sphana.entities",
     "sphana.generation",
     "sphana.index",
+    "sphana.vectors",
     "sphana.query",
 )
 FORBIDDEN = "('torch.', 'transformers', 'torch_geometric', 'dvc', 'hydra')"

@@ -22,7 +22,7 @@ import numpy as np
 from sphana.convert import Plan, backends, load_weights, read_json
 from sphana.embedding import POOLING_MODES
 from sphana.errors import InputError
-from sphana.index import row_cosines
+from sphana.vectors import row_cosines
 
 INT8_GATES = "mean cosine, recall@5 retention"
 ST_MODULES = {"Transformer": "transformer", "Pooling": "pooling", "Normalize": "normalize"}

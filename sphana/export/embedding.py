@@ -25,8 +25,8 @@ from sphana.export import (
     session,
     text_model_spec,
 )
-from sphana.index import row_cosines
 from sphana.io import atomic_dir
+from sphana.vectors import row_cosines
 
 # output not named "embedding": an internal node of the exported graph has that name
 SPEC = text_model_spec("embedding", "embedding.onnx", "sentence_embedding")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from sphana.index import row_cosines
+from sphana.vectors import row_cosines
 
 KEY_HEADER = "x-sphana-key"
 PIN_HEADER = "x-sphana-version"
