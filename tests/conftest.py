@@ -120,14 +120,18 @@ def commit_all(repo: Path, message: str) -> None:
     subprocess.run(["git", "commit", "-q", "-m", message], cwd=repo, check=True)
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Order the modules for pytest-xdist (`--dist loadscope --no-loadscope-reorder`, which hands
-    whole modules to the workers in this order): the first module that reads the shared tiny
-    build (:func:`dvc_built`) goes first, so one worker starts building it at once; then every
+    whole modules to the workers in this order): first a module whose first test reads the
+    shared tiny build (:func:`dvc_built`), so one worker starts building it at once; then every
     module that does not read it, which keeps the other workers busy meanwhile; then the rest of
     the build's readers. Tests keep their order within a module."""
+    openers: dict[Any, pytest.Item] = {}
+    for item in items:
+        openers.setdefault(item.module, item)
     readers = {item.module for item in items if "dvc_built" in item.fixturenames}
-    first = next((item.module for item in items if item.module in readers), None)
+    first = next((m for m, item in openers.items() if "dvc_built" in item.fixturenames), None)
     items.sort(key=lambda item: 0 if item.module is first else 2 if item.module in readers else 1)
 
 
@@ -181,10 +185,11 @@ def dvc_built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     record = shared / "dvc_built.json"
     with FileLock(shared / "dvc_built.lock"):
         if not record.is_file():
-            try:
-                repo, output = build_tiny(shared / "dvc_built")
-            except Exception as err:
-                record.write_text(json.dumps({"error": repr(err)}), encoding="utf-8")
+            try:  # into a new folder: an interrupted attempt leaves its own behind
+                repo, output = build_tiny(Path(tempfile.mkdtemp(prefix="dvc_built", dir=shared)))
+            except BaseException as err:
+                error = f"{type(err).__name__}: {err}"
+                record.write_text(json.dumps({"error": error}), encoding="utf-8")
                 raise
             record.write_text(json.dumps({"repo": str(repo), "output": output}), encoding="utf-8")
     result = json.loads(record.read_text(encoding="utf-8"))
@@ -194,7 +199,6 @@ def dvc_built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 
 def build_tiny(dest: Path) -> tuple[Path, str]:
-    dest.mkdir(exist_ok=True)
     repo = use_tiny_configs(copy_repo(dest))
     proc = dvc("repro", cwd=repo)
     return repo, proc.stdout + proc.stderr
