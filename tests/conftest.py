@@ -123,15 +123,14 @@ def commit_all(repo: Path, message: str) -> None:
 @pytest.hookimpl(trylast=True)  # after -m and -k have deselected
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Order the modules for pytest-xdist (`--dist loadscope --no-loadscope-reorder`, which hands
-    whole modules to the workers in this order): first a module whose first test reads the
-    shared tiny build (:func:`dvc_built`), so one worker starts building it at once; then every
+    whole modules to the workers in this order): the first module that reads the shared tiny
+    build (:func:`dvc_built`) goes first, so one worker starts building it early; then every
     module that does not read it, which keeps the other workers busy meanwhile; then the rest of
-    the build's readers. Tests keep their order within a module."""
-    openers: dict[Any, pytest.Item] = {}
-    for item in items:
-        openers.setdefault(item.module, item)
+    the build's readers, the long DVC experiments among them, which run fastest once the
+    independent modules are done (962-971 s here against 1046-1071 s with the e2e module first).
+    Tests keep their order within a module."""
     readers = {item.module for item in items if "dvc_built" in item.fixturenames}
-    first = next((m for m, item in openers.items() if "dvc_built" in item.fixturenames), None)
+    first = next((item.module for item in items if item.module in readers), None)
     items.sort(key=lambda item: 0 if item.module is first else 2 if item.module in readers else 1)
 
 
