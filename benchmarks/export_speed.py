@@ -33,7 +33,7 @@ import yaml
 from sphana import general_eval
 from sphana.entry import quiet_libraries
 from sphana.export import session
-from sphana.export.speed import latency, onnx_runner, operator_shares, throughput, torch_runner
+from sphana.export.speed import latency, onnx_runner, operator_shares, side_by_side, torch_runner
 from sphana.vectors import row_cosines
 
 
@@ -58,7 +58,6 @@ def compare(
     singles: list[Any],
     agreement: Any,
     seconds: float,
-    rounds: int = 2,
 ) -> None:
     tokens = np.mean([b["attention_mask"].sum(1).mean() for b in batches])
     padded = np.mean([b["attention_mask"].shape[1] for b in batches])
@@ -66,14 +65,11 @@ def compare(
         f"{title}: batch {len(batches[0]['input_ids'])}, {tokens:.0f} tokens per input "
         f"(padded to {padded:.0f})"
     )
-    rates: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):  # interleaved: drift in machine load hits every backend
-        for name, run in runs.items():
-            rates[name].append(throughput(run, batches, seconds / rounds))
+    rates = side_by_side(runs, batches, seconds)
     reference = np.concatenate([runs["pytorch"](b) for b in batches])
-    base = max(rates["pytorch"])
+    base = rates["pytorch"]
     for name, run in runs.items():
-        rate = max(rates[name])
+        rate = rates[name]
         single = ""
         if singles:
             p50, p95 = latency(run, singles)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -209,6 +210,36 @@ def test_operator_shares_split_the_graphs_kernel_time_by_operator(built_tiny) ->
         assert list(shares.values()) == sorted(shares.values(), reverse=True)
     assert {"Attention", "ReduceMean"} <= set(fp32), fp32
     assert "Attention" not in int8 and "DynamicQuantizeMatMul" in int8, int8  # quantized kernels
+
+
+def test_speed_figures_come_from_backends_taking_turns(built_tiny) -> None:
+    """The speed table's and the benchmark's throughput: the backends alternate round by round,
+    so a machine that slows down during the measurement slows every backend, not the last."""
+    import itertools
+
+    from transformers import AutoTokenizer
+
+    from sphana.export import session
+    from sphana.export.embedding import numpy_inputs
+    from sphana.export.speed import onnx_runner, side_by_side
+
+    cfg, _ = built_tiny
+    onnx_dir = Path(cfg.paths.artifacts) / "embedding" / cfg.embedding.version / "onnx"
+    tokenizer = AutoTokenizer.from_pretrained(onnx_dir)
+    batches = [numpy_inputs(tokenizer, ["a short one", "and a much longer sentence here"], 32)]
+    calls: list[str] = []
+
+    def recorded(name: str, file: str) -> Callable[[dict], np.ndarray]:
+        run = onnx_runner(session(onnx_dir / file, 1))
+        return lambda feed: calls.append(name) or run(feed)
+
+    runs = {
+        name: recorded(name, f)
+        for name, f in [("fp32", "embedding.onnx"), ("int8", "embedding.int8.onnx")]
+    }
+    rates = side_by_side(runs, batches, seconds=0.3, rounds=3)
+    assert [name for name, _ in itertools.groupby(calls)] == ["fp32", "int8"] * 3
+    assert set(rates) == {"fp32", "int8"} and all(rate > 0 for rate in rates.values()), rates
 
 
 def test_int8_recipes_are_tried_until_the_gate_passes(built_tiny, tmp_path) -> None:

@@ -413,7 +413,8 @@ def backends(
 
 def speed_table(speed: dict[str, Any], threads: int, seconds: float) -> list[dict[str, Any]]:
     """PyTorch, ONNX fp32 (optimized) and INT8 side by side at the same thread count: the task
-    metric as % of PyTorch's, size, batch-32 throughput and single-input latency.
+    metric as % of PyTorch's, size, batch-32 throughput (backends taking turns, about
+    ``seconds`` each: :func:`~sphana.export.speed.side_by_side`) and single-input latency.
 
     Args:
         speed: ``runs`` (backend -> ``(run(feed), ONNX file or None)``), ``batches`` and
@@ -422,11 +423,13 @@ def speed_table(speed: dict[str, Any], threads: int, seconds: float) -> list[dic
     import torch
 
     from sphana.export import model_bytes
-    from sphana.export.speed import latency, throughput
+    from sphana.export.speed import latency, side_by_side
 
     if threads:
         torch.set_num_threads(threads)
     base = speed["quality"]["pytorch"] or 1.0
+    runs = {backend: run for backend, (run, _) in speed["runs"].items()}
+    rates = side_by_side(runs, speed["batches"], seconds)
     rows = []
     for backend, (run, path) in speed["runs"].items():
         p50, p95 = latency(run, speed["singles"])
@@ -436,7 +439,7 @@ def speed_table(speed: dict[str, Any], threads: int, seconds: float) -> list[dic
                 "metric": speed["metric"],
                 "of_pytorch": round(speed["quality"][backend] / base, 4),
                 "size_mib": round(model_bytes(path) / 2**20, 1) if path else None,
-                "batch32_per_s": round(throughput(run, speed["batches"], seconds), 1),
+                "batch32_per_s": round(rates[backend], 1),
                 "p50_ms": round(p50, 2),
                 "p95_ms": round(p95, 2),
             }

@@ -24,6 +24,19 @@ def throughput(run: Any, batches: list[dict[str, np.ndarray]], seconds: float) -
     return done / (time.perf_counter() - start)
 
 
+def side_by_side(
+    runs: dict[str, Any], batches: list[dict[str, np.ndarray]], seconds: float, rounds: int = 6
+) -> dict[str, float]:
+    """Inputs per second of each of ``runs`` on ``batches``, about ``seconds`` each: the backends
+    take turns in ``rounds`` rounds and each keeps its best, so a drift in the machine's load
+    slows them alike instead of whichever ran last (their ratios are what to compare)."""
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            rates[name].append(throughput(run, batches, seconds / rounds))
+    return {name: max(r) for name, r in rates.items()}
+
+
 def latency(run: Any, singles: list[dict[str, np.ndarray]]) -> tuple[float, float]:
     """p50 and p95 in ms of one input at a time (after ten warm-up runs)."""
     for feed in singles[:10]:
