@@ -10,7 +10,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from sphana.errors import ConfigError
+from sphana.errors import ConfigError, InputError
 
 
 def resolve(name: str, key: str) -> str:
@@ -87,6 +87,30 @@ def load_fast_tokenizer(name: str, key: str):  # -> tokenizers.Tokenizer
     return tokenizer
 
 
+def from_pretrained(cls: Any, path: str | Path, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(path, **kwargs)`` offline, refusing a checkpoint that lacks some of
+    the model's weights. transformers initializes those at random and only logs it (a log the
+    stages silence), and the parity gates after compare the export with that same broken model,
+    so nothing downstream would notice.
+
+    Raises:
+        InputError: naming the directory and the missing tensors.
+    """
+    model, info = cls.from_pretrained(
+        path, local_files_only=True, output_loading_info=True, **kwargs
+    )
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise InputError(
+            path,
+            f"the checkpoint lacks {len(missing)} of the weights of the {type(model).__name__} "
+            f"its config.json describes (e.g. {', '.join(missing[:3])}); transformers would "
+            "initialize them at random. Give a complete checkpoint (every layer in its "
+            "*.safetensors or pytorch_model.bin), or a config.json that matches the weights",
+        )
+    return model
+
+
 def load_backbone(name: str, key: str, init: Any, random_arch: Any) -> tuple[Any, Any]:
     """A transformer encoder (no pooler) and its tokenizer, offline.
 
@@ -102,9 +126,7 @@ def load_backbone(name: str, key: str, init: Any, random_arch: Any) -> tuple[Any
     # saved tokenizer_config.json, so the artifact's bytes must not depend on the environment
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if init == Init.pretrained:
-        return AutoModel.from_pretrained(
-            path, add_pooling_layer=False, local_files_only=True
-        ), tokenizer
+        return from_pretrained(AutoModel, path, add_pooling_layer=False), tokenizer
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     for attr, value in vars(random_arch).items():
         setattr(config, attr, value)

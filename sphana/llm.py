@@ -206,13 +206,13 @@ def build_model(cfg: LlmConfig, tokenizer: Any) -> nn.Module:
     or a new ``Qwen2ForCausalLM`` from ``llm.model``."""
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    from sphana.base_models import from_pretrained
+
     ids = special_ids(tokenizer)
     if cfg.base_model:
         gguf = gguf_file(cfg.base_model)
         where = (gguf.parent, {"gguf_file": gguf.name}) if gguf else (cfg.base_model, {})
-        model = AutoModelForCausalLM.from_pretrained(
-            where[0], local_files_only=True, dtype=torch.float32, **where[1]
-        )
+        model = from_pretrained(AutoModelForCausalLM, where[0], dtype=torch.float32, **where[1])
         if gguf:  # dequantized to fp32: a plain model from here on, saved and exported as one
             model.hf_quantizer = None
             vars(model.config).pop("quantization_config", None)

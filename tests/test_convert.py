@@ -383,6 +383,35 @@ def test_relation_inputs_that_cannot_be_served_are_refused_with_what_to_do(
     assert not out.exists()
 
 
+def test_a_checkpoint_missing_weights_is_refused_not_filled_at_random(
+    two_layers, classifier, tmp_path
+) -> None:
+    """transformers fills weights a checkpoint lacks with random ones and only logs it; every
+    gate after compares the export with that same model, so the conversion has to refuse it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def without(source: Path, name: str, drop: str) -> Path:
+        path = tmp_path / name
+        shutil.copytree(source, path)
+        weights = load_file(path / "model.safetensors")
+        kept = {k: v for k, v in weights.items() if drop not in k}
+        assert len(kept) < len(weights)
+        save_file(kept, path / "model.safetensors", metadata={"format": "pt"})
+        return path
+
+    encoder = without(two_layers, "encoder", "layer.1.")
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"lacks 16 of the weights of the BertModel.*layer\.1\."):
+        convert(plan(encoder, "embedding", pooling="mean"), out, seconds=0.05, cfg=TINY)
+    assert not out.exists()
+    # the classic: an encoder's checkpoint under a classifier's config.json (no trained head)
+    headless = without(classifier, "headless", "classifier.")
+    with pytest.raises(InputError, match=r"BertForSequenceClassification.*classifier\.bias"):
+        load(plan(headless, "relation"))
+
+
 @pytest.fixture(scope="module")
 def chat_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A byte-level BPE with the ChatML tokens, trained on real text (the general set)."""

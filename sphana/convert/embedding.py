@@ -117,14 +117,13 @@ def load(p: Plan, trust_pickle: bool = False) -> tuple[Any, Any]:
     """The :class:`~sphana.embedding.Encoder` (eval mode) and tokenizer of a plan."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    from sphana.base_models import from_pretrained
     from sphana.embedding import Encoder
 
     model_dir = Path(p.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     if p.weights is None:
-        transformer = AutoModel.from_pretrained(
-            model_dir, add_pooling_layer=False, local_files_only=True
-        )
+        transformer = from_pretrained(AutoModel, model_dir, add_pooling_layer=False)
     else:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         transformer = AutoModel.from_config(config, add_pooling_layer=False)

@@ -71,15 +71,14 @@ def load(p: Plan, trust_pickle: bool = False) -> tuple[Any, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from sphana.base_models import from_pretrained
     from sphana.llm import CHAT_TEMPLATE, read_tokenizer
 
     model_dir = Path(p.model_dir)
     tokenizer = read_tokenizer(model_dir)
     tokenizer.chat_template = CHAT_TEMPLATE  # the runtime's prompt format (no system turn)
     if p.weights is None:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, local_files_only=True, dtype=torch.float32
-        )
+        model = from_pretrained(AutoModelForCausalLM, model_dir, dtype=torch.float32)
     else:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -111,10 +111,12 @@ def load(p: Plan, trust_pickle: bool = False) -> tuple[Any, Any]:
     """The :class:`Classifier` (eval mode) and tokenizer of a plan."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+    from sphana.base_models import from_pretrained
+
     model_dir = Path(p.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     if p.weights is None:
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
+        model = from_pretrained(AutoModelForSequenceClassification, model_dir)
     else:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         model = AutoModelForSequenceClassification.from_config(config)
