@@ -28,8 +28,18 @@ def side_by_side(
     runs: dict[str, Any], batches: list[dict[str, np.ndarray]], seconds: float, rounds: int = 6
 ) -> dict[str, float]:
     """Inputs per second of each of ``runs`` on ``batches``, about ``seconds`` each: the backends
-    take turns in ``rounds`` rounds and each keeps its best, so a drift in the machine's load
-    slows them alike instead of whichever ran last (their ratios are what to compare)."""
+    take turns in up to ``rounds`` rounds and each keeps its best, so a drift in the machine's
+    load slows them alike instead of whichever ran last (their ratios are what to compare).
+    Every round runs whole passes over ``batches``, so there are fewer rounds when the slowest
+    backend's pass takes longer than ``seconds / rounds``."""
+    slowest = 0.0
+    for run in runs.values():  # warm-up, and the time of one pass
+        run(batches[0])
+        start = time.perf_counter()
+        for batch in batches:
+            run(batch)
+        slowest = max(slowest, time.perf_counter() - start)
+    rounds = max(1, min(rounds, int(seconds / slowest)))
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
