@@ -384,13 +384,16 @@ def test_relation_inputs_that_cannot_be_served_are_refused_with_what_to_do(
 
 
 def test_a_checkpoint_missing_weights_is_refused_not_filled_at_random(
-    two_layers, classifier, tmp_path
+    two_layers, classifier, chat_tokenizer, tmp_path
 ) -> None:
     """transformers fills weights a checkpoint lacks with random ones and only logs it; every
     gate after compares the export with that same model, so the conversion has to refuse it."""
     import shutil
 
     from safetensors.torch import load_file, save_file
+
+    from sphana.base_models import load_backbone
+    from sphana.config import Init
 
     def without(source: Path, name: str, drop: str) -> Path:
         path = tmp_path / name
@@ -410,6 +413,12 @@ def test_a_checkpoint_missing_weights_is_refused_not_filled_at_random(
     headless = without(classifier, "headless", "classifier.")
     with pytest.raises(InputError, match=r"BertForSequenceClassification.*classifier\.bias"):
         load(plan(headless, "relation"))
+    lm = without(causal_lm("qwen2", chat_tokenizer, tmp_path / "qwen2"), "lm", "layers.0.")
+    with pytest.raises(InputError, match=r"Qwen2ForCausalLM.*layers\.0\."):
+        load(plan(lm, "llm"))
+    # the pipeline's base models (embedding.base_model, relation.base_model) load the same way
+    with pytest.raises(InputError, match=r"lacks 16 of the weights"):
+        load_backbone(str(encoder), "embedding.base_model", Init.pretrained, None)
 
 
 @pytest.fixture(scope="module")
