@@ -421,6 +421,22 @@ def test_a_checkpoint_missing_weights_is_refused_not_filled_at_random(
         load_backbone(str(encoder), "embedding.base_model", Init.pretrained, None)
 
 
+def test_tokens_added_without_resizing_the_embeddings_are_refused(classifier, tmp_path) -> None:
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from sphana.relation_inputs import MARKERS
+
+    source = tmp_path / "added"
+    shutil.copytree(classifier, source)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    tokenizer.add_special_tokens({"additional_special_tokens": [*MARKERS, "[E3]"]})
+    tokenizer.save_pretrained(source)
+    with pytest.raises(InputError, match=r"tokenizer has \d+ tokens but .*resize_token_emb"):
+        load(plan(source, "relation"))
+
+
 @pytest.fixture(scope="module")
 def chat_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A byte-level BPE with the ChatML tokens, trained on real text (the general set)."""

@@ -241,6 +241,24 @@ def load_weights(p: Plan, model: Any, trust_pickle: bool, skip: tuple[str, ...] 
         )
 
 
+def check_vocabulary(p: Plan, model: Any, tokenizer: Any) -> None:
+    """Refuse a tokenizer whose ids run past ``model``'s (a transformers model's) embedding table:
+    tokens added to the tokenizer without ``resize_token_embeddings`` would fail deep inside the
+    export, or wherever a text first contains them.
+
+    Raises:
+        InputError: naming the directory, both sizes and the fix.
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise InputError(
+            p.model_dir,
+            f"its tokenizer has {len(tokenizer)} tokens but the model's embedding table only "
+            f"{rows} rows (tokens added without resizing the embeddings); call "
+            "model.resize_token_embeddings(len(tokenizer)), train or save the model again",
+        )
+
+
 def _state_dict(path: Path, trust_pickle: bool) -> dict[str, Any]:
     import pickle
 

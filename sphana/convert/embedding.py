@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from sphana.convert import Plan, backends, load_weights, read_json
+from sphana.convert import Plan, backends, check_vocabulary, load_weights, read_json
 from sphana.embedding import POOLING_MODES
 from sphana.errors import InputError
 from sphana.vectors import row_cosines
@@ -128,6 +128,7 @@ def load(p: Plan, trust_pickle: bool = False) -> tuple[Any, Any]:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         transformer = AutoModel.from_config(config, add_pooling_layer=False)
         load_weights(p, transformer, trust_pickle, skip=("pooler.",))
+    check_vocabulary(p, transformer, tokenizer)
     return Encoder(transformer, p.pooling, p.normalize).eval(), tokenizer
 
 

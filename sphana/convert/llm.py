@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sphana.convert import Plan, load_weights, read_json
+from sphana.convert import Plan, check_vocabulary, load_weights, read_json
 from sphana.errors import InputError
 
 INT8_GATES = "greedy token agreement"
@@ -83,6 +83,7 @@ def load(p: Plan, trust_pickle: bool = False) -> tuple[Any, Any]:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         load_weights(p, model, trust_pickle)
+    check_vocabulary(p, model, tokenizer)
     return model.eval(), tokenizer
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from sphana.convert import Plan, backends, load_weights, read_json
+from sphana.convert import Plan, backends, check_vocabulary, load_weights, read_json
 from sphana.errors import InputError
 from sphana.relation_inputs import MARKERS, NO_RELATION
 
@@ -121,6 +121,7 @@ def load(p: Plan, trust_pickle: bool = False) -> tuple[Any, Any]:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         model = AutoModelForSequenceClassification.from_config(config)
         load_weights(p, model, trust_pickle)
+    check_vocabulary(p, model, tokenizer)
     return Classifier(model).eval(), tokenizer
 
 
