@@ -249,7 +249,10 @@ def cmd_artifacts_parity_samples(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from sphana.config import _check_semver
     from sphana.convert import convert, plan, print_table
+    from sphana.entry import quiet_libraries
     from sphana.errors import ConfigError
+
+    quiet_libraries()  # as the stages: a missing weight is an error, the rest is noise here
 
     try:
         _check_semver("--version", args.version)

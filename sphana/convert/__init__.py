@@ -219,7 +219,39 @@ def read_json(path: Path, expected: type = dict) -> Any:
     return data
 
 
-def load_weights(p: Plan, model: Any, trust_pickle: bool, skip: tuple[str, ...] = ()) -> None:
+def load_transformer(
+    p: Plan,
+    auto_class: Any,
+    tokenizer: Any,
+    trust_pickle: bool,
+    skip: tuple[str, ...] = (),
+    **kwargs: Any,
+) -> Any:
+    """``p``'s transformers model as ``auto_class`` (``AutoModel``, ``AutoModelFor...``; ``kwargs``
+    go to it): the directory's own weights, or ``p``'s state-dict file (names starting with
+    ``skip`` left out) loaded into a model built from its ``config.json``. Every weight must be
+    in the checkpoint, and ``tokenizer`` must fit the model's embedding table.
+
+    Raises:
+        InputError: a tensor is missing or unexpected, the file holds no state dict, a pickle
+            is not trusted, or the tokenizer has more tokens than the embedding table.
+    """
+    from transformers import AutoConfig
+
+    from sphana.base_models import from_pretrained
+
+    model_dir = Path(p.model_dir)
+    if p.weights is None:
+        model = from_pretrained(auto_class, model_dir, **kwargs)
+    else:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        model = auto_class.from_config(config, **kwargs)
+        _load_weights(p, model, trust_pickle, skip)
+    _check_vocabulary(p, model, tokenizer)
+    return model
+
+
+def _load_weights(p: Plan, model: Any, trust_pickle: bool, skip: tuple[str, ...]) -> None:
     """Load ``p``'s state-dict file into ``model`` (built from its config.json), stripping a
     common prefix (``bert.``, ``0.auto_model.``) and names starting with ``skip``.
 
@@ -241,7 +273,7 @@ def load_weights(p: Plan, model: Any, trust_pickle: bool, skip: tuple[str, ...] 
         )
 
 
-def check_vocabulary(p: Plan, model: Any, tokenizer: Any) -> None:
+def _check_vocabulary(p: Plan, model: Any, tokenizer: Any) -> None:
     """Refuse a tokenizer whose ids run past ``model``'s (a transformers model's) embedding table:
     tokens added to the tokenizer without ``resize_token_embeddings`` would fail deep inside the
     export, or wherever a text first contains them.

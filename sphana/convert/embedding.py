@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from sphana.convert import Plan, backends, check_vocabulary, load_weights, read_json
+from sphana.convert import Plan, backends, load_transformer, read_json
 from sphana.embedding import POOLING_MODES
 from sphana.errors import InputError
 from sphana.vectors import row_cosines
@@ -115,20 +115,14 @@ def details(
 
 def load(p: Plan, trust_pickle: bool = False) -> tuple[Any, Any]:
     """The :class:`~sphana.embedding.Encoder` (eval mode) and tokenizer of a plan."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer
 
-    from sphana.base_models import from_pretrained
     from sphana.embedding import Encoder
 
-    model_dir = Path(p.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    if p.weights is None:
-        transformer = from_pretrained(AutoModel, model_dir, add_pooling_layer=False)
-    else:
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-        transformer = AutoModel.from_config(config, add_pooling_layer=False)
-        load_weights(p, transformer, trust_pickle, skip=("pooler.",))
-    check_vocabulary(p, transformer, tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(p.model_dir, local_files_only=True)
+    transformer = load_transformer(
+        p, AutoModel, tokenizer, trust_pickle, skip=("pooler.",), add_pooling_layer=False
+    )
     return Encoder(transformer, p.pooling, p.normalize).eval(), tokenizer
 
 

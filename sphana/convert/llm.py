@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sphana.convert import Plan, check_vocabulary, load_weights, read_json
+from sphana.convert import Plan, load_transformer, read_json
 from sphana.errors import InputError
 
 INT8_GATES = "greedy token agreement"
@@ -69,21 +69,13 @@ def details(
 def load(p: Plan, trust_pickle: bool = False) -> tuple[Any, Any]:
     """The causal LM (fp32, eval mode) and its tokenizer, as ``tokenizer.json`` says."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from sphana.base_models import from_pretrained
     from sphana.llm import CHAT_TEMPLATE, read_tokenizer
 
-    model_dir = Path(p.model_dir)
-    tokenizer = read_tokenizer(model_dir)
+    tokenizer = read_tokenizer(Path(p.model_dir))
     tokenizer.chat_template = CHAT_TEMPLATE  # the runtime's prompt format (no system turn)
-    if p.weights is None:
-        model = from_pretrained(AutoModelForCausalLM, model_dir, dtype=torch.float32)
-    else:
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        load_weights(p, model, trust_pickle)
-    check_vocabulary(p, model, tokenizer)
+    model = load_transformer(p, AutoModelForCausalLM, tokenizer, trust_pickle, dtype=torch.float32)
     return model.eval(), tokenizer
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from sphana.convert import Plan, backends, check_vocabulary, load_weights, read_json
+from sphana.convert import Plan, backends, load_transformer, read_json
 from sphana.errors import InputError
 from sphana.relation_inputs import MARKERS, NO_RELATION
 
@@ -109,19 +109,10 @@ def _check_markers(model_dir: Path) -> None:
 
 def load(p: Plan, trust_pickle: bool = False) -> tuple[Any, Any]:
     """The :class:`Classifier` (eval mode) and tokenizer of a plan."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from sphana.base_models import from_pretrained
-
-    model_dir = Path(p.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    if p.weights is None:
-        model = from_pretrained(AutoModelForSequenceClassification, model_dir)
-    else:
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModelForSequenceClassification.from_config(config)
-        load_weights(p, model, trust_pickle)
-    check_vocabulary(p, model, tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(p.model_dir, local_files_only=True)
+    model = load_transformer(p, AutoModelForSequenceClassification, tokenizer, trust_pickle)
     return Classifier(model).eval(), tokenizer
 
 
