@@ -101,7 +101,8 @@ def _fail(stage: str, message: str) -> NoReturn:
 
 
 def quiet_libraries() -> None:
-    """Progress bars and warnings of the libraries underneath are noise in a stage's log."""
+    """Progress bars and warnings of the libraries underneath are noise in a stage's log; Sphana's
+    own warnings (e.g. why a generator's 4-bit file was not shipped) still reach stderr."""
     import logging
     import warnings
 
@@ -110,6 +111,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TORCH_LOGS", "-all")
     for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript", "root"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("sphana").setLevel(logging.WARNING)  # not the root's level: ours still show
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

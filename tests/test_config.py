@@ -134,6 +134,20 @@ def test_cli_help_is_plain_text() -> None:
         assert command in out
 
 
+def test_quieted_libraries_leave_sphanas_own_warnings_on_stderr() -> None:
+    from conftest import run
+
+    code = (
+        "import logging; from sphana.entry import quiet_libraries; quiet_libraries(); "
+        "logging.getLogger('sphana.export.llm').warning('ours: the 4-bit file was not shipped'); "
+        "logging.getLogger('root').warning('theirs: run pre-processing'); "
+        "logging.getLogger('torch.onnx').warning('theirs: exporter detail')"
+    )
+    stderr = run([sys.executable, "-c", code], cwd=REPO).stderr
+    assert "ours: the 4-bit file was not shipped" in stderr
+    assert "theirs" not in stderr
+
+
 def test_stage_without_its_inputs_says_what_to_build_first(tmp_path: Path) -> None:
     from conftest import run
 
