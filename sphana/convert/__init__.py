@@ -233,8 +233,9 @@ def load_transformer(
     in the checkpoint, and ``tokenizer`` must fit the model's embedding table.
 
     Raises:
-        InputError: a tensor is missing or unexpected, the file holds no state dict, a pickle
-            is not trusted, or the tokenizer has more tokens than the embedding table.
+        InputError: a weight is missing (either way; a state-dict file with a tensor the model
+            does not have is refused too), the file holds no state dict, a pickle is not
+            trusted, or the tokenizer has more tokens than the embedding table.
     """
     from transformers import AutoConfig
 
