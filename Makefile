@@ -61,7 +61,7 @@ constraints:
 	.venv-constraints/bin/pip install --quiet -e '.[build,serve,dev]'
 	sed -n '/^#/p' constraints.txt > constraints.txt.tmp
 	.venv-constraints/bin/pip freeze --exclude-editable \
-	  | grep -v -e '^torch==' -e '^nvidia-' -e '^triton==' >> constraints.txt.tmp
+	  | grep -v '^torch==' >> constraints.txt.tmp  # torch: its local label (+cpu) is this host's
 	mv constraints.txt.tmp constraints.txt
 	rm -rf .venv-constraints
 
