@@ -14,10 +14,10 @@ import numpy as np
 
 
 def throughput(run: Any, batches: list[dict[str, np.ndarray]], seconds: float) -> float:
-    """Inputs per second running ``batches`` in turn for about ``seconds`` (after one warm-up)."""
-    run(batches[0])
+    """Inputs per second running whole passes over ``batches`` until ``seconds`` have passed (one
+    pass at least; warm ``run`` up first)."""
     done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    while not done or time.perf_counter() - start < seconds:
         for batch in batches:
             run(batch)
             done += len(batch["input_ids"])
@@ -32,13 +32,11 @@ def side_by_side(
     load slows them alike instead of whichever ran last (their ratios are what to compare).
     Every round runs whole passes over ``batches``, so there are fewer rounds when the slowest
     backend's pass takes longer than ``seconds / rounds``."""
+    inputs = sum(len(batch["input_ids"]) for batch in batches)
     slowest = 0.0
-    for run in runs.values():  # warm-up, and the time of one pass
+    for run in runs.values():  # a warm-up, then one pass: how long a pass takes
         run(batches[0])
-        start = time.perf_counter()
-        for batch in batches:
-            run(batch)
-        slowest = max(slowest, time.perf_counter() - start)
+        slowest = max(slowest, inputs / throughput(run, batches, 0))
     rounds = max(1, min(rounds, int(seconds / slowest)))
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
