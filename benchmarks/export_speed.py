@@ -13,9 +13,9 @@ file sizes, agreement with PyTorch (mean cosine / label agreement), the fused op
 graph and the INT8 recipe the export chose; ``--profile`` adds each ONNX file's share of kernel
 time per operator on the same batches (ONNX Runtime's profiler). Each set of real text is
 measured twice: batches in the text's own order (padded to their longest text: the worst case)
-and sorted by length first, as ``sphana serve``'s batcher forms them. Backends take turns in
-rounds, so a noisy machine slows them alike: compare ratios, not absolute figures. It measures;
-it asserts nothing.
+and sorted by length first, as ``sphana serve``'s batcher forms them. Backends take turns pass
+by pass, three passes at least, and each batch counts at its median run, so a noisy machine
+slows them alike: compare ratios, not absolute figures. It measures; it asserts nothing.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def main() -> None:
     quiet_libraries()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=6.0, help="per backend and model")
+    parser.add_argument("--seconds", type=float, default=6.0, help="the slowest backend's, per set")
     parser.add_argument("--runs", type=int, default=200, help="single-input latency runs")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--profile", action="store_true", help="time by operator of each file")

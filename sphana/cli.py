@@ -479,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
         "execution providers); as export.layer_norm",
     )
     cv.add_argument("--threads", type=int, default=2, help="for the parity and speed figures")
-    cv.add_argument("--seconds", type=float, default=2.0, help="per backend, speed table")
+    cv.add_argument(
+        "--seconds", type=float, default=2.0, help="speed table: the slowest backend's time"
+    )
     cv.set_defaults(func=cmd_convert)
 
     q = sub.add_parser(

@@ -213,10 +213,11 @@ def test_operator_shares_split_the_graphs_kernel_time_by_operator(built_tiny) ->
 
 
 def test_speed_figures_come_from_backends_taking_turns(built_tiny) -> None:
-    """The speed table's and the benchmark's throughput: the backends alternate round by round,
-    so a machine that slows down during the measurement slows every backend, not the last;
-    each round runs whole passes over the batches, so a short budget makes fewer rounds."""
+    """The speed table's and the benchmark's throughput: the backends alternate pass by pass, so
+    a machine that slows down during the measurement slows every backend, not the last; each
+    batch counts at its median run, so one run slowed by another process does not count."""
     import itertools
+    import time
 
     from transformers import AutoTokenizer
 
@@ -227,24 +228,37 @@ def test_speed_figures_come_from_backends_taking_turns(built_tiny) -> None:
     cfg, _ = built_tiny
     onnx_dir = Path(cfg.paths.artifacts) / "embedding" / cfg.embedding.version / "onnx"
     tokenizer = AutoTokenizer.from_pretrained(onnx_dir)
-    batches = [numpy_inputs(tokenizer, ["a short one", "and a much longer sentence here"], 32)]
+    batches = [
+        numpy_inputs(tokenizer, texts, 32)
+        for texts in (["a short one", "and a much longer sentence here"], ["one more", "two"])
+    ]
     calls: list[str] = []
 
-    def recorded(name: str, file: str) -> Callable[[dict], np.ndarray]:
+    def recorded(name: str, file: str, slow_call: int = 0) -> Callable[[dict], np.ndarray]:
         run = onnx_runner(session(onnx_dir / file, 1))
-        return lambda feed: calls.append(name) or run(feed)
 
+        def timed(feed: dict) -> np.ndarray:
+            calls.append(name)
+            if len(calls) == slow_call:  # another process takes the CPU for a while
+                time.sleep(0.5)
+            return run(feed)
+
+        return timed
+
+    # the 5th call is int8's first timed run: after a warm-up each and fp32's first pass
     runs = {
-        name: recorded(name, f)
-        for name, f in [("fp32", "embedding.onnx"), ("int8", "embedding.int8.onnx")]
+        "fp32": recorded("fp32", "embedding.onnx"),
+        "int8": recorded("int8", "embedding.int8.onnx", slow_call=5),
     }
-    rates = side_by_side(runs, batches, seconds=0.3, rounds=3)
-    # a warm-up pass each, then three rounds
-    assert [name for name, _ in itertools.groupby(calls)] == ["fp32", "int8"] * 4
+    rates = side_by_side(runs, batches, seconds=1e-6, passes=3)
+    warm_up, one_pass = [("fp32", 1), ("int8", 1)], [("fp32", 2), ("int8", 2)]
+    assert [(n, len(list(g))) for n, g in itertools.groupby(calls)] == warm_up + one_pass * 3
     assert set(rates) == {"fp32", "int8"} and all(rate > 0 for rate in rates.values()), rates
-    calls.clear()
-    side_by_side(runs, batches, seconds=1e-6, rounds=3)  # a pass takes longer: a single round
-    assert [name for name, _ in itertools.groupby(calls)] == ["fp32", "int8"] * 2
+    # the slowed run did not count: all three passes' 12 inputs in 0.5 s would be slower
+    assert rates["int8"] > 3 * 4 / 0.5, rates
+    before = len(calls)
+    side_by_side(runs, batches, seconds=0.3, passes=1)  # more passes until 0.3 s are spent
+    assert len(calls) - before > 2 + 4, len(calls) - before
 
 
 def test_int8_recipes_are_tried_until_the_gate_passes(built_tiny, tmp_path) -> None:

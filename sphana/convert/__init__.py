@@ -464,8 +464,8 @@ def backends(
 
 def speed_table(speed: dict[str, Any], threads: int, seconds: float) -> list[dict[str, Any]]:
     """PyTorch, ONNX fp32 (optimized) and INT8 side by side at the same thread count: the task
-    metric as % of PyTorch's, size, batch-32 throughput (backends taking turns, about
-    ``seconds`` each: :func:`~sphana.export.speed.side_by_side`) and single-input latency.
+    metric as % of PyTorch's, size, batch-32 throughput (backends taking turns until the slowest
+    has run ``seconds``: :func:`~sphana.export.speed.side_by_side`) and single-input latency.
 
     Args:
         speed: ``runs`` (backend -> ``(run(feed), ONNX file or None)``), ``batches`` and

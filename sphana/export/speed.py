@@ -13,36 +13,32 @@ from typing import Any
 import numpy as np
 
 
-def throughput(run: Any, batches: list[dict[str, np.ndarray]], seconds: float) -> float:
-    """Inputs per second running whole passes over ``batches`` until ``seconds`` have passed (one
-    pass at least; warm ``run`` up first)."""
-    done, start = 0, time.perf_counter()
-    while not done or time.perf_counter() - start < seconds:
-        for batch in batches:
-            run(batch)
-            done += len(batch["input_ids"])
-    return done / (time.perf_counter() - start)
-
-
 def side_by_side(
-    runs: dict[str, Any], batches: list[dict[str, np.ndarray]], seconds: float, rounds: int = 6
+    runs: dict[str, Any], batches: list[dict[str, np.ndarray]], seconds: float, passes: int = 3
 ) -> dict[str, float]:
-    """Inputs per second of each of ``runs`` on ``batches``, about ``seconds`` each: the backends
-    take turns in up to ``rounds`` rounds and each keeps its best, so a drift in the machine's
-    load slows them alike instead of whichever ran last (their ratios are what to compare).
-    Every round runs whole passes over ``batches``, so there are fewer rounds when the slowest
-    backend's pass takes longer than ``seconds / rounds``."""
-    inputs = sum(len(batch["input_ids"]) for batch in batches)
-    slowest = 0.0
-    for run in runs.values():  # a warm-up, then one pass: how long a pass takes
+    """Inputs per second of each of ``runs`` on ``batches``: the backends take turns pass by
+    pass (each runs a whole pass over ``batches``, then the next backend does), for at least
+    ``passes`` rounds and until the slowest backend has spent ``seconds``; each backend's rate
+    counts each batch at its median run. A machine whose load drifts during the measurement
+    slows the backends alike instead of whichever ran last, and a run slowed by another process
+    does not count, while a backend whose runs vary is not credited with its luckiest one
+    (compare the backends' ratios, not absolute figures). A backend runs its batches back to
+    back, as a server does, so its weights stay in the CPU's caches as they would there."""
+    for run in runs.values():  # a warm-up each
         run(batches[0])
-        slowest = max(slowest, inputs / throughput(run, batches, 0))
-    rounds = max(1, min(rounds, int(seconds / slowest)))
-    rates: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
+    took: dict[str, list[list[float]]] = {name: [[] for _ in batches] for name in runs}
+    spent = dict.fromkeys(runs, 0.0)
+    done = 0
+    while done < passes or max(spent.values()) < seconds:
         for name, run in runs.items():
-            rates[name].append(throughput(run, batches, seconds / rounds))
-    return {name: max(r) for name, r in rates.items()}
+            for i, batch in enumerate(batches):
+                start = time.perf_counter()
+                run(batch)
+                took[name][i].append(time.perf_counter() - start)
+                spent[name] += took[name][i][-1]
+        done += 1
+    inputs = sum(len(batch["input_ids"]) for batch in batches)
+    return {name: inputs / sum(np.median(t) for t in times) for name, times in took.items()}
 
 
 def latency(run: Any, singles: list[dict[str, np.ndarray]]) -> tuple[float, float]:
