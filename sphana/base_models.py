@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
 from sphana.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
 
 
 def resolve(name: str, key: str) -> str:
@@ -87,11 +90,17 @@ def load_fast_tokenizer(name: str, key: str):  # -> tokenizers.Tokenizer
     return tokenizer
 
 
-def from_pretrained(cls: Any, path: str | Path, **kwargs: Any) -> Any:
+def from_pretrained(
+    cls: Any, path: str | Path, left_out: tuple[str, ...] = (), **kwargs: Any
+) -> Any:
     """``cls.from_pretrained(path, **kwargs)`` offline, refusing a checkpoint that lacks some of
     the model's weights. transformers initializes those at random and only logs it (a log the
     stages silence), and the parity gates after compare the export with that same broken model,
-    so nothing downstream would notice.
+    so nothing downstream would notice. Tensors of the checkpoint the model has no place for
+    (a task head the chosen class leaves out, layers past ``num_hidden_layers``) are left out,
+    as transformers does, with a warning that names them, except those whose names (without
+    the base model's prefix, e.g. ``bert.``) start with ``left_out``: the caller's choice (e.g.
+    ``pooler.`` with ``add_pooling_layer=False``).
 
     Raises:
         InputError: naming the directory and the missing tensors.
@@ -107,6 +116,18 @@ def from_pretrained(cls: Any, path: str | Path, **kwargs: Any) -> Any:
             f"its config.json describes (e.g. {', '.join(missing[:3])}); transformers would "
             "initialize them at random. Give a complete checkpoint (every layer in its "
             "*.safetensors or pytorch_model.bin), or a config.json that matches the weights",
+        )
+    prefix = f"{model.base_model_prefix}."
+    unused = sorted(
+        k for k in info["unexpected_keys"] if not k.removeprefix(prefix).startswith(left_out)
+    )
+    if unused:
+        log.warning(
+            "%s: %d tensors of the checkpoint are not part of the %s and are left out (e.g. %s)",
+            path,
+            len(unused),
+            type(model).__name__,
+            ", ".join(unused[:3]),
         )
     return model
 
@@ -126,7 +147,8 @@ def load_backbone(name: str, key: str, init: Any, random_arch: Any) -> tuple[Any
     # saved tokenizer_config.json, so the artifact's bytes must not depend on the environment
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if init == Init.pretrained:
-        return from_pretrained(AutoModel, path, add_pooling_layer=False), tokenizer
+        model = from_pretrained(AutoModel, path, left_out=("pooler.",), add_pooling_layer=False)
+        return model, tokenizer
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     for attr, value in vars(random_arch).items():
         setattr(config, attr, value)

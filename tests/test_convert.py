@@ -421,6 +421,34 @@ def test_a_checkpoint_missing_weights_is_refused_not_filled_at_random(
         load_backbone(str(encoder), "embedding.base_model", Init.pretrained, None)
 
 
+def test_tensors_a_model_has_no_place_for_are_named_not_dropped_silently(
+    two_layers, classifier, caplog
+) -> None:
+    """A checkpoint's tensors the chosen class has no place for (a classifier's head, read as an
+    encoder) are left out as transformers does, with a warning that names them; the pooler an
+    embedding leaves out by design is not warned about."""
+    import logging
+
+    from transformers import AutoModel
+
+    from sphana.base_models import from_pretrained
+
+    with caplog.at_level(logging.WARNING, logger="sphana"):
+        load(plan(classifier, "embedding", pooling="mean"))
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "sphana.base_models"]
+    assert str(classifier) in warning and "not part of the BertModel" in warning, warning
+    assert "2 tensors" in warning and "classifier.bias, classifier.weight" in warning, warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sphana"):
+        load(plan(two_layers, "embedding", pooling="mean"))  # its pooler left out by design
+        from_pretrained(AutoModel, two_layers, left_out=("encoder.layer.1.",), num_hidden_layers=1)
+    assert not [r for r in caplog.records if r.name == "sphana.base_models"], caplog.text
+    with caplog.at_level(logging.WARNING, logger="sphana"):
+        from_pretrained(AutoModel, two_layers, num_hidden_layers=1)
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "sphana.base_models"]
+    assert "16 tensors" in warning and "encoder.layer.1." in warning, warning
+
+
 def test_tokens_added_without_resizing_the_embeddings_are_refused(classifier, tmp_path) -> None:
     import shutil
 

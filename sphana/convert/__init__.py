@@ -228,9 +228,11 @@ def load_transformer(
     **kwargs: Any,
 ) -> Any:
     """``p``'s transformers model as ``auto_class`` (``AutoModel``, ``AutoModelFor...``; ``kwargs``
-    go to it): the directory's own weights, or ``p``'s state-dict file (names starting with
-    ``skip`` left out) loaded into a model built from its ``config.json``. Every weight must be
-    in the checkpoint, and ``tokenizer`` must fit the model's embedding table.
+    go to it): the directory's own weights, or ``p``'s state-dict file, loaded into a model built
+    from its ``config.json``. Tensors whose names start with ``skip`` are left out without a
+    word; other tensors the model has no place for are refused in a state-dict file and named in
+    a warning from a directory. Every weight must be in the checkpoint, and ``tokenizer`` must
+    fit the model's embedding table.
 
     Raises:
         InputError: a weight is missing (either way; a state-dict file with a tensor the model
@@ -243,7 +245,7 @@ def load_transformer(
 
     model_dir = Path(p.model_dir)
     if p.weights is None:
-        model = from_pretrained(auto_class, model_dir, **kwargs)
+        model = from_pretrained(auto_class, model_dir, left_out=skip, **kwargs)
     else:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         model = auto_class.from_config(config, **kwargs)
