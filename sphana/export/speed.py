@@ -17,11 +17,11 @@ def side_by_side(
     runs: dict[str, Any], batches: list[dict[str, np.ndarray]], seconds: float, passes: int = 3
 ) -> dict[str, float]:
     """Inputs per second of each of ``runs`` on ``batches``: the backends take turns pass by
-    pass (each runs a whole pass over ``batches``, then the next backend does), for at least
-    ``passes`` rounds and until the slowest backend has spent ``seconds``; each backend's rate
-    counts each batch at its median run. A machine whose load drifts during the measurement
-    slows the backends alike instead of whichever ran last, and a run slowed by another process
-    does not count, while a backend whose runs vary is not credited with its luckiest one
+    pass (each runs a whole pass over ``batches``, then the next backend does), for ``passes``
+    rounds (one at least) and on until the slowest backend has spent ``seconds``; each backend's
+    rate counts each batch at its median run. A machine whose load drifts during the measurement
+    slows the backends alike instead of whichever ran last, an occasional run slowed by another
+    process does not count, and a backend whose runs vary is not credited with its luckiest one
     (compare the backends' ratios, not absolute figures). A backend runs its batches back to
     back, as a server does, so its weights stay in the CPU's caches as they would there."""
     for run in runs.values():  # a warm-up each
@@ -29,7 +29,7 @@ def side_by_side(
     took: dict[str, list[list[float]]] = {name: [[] for _ in batches] for name in runs}
     spent = dict.fromkeys(runs, 0.0)
     done = 0
-    while done < passes or max(spent.values()) < seconds:
+    while done < max(passes, 1) or max(spent.values()) < seconds:
         for name, run in runs.items():
             for i, batch in enumerate(batches):
                 start = time.perf_counter()
@@ -38,7 +38,7 @@ def side_by_side(
                 spent[name] += took[name][i][-1]
         done += 1
     inputs = sum(len(batch["input_ids"]) for batch in batches)
-    return {name: inputs / sum(np.median(t) for t in times) for name, times in took.items()}
+    return {name: float(inputs / sum(map(np.median, t))) for name, t in took.items()}
 
 
 def latency(run: Any, singles: list[dict[str, np.ndarray]]) -> tuple[float, float]:
