@@ -33,7 +33,14 @@ import yaml
 from sphana import general_eval
 from sphana.entry import quiet_libraries
 from sphana.export import session
-from sphana.export.speed import latency, onnx_runner, operator_shares, side_by_side, torch_runner
+from sphana.export.speed import (
+    batches_described,
+    latency,
+    onnx_runner,
+    operator_shares,
+    side_by_side,
+    torch_runner,
+)
 from sphana.vectors import row_cosines
 
 
@@ -59,11 +66,10 @@ def compare(
     agreement: Any,
     seconds: float,
 ) -> None:
-    tokens = np.mean([b["attention_mask"].sum(1).mean() for b in batches])
-    padded = np.mean([b["attention_mask"].shape[1] for b in batches])
+    shape = batches_described(batches)
     print(
-        f"{title}: batch {len(batches[0]['input_ids'])}, {tokens:.0f} tokens per input "
-        f"(padded to {padded:.0f})"
+        f"{title}: batch {shape['batch']}, {shape['tokens_per_input']:.0f} tokens per input "
+        f"(padded to {shape['padded_to']:.0f})"
     )
     rates = side_by_side(runs, batches, seconds)
     reference = np.concatenate([runs["pytorch"](b) for b in batches])

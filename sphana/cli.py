@@ -289,6 +289,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
             f"vs sentence-transformers' encode ({st['texts']} texts): max abs diff "
             f"{st['max_abs_diff']:.2e}, min cosine {st['min_cosine']:.6f}"
         )
+    if "table_inputs" in report:
+        shape = report["table_inputs"]
+        console.print(
+            f"speed: {shape['inputs']} of the eval inputs in batches of {shape['batch']}, "
+            f"{shape['tokens_per_input']:.0f} tokens each on average "
+            f"(padded to {shape['padded_to']:.0f}), {args.threads or 'all'} threads"
+        )
     print(print_table(report))
     console.print(
         f"[green]OK[/] wrote {args.out}: a release bundle (manifest.json); "

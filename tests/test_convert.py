@@ -102,7 +102,58 @@ def test_sentence_transformers_model_converts_with_its_pooling_in_the_graph(
     assert np.allclose(norms, 1.0, atol=1e-5) == normalize
     saved = json.loads((out / REPORT_FILE).read_text())
     assert saved["plan"]["pooling"] == pooling and len(saved["table"]) == 3
+    # the table times the eval set's short queries and long passages alike, not a slice of it
+    shape = saved["table_inputs"]  # 160 queries, then their 160 passages: every second text
+    assert (shape["inputs"], shape["batch"]) == (128, 32) and shape["padded_to"] > 32, shape
     assert {r["backend"] for r in saved["table"]} == {"pytorch", "onnx fp32", "onnx int8"}
+
+
+def test_the_speed_table_times_the_eval_sets_lengths_sorted_into_batches() -> None:
+    """What the table times: inputs taken at even steps through the whole eval set (its short
+    queries and its long passages), sorted by length into batches of 32 as sentence-transformers'
+    `encode` batches them; every fourth alone for the latency."""
+    from sphana.export.speed import batches_described, speed_inputs
+
+    queries = [f"q{i}" for i in range(200)]  # 2 characters and more
+    passages = [f"passage {i} " + "word " * (i % 50) for i in range(200)]
+
+    def feed(chunk: list[str]) -> dict[str, np.ndarray]:
+        mask = np.zeros((len(chunk), max(map(len, chunk))), np.int64)
+        for row, text in zip(mask, chunk, strict=True):
+            row[: len(text)] = 1
+        return {"input_ids": mask, "attention_mask": mask}
+
+    inputs = speed_inputs(queries + passages, len, feed)
+    lengths = [int(n) for b in inputs["batches"] for n in b["attention_mask"].sum(1)]
+    assert len(lengths) == 128 and lengths == sorted(lengths)
+    assert sum(n <= 4 for n in lengths) == 67  # the queries' share of the set, and no more
+    assert max(lengths) > 200  # the long passages are in
+    assert len(inputs["singles"]) == 32
+    assert [len(s["input_ids"][0]) for s in inputs["singles"]] == lengths[::4]
+    shape = batches_described(inputs["batches"])
+    assert shape == {
+        "inputs": 128,
+        "batch": 32,
+        "tokens_per_input": round(float(np.mean(lengths)), 1),
+        "padded_to": round(float(np.mean([max(lengths[i : i + 32]) for i in (0, 32, 64, 96)])), 1),
+    }
+
+
+def test_export_traces_eager_attention_and_gives_the_model_back_as_it_was(two_layers, tmp_path):
+    """The fusion needs eager attention while tracing; the PyTorch figures taken from the same
+    module afterwards (parity references, the speed table's PyTorch row) are those of the model
+    as its users run it, with its own attention implementation."""
+    from sphana.export import export_text_encoder
+    from sphana.export.embedding import SPEC, numpy_inputs
+
+    p = plan(two_layers, "embedding", pooling="mean")
+    encoder, tokenizer = load(p)
+    own = encoder.transformer.config._attn_implementation
+    assert own != "eager"  # transformers' default, sdpa
+    example = {k: torch.from_numpy(v) for k, v in numpy_inputs(tokenizer, ["a", "b c"], 8).items()}
+    fusion = export_text_encoder(encoder, example, SPEC, tmp_path / "e.onnx", TINY)
+    assert fusion["attention_fused"]
+    assert encoder.transformer.config._attn_implementation == own
 
 
 def test_transformers_model_needs_its_pooling_named(two_layers, eval_file, tmp_path) -> None:

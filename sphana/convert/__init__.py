@@ -367,6 +367,7 @@ def convert(
         ParityError: when a gate is missed (naming it, its value and its key).
     """
     from sphana.config import ExportConfig
+    from sphana.export.speed import batches_described
     from sphana.io import atomic_dir, write_json_atomic
 
     cfg = cfg or ExportConfig()
@@ -376,7 +377,9 @@ def convert(
     with atomic_dir(out) as tmp:
         report, evaluation = module.export(p, model, tokenizer, tmp, eval_file, threads, cfg)
         if "speed" in report:  # the generator's module measures decoding itself
-            report["table"] = speed_table(report.pop("speed"), threads, seconds)
+            speed = report.pop("speed")
+            report["table_inputs"] = batches_described(speed["batches"])
+            report["table"] = speed_table(speed, threads, seconds)
         report = {"plan": asdict(p), **report}
         report["model_config"] = {
             "base_model": p.source,

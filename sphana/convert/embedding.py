@@ -261,6 +261,7 @@ def export(
     """
     from sphana.embedding import write_vocab_txt
     from sphana.export.embedding import export_encoder, numpy_inputs, ort_embed
+    from sphana.export.speed import speed_inputs
 
     task, eval_source = eval_set(eval_file)
     texts = task_texts(task)
@@ -282,7 +283,6 @@ def export(
     def feed(chunk: list[Any]) -> dict[str, Any]:
         return numpy_inputs(tokenizer, chunk, p.max_seq_length)
 
-    ordered = sorted(texts, key=len)[len(texts) // 4 :][:128]  # skip the shortest quarter
     files = report["files"]
     report = {
         "eval": {"source": eval_source, "task": metric, "texts": len(texts)},
@@ -292,8 +292,7 @@ def export(
             "runs": backends(
                 encoder, fp32_session, out / files["fp32"], out / files["int8"], threads
             ),
-            "batches": [feed(ordered[i : i + 32]) for i in range(0, len(ordered), 32)],
-            "singles": [feed([t]) for t in ordered[::4]],
+            **speed_inputs(texts, len, feed),
             "metric": metric,
             "quality": {
                 "pytorch": torch_metrics[metric],

@@ -163,6 +163,7 @@ def export(
         ParityError: naming each missed gate.
     """
     from sphana.export.relation import export_classifier, numpy_inputs
+    from sphana.export.speed import speed_inputs
 
     labels = p.labels or []
     examples = eval_examples(eval_file, labels)
@@ -180,7 +181,6 @@ def export(
     def feed(chunk: list[Any]) -> dict[str, Any]:
         return numpy_inputs(tokenizer, chunk, p.max_seq_length)
 
-    ordered = sorted(examples, key=lambda x: len(x["text"]))[len(examples) // 4 :][:128]
     summary = report["pytorch"]["metrics"]
     files = report["files"]
     report = {
@@ -190,8 +190,7 @@ def export(
             "runs": backends(
                 model, fp32_session, out / files["fp32"], out / files["int8"], threads
             ),
-            "batches": [feed(ordered[i : i + 32]) for i in range(0, len(ordered), 32)],
-            "singles": [feed([x]) for x in ordered[::4]],
+            **speed_inputs(examples, lambda x: len(x["text"]), feed),
             "metric": "macro-F1",
             "quality": {
                 "pytorch": summary["macro_f1"],

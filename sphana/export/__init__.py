@@ -193,6 +193,20 @@ def no_warnings() -> Iterator[None]:
 
 
 # Fused operators ONNX Runtime's transformer optimizer writes for a BERT-style encoder
+@contextmanager
+def eager_attention(transformer: Any) -> Iterator[None]:
+    """Eager attention while ``transformer`` is traced (sdpa hides the pattern ONNX Runtime's
+    attention fusion matches), its own implementation again afterwards: the PyTorch figures
+    that the parity gates and speed tables take from the same module are those of the model as
+    its users run it."""
+    own = transformer.config._attn_implementation
+    transformer.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        transformer.set_attn_implementation(own)
+
+
 FUSED_OPS = ("Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu")
 
 
@@ -216,12 +230,15 @@ def export_text_encoder(
     from onnxruntime.transformers.optimizer import optimize_model
 
     transformer = module.transformer
-    transformer.set_attn_implementation("eager")  # sdpa hides the pattern the fusion matches
     module.eval()
     args = tuple(example[name] for name in spec.input_names)
     # a model over 2 GiB is exported with its weights in files beside the graph: in a scratch
     # directory, from which only the optimized graph is written out
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch, warnings.catch_warnings():
+    with (
+        tempfile.TemporaryDirectory(dir=path.parent) as scratch,
+        warnings.catch_warnings(),
+        eager_attention(transformer),
+    ):
         tmp = Path(scratch) / path.name
         # the tracer warns where a shape is read as a number; the parity gates check other shapes
         warnings.simplefilter("ignore", torch.jit.TracerWarning)

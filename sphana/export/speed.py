@@ -13,6 +13,31 @@ from typing import Any
 import numpy as np
 
 
+def speed_inputs(
+    items: list[Any], length: Any, feed: Any, count: int = 128, size: int = 32
+) -> dict[str, Any]:
+    """What the speed table times: ``count`` of the eval set's ``items`` taken at even steps
+    through it (so its mix of lengths, such as short queries and long passages, is kept), sorted
+    by ``length`` and cut into batches of ``size``, as sentence-transformers' ``encode`` batches;
+    every fourth of them alone for the latency. ``feed(chunk)`` makes a model input."""
+    sample = sorted(items[:: max(len(items) // count, 1)][:count], key=length)
+    return {
+        "batches": [feed(sample[i : i + size]) for i in range(0, len(sample), size)],
+        "singles": [feed([x]) for x in sample[::4]],
+    }
+
+
+def batches_described(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many inputs ``batches`` hold, of how many tokens on average and padded to how many."""
+    masks = [b["attention_mask"] for b in batches]
+    return {
+        "inputs": sum(len(m) for m in masks),
+        "batch": len(masks[0]),
+        "tokens_per_input": round(float(np.mean(np.concatenate([m.sum(1) for m in masks]))), 1),
+        "padded_to": round(float(np.mean([m.shape[1] for m in masks])), 1),
+    }
+
+
 def side_by_side(
     runs: dict[str, Any], batches: list[dict[str, np.ndarray]], seconds: float, passes: int = 3
 ) -> dict[str, float]:
