@@ -294,7 +294,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         console.print(
             f"speed: {shape['inputs']} of the eval inputs in batches of {shape['batch']}, "
             f"{shape['tokens_per_input']:.0f} tokens each on average "
-            f"(padded to {shape['padded_to']:.0f}), {args.threads or 'all'} threads"
+            f"(batches padded to {shape['padded_to']:.0f} on average), "
+            f"{args.threads or 'all'} threads"
         )
     print(print_table(report))
     console.print(

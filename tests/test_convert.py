@@ -103,19 +103,16 @@ def test_sentence_transformers_model_converts_with_its_pooling_in_the_graph(
     saved = json.loads((out / REPORT_FILE).read_text())
     assert saved["plan"]["pooling"] == pooling and len(saved["table"]) == 3
     # the table times the eval set's short queries and long passages alike, not a slice of it
-    shape = saved["table_inputs"]  # 160 queries, then their 160 passages: every second text
+    shape = saved["table_inputs"]  # 80 queries, then their 80 passages: 64 of each
     assert (shape["inputs"], shape["batch"]) == (128, 32) and shape["padded_to"] > 32, shape
     assert {r["backend"] for r in saved["table"]} == {"pytorch", "onnx fp32", "onnx int8"}
 
 
 def test_the_speed_table_times_the_eval_sets_lengths_sorted_into_batches() -> None:
-    """What the table times: inputs taken at even steps through the whole eval set (its short
-    queries and its long passages), sorted by length into batches of 32 as sentence-transformers'
-    `encode` batches them; every fourth alone for the latency."""
+    """What the table times: inputs at even steps from the eval set's first to its last (its
+    short queries and its long passages alike), sorted by length into batches of 32; every
+    fourth alone for the latency. A set of fewer inputs is timed whole."""
     from sphana.export.speed import batches_described, speed_inputs
-
-    queries = [f"q{i}" for i in range(200)]  # 2 characters and more
-    passages = [f"passage {i} " + "word " * (i % 50) for i in range(200)]
 
     def feed(chunk: list[str]) -> dict[str, np.ndarray]:
         mask = np.zeros((len(chunk), max(map(len, chunk))), np.int64)
@@ -123,20 +120,31 @@ def test_the_speed_table_times_the_eval_sets_lengths_sorted_into_batches() -> No
             row[: len(text)] = 1
         return {"input_ids": mask, "attention_mask": mask}
 
+    def lengths(inputs: dict[str, Any]) -> list[int]:
+        return [int(n) for b in inputs["batches"] for n in b["attention_mask"].sum(1)]
+
+    # 200 queries of 2 to 4 characters, then 200 passages of 12 to 257, longest last
+    queries = [f"q{i}" for i in range(200)]
+    passages = sorted((f"passage {i} " + "word " * (i % 50) for i in range(200)), key=len)
     inputs = speed_inputs(queries + passages, len, feed)
-    lengths = [int(n) for b in inputs["batches"] for n in b["attention_mask"].sum(1)]
-    assert len(lengths) == 128 and lengths == sorted(lengths)
-    assert sum(n <= 4 for n in lengths) == 67  # the queries' share of the set, and no more
-    assert max(lengths) > 200  # the long passages are in
-    assert len(inputs["singles"]) == 32
-    assert [len(s["input_ids"][0]) for s in inputs["singles"]] == lengths[::4]
+    timed = lengths(inputs)
+    assert len(timed) == 128 and timed == sorted(timed)
+    assert sum(n <= 4 for n in timed) == 64  # the queries' half, and no more
+    assert max(timed) == len(passages[-1])  # the longest passage is in
+    assert [len(s["input_ids"][0]) for s in inputs["singles"]] == timed[::4]
     shape = batches_described(inputs["batches"])
     assert shape == {
         "inputs": 128,
         "batch": 32,
-        "tokens_per_input": round(float(np.mean(lengths)), 1),
-        "padded_to": round(float(np.mean([max(lengths[i : i + 32]) for i in (0, 32, 64, 96)])), 1),
+        "tokens_per_input": round(float(np.mean(timed)), 1),
+        "padded_to": round(float(np.mean([max(timed[i : i + 32]) for i in (0, 32, 64, 96)])), 1),
     }
+    for count, batches, singles in [(50, [32, 18], 13), (1, [1], 1)]:
+        items = passages[:count]
+        inputs = speed_inputs(items, len, feed)
+        assert [len(b["input_ids"]) for b in inputs["batches"]] == batches
+        assert len(inputs["singles"]) == singles
+        assert sorted(lengths(inputs)) == sorted(map(len, items))
 
 
 def test_export_traces_eager_attention_and_gives_the_model_back_as_it_was(two_layers, tmp_path):

@@ -192,7 +192,6 @@ def no_warnings() -> Iterator[None]:
         logging.disable(logging.NOTSET)
 
 
-# Fused operators ONNX Runtime's transformer optimizer writes for a BERT-style encoder
 @contextmanager
 def eager_attention(transformer: Any) -> Iterator[None]:
     """Eager attention while ``transformer`` is traced (sdpa hides the pattern ONNX Runtime's
@@ -207,6 +206,7 @@ def eager_attention(transformer: Any) -> Iterator[None]:
         transformer.set_attn_implementation(own)
 
 
+# Fused operators ONNX Runtime's transformer optimizer writes for a BERT-style encoder
 FUSED_OPS = ("Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu")
 
 
@@ -214,10 +214,11 @@ def export_text_encoder(
     module: Any, example: dict[str, Any], spec: OnnxSpec, path: Path, cfg: ExportConfig
 ) -> dict[str, Any]:
     """Export a BERT-style ``module`` (whose encoder is ``module.transformer``) traced on
-    ``example`` (tokenized inputs), at ``cfg.opset``, with fused attention:
-    eager attention, the TorchScript exporter (its graph has the patterns ONNX Runtime's fusions
-    match; the dynamo exporter's has not) and ONNX Runtime's transformer optimizer, which rewrites
-    attention, embeddings and layer norms into fused operators; then the CPU rewrites of
+    ``example`` (tokenized inputs), at ``cfg.opset``, with fused attention: eager attention
+    while tracing (the module's own again afterwards), the TorchScript exporter (its graph has
+    the patterns ONNX Runtime's fusions match; the dynamo exporter's has not) and ONNX Runtime's
+    transformer optimizer, which rewrites attention, embeddings and layer norms into fused
+    operators; then the CPU rewrites of
     :mod:`sphana.export.cpu_graph` (a padding mask that keeps attention fast; with
     ``cfg.layer_norm`` standard, residual add + layer norm in standard operators); written by
     :func:`save_model`. Returns the fused-operator counts of the written graph, whether attention

@@ -16,11 +16,13 @@ import numpy as np
 def speed_inputs(
     items: list[Any], length: Any, feed: Any, count: int = 128, size: int = 32
 ) -> dict[str, Any]:
-    """What the speed table times: ``count`` of the eval set's ``items`` taken at even steps
-    through it (so its mix of lengths, such as short queries and long passages, is kept), sorted
-    by ``length`` and cut into batches of ``size``, as sentence-transformers' ``encode`` batches;
-    every fourth of them alone for the latency. ``feed(chunk)`` makes a model input."""
-    sample = sorted(items[:: max(len(items) // count, 1)][:count], key=length)
+    """What the speed table times: ``count`` of the eval set's ``items`` (all where it has
+    fewer) at even steps from its first to its last, so its mix of lengths, such as short
+    queries and long passages, is kept; sorted by ``length`` (as sentence-transformers'
+    ``encode`` does) and cut into batches of ``size``; every fourth of them alone for the
+    latency. ``feed(chunk)`` makes a model input."""
+    picked = np.linspace(0, len(items) - 1, min(count, len(items))).round().astype(int)
+    sample = sorted((items[i] for i in picked), key=length)
     return {
         "batches": [feed(sample[i : i + size]) for i in range(0, len(sample), size)],
         "singles": [feed([x]) for x in sample[::4]],
@@ -28,7 +30,8 @@ def speed_inputs(
 
 
 def batches_described(batches: list[dict[str, Any]]) -> dict[str, Any]:
-    """How many inputs ``batches`` hold, of how many tokens on average and padded to how many."""
+    """How many inputs ``batches`` hold, of how many tokens on average, and to how many tokens
+    a batch is padded on average."""
     masks = [b["attention_mask"] for b in batches]
     return {
         "inputs": sum(len(m) for m in masks),
