@@ -467,10 +467,19 @@ def cpu_has_vnni() -> bool:
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
+def spread(items: list[Any], count: int) -> list[Any]:
+    """``count`` of ``items`` at even steps from the first to the last (all of them where there
+    are fewer), in their order: a sample that keeps a set's mix, however it is ordered."""
+    import numpy as np
+
+    picked = np.linspace(0, len(items) - 1, min(count, len(items))).round().astype(int)
+    return [items[i] for i in picked]
+
+
 def sample_feeds(items: list[Any], encode: Any, batches: int = 4, size: int = 16) -> list[Any]:
-    """A few batches of real inputs spread over ``items`` (``encode(chunk) -> feed``, numpy
-    arrays by input name): what :func:`sensitivity` measures on."""
-    picked = items[:: max(len(items) // (batches * size), 1)][: batches * size]
+    """A few batches of real inputs spread over ``items`` (:func:`spread`; ``encode(chunk) ->
+    feed``, numpy arrays by input name): what :func:`sensitivity` measures on."""
+    picked = spread(items, batches * size)
     return [encode(picked[i : i + size]) for i in range(0, len(picked), size)]
 
 

@@ -12,17 +12,18 @@ from typing import Any
 
 import numpy as np
 
+from sphana.export import spread
+
 
 def speed_inputs(
     items: list[Any], length: Any, feed: Any, count: int = 128, size: int = 32
 ) -> dict[str, Any]:
-    """What the speed table times: ``count`` of the eval set's ``items`` (all where it has
-    fewer) at even steps from its first to its last, so its mix of lengths, such as short
+    """What the speed table times: ``count`` of the eval set's ``items`` at even steps from its
+    first to its last (:func:`~sphana.export.spread`), so its mix of lengths, such as short
     queries and long passages, is kept; sorted by ``length`` (as sentence-transformers'
     ``encode`` does) and cut into batches of ``size``; every fourth of them alone for the
     latency. ``feed(chunk)`` makes a model input."""
-    picked = np.linspace(0, len(items) - 1, min(count, len(items))).round().astype(int)
-    sample = sorted((items[i] for i in picked), key=length)
+    sample = sorted(spread(items, count), key=length)
     return {
         "batches": [feed(sample[i : i + size]) for i in range(0, len(sample), size)],
         "singles": [feed([x]) for x in sample[::4]],
