@@ -280,6 +280,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
         + ", ".join(f"{n} {op}" for op, n in fusion["fused_operators"].items() if n)
         + ("" if fusion["attention_fused"] else " [yellow](no fused attention)[/]")
         + (f"; layer norms: {fusion['layer_norm']}" if "layer_norm" in fusion else "")
+        + (
+            f"; {fusion['operators_on_real_tokens']} operators on real tokens only"
+            if fusion.get("operators_on_real_tokens")
+            else ""
+        )
     )
     q = report["quantization"]
     console.print(f"INT8 recipe: {q['preset']} (tried {[t['preset'] for t in q['tried']]})")

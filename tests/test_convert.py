@@ -92,6 +92,9 @@ def test_sentence_transformers_model_converts_with_its_pooling_in_the_graph(
     standard = layer_norm is LayerNorm.standard
     assert fusion["fused_operators"]["SkipLayerNormalization"] == (0 if standard else norms)
     assert fusion["layer_norms_in_standard_operators"] == (norms if standard else 0)
+    # on the real tokens only: per layer its three projections and GELU, and each layer norm
+    # (fused, or its eleven standard operators with the projection's bias)
+    assert fusion["operators_on_real_tokens"] == p.layers * 4 + norms * (11 if standard else 1)
     assert report["sentence_transformers"]["max_abs_diff"] <= TINY.parity.fp32_max_abs_diff
     # the graph alone (torch-free tokenizer + ONNX Runtime) gives sentence-transformers' vectors
     texts = ["A short one.", "Block until the internal flag is true, or until the timeout."]

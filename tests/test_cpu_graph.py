@@ -12,7 +12,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sphana.export.cpu_graph import decompose_skip_layer_norms, set_mask_filter_value
+from sphana.export.cpu_graph import (
+    decompose_skip_layer_norms,
+    remove_padding,
+    set_mask_filter_value,
+)
 
 HIDDEN = 16
 
@@ -125,6 +129,135 @@ def test_attention_masks_padding_with_the_fast_value_and_the_same_outputs() -> N
     after = run(model, feeds)[0]
     real = mask.astype(bool)  # padded positions' outputs are never read
     np.testing.assert_allclose(after[real], before[real], atol=1e-5)
+
+
+def encoder_layer(opset: int) -> tuple[object, dict]:
+    """A BERT-style graph as the export writes it: the fused embedding (which reads the mask),
+    attention, a projection with its bias, a residual add + layer norm in standard operators,
+    BiasGelu, then mean pooling by the mask; besides, an output read straight from a row-wise
+    node and one from a node that is not row-wise (a constant per position). Its inputs for a
+    right-padded batch."""
+    rng = np.random.default_rng(4)
+    vocab, positions = 30, 8
+    w = {
+        "words": (vocab, HIDDEN),
+        "positions": (positions, HIDDEN),
+        "segments": (2, HIDDEN),
+        "gamma": (HIDDEN,),
+        "beta": (HIDDEN,),
+        "qkv": (HIDDEN, 3 * HIDDEN),
+        "qkv_bias": (3 * HIDDEN,),
+        "out": (HIDDEN, HIDDEN),
+        "out_bias": (HIDDEN,),
+        "up": (HIDDEN, 2 * HIDDEN),
+        "up_bias": (2 * HIDDEN,),
+        "per_position": (1, 5, HIDDEN),
+    }
+    weights = {n: rng.standard_normal(shape).astype(np.float32) for n, shape in w.items()}
+    weights["eps"] = np.array(1e-5, np.float32)
+    ms = "com.microsoft"
+    nodes = [
+        helper.make_node("Cast", ["mask"], ["mask32"], to=TensorProto.INT32),
+        helper.make_node(
+            "EmbedLayerNormalization",
+            ["ids", "segment_ids", "words", "positions", "segments", "gamma", "beta", "mask32"],
+            ["embedded", "mask_index"],
+            domain=ms,
+        ),
+        helper.make_node(
+            "Attention",
+            ["embedded", "qkv", "qkv_bias", "mask_index"],
+            ["attended"],
+            domain=ms,
+            num_heads=2,
+        ),
+        helper.make_node("MatMul", ["attended", "out"], ["projected"]),
+        helper.make_node(
+            "SkipLayerNormalization",
+            ["projected", "embedded", "gamma", "beta", "out_bias"],
+            ["normed"],
+            domain=ms,
+            epsilon=1e-5,
+        ),
+        helper.make_node("MatMul", ["normed", "up"], ["up_projected"]),
+        helper.make_node("BiasGelu", ["up_projected", "up_bias"], ["activated"], domain=ms),
+        helper.make_node("Unsqueeze", ["mask", "last"], ["mask_3d"]),
+        helper.make_node("Cast", ["mask_3d"], ["mask_float"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["normed", "mask_float"], ["masked"]),
+        helper.make_node("ReduceSum", ["masked", "sequence_axis"], ["summed"], keepdims=0),
+        helper.make_node("ReduceSum", ["mask_float", "sequence_axis"], ["counts"], keepdims=0),
+        helper.make_node("Div", ["summed", "counts"], ["pooled"]),
+        helper.make_node("Add", ["normed", "per_position"], ["by_position"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "encoder",
+        [
+            helper.make_tensor_value_info(n, t, ["batch", "sequence"])
+            for n, t in [
+                ("ids", TensorProto.INT32),
+                ("segment_ids", TensorProto.INT32),
+                ("mask", TensorProto.INT64),
+            ]
+        ],
+        [
+            helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", HIDDEN]),
+            helper.make_tensor_value_info(
+                "activated", TensorProto.FLOAT, ["batch", "sequence", 2 * HIDDEN]
+            ),
+            helper.make_tensor_value_info(
+                "by_position", TensorProto.FLOAT, ["batch", "sequence", HIDDEN]
+            ),
+        ],
+        [numpy_helper.from_array(a, n) for n, a in weights.items()]
+        + [
+            numpy_helper.from_array(np.array(v, np.int64), n)
+            for n, v in [("last", [-1]), ("sequence_axis", [1])]
+        ],
+    )
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid(ms, 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=9)
+    mask = np.ones((3, 5), np.int64)
+    mask[1, 3:] = mask[2, 1:] = 0  # right padding, down to a single real token
+    feeds = {
+        "ids": rng.integers(1, vocab, (3, 5)).astype(np.int32),
+        "segment_ids": np.zeros((3, 5), np.int32),
+        "mask": mask,
+    }
+    return model, feeds
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_row_wise_operators_run_on_the_real_tokens_only_with_the_same_outputs(opset: int) -> None:
+    model, feeds = encoder_layer(opset)
+    before = run(model, feeds)
+
+    # the projections, the layer norm's residual add and BiasGelu; not the pooling's Mul by the
+    # mask (a tensor that is not rows) nor the Add of a constant per position
+    assert remove_padding(model) == 4
+    onnx.checker.check_model(model)
+    real = feeds["mask"].astype(bool)
+    pooled, activated, by_position = run(model, feeds)
+    np.testing.assert_allclose(pooled, before[0], atol=1e-5)
+    np.testing.assert_allclose(activated[real], before[1][real], atol=1e-5)
+    np.testing.assert_array_equal(activated[~real], 0.0)  # the padding's rows were not computed
+    np.testing.assert_allclose(by_position[real], before[2][real], atol=1e-5)
+
+    # what the projections read: the real tokens' rows, 1 + 3 + 5 of the 3 x 5 positions
+    producer = {o: n for n in model.graph.node for o in n.output}
+    (matmul,) = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] == "up"]
+    model.graph.output.append(
+        helper.make_tensor_value_info(matmul.output[0], TensorProto.FLOAT, None)
+    )
+    assert run(model, feeds)[-1].shape == (1, 9, 2 * HIDDEN)
+    assert producer[matmul.input[0]].op_type == "SkipLayerNormalization"
+
+
+def test_a_graph_without_the_fused_embedding_keeps_its_padding() -> None:
+    model = model_of([helper.make_node("Relu", ["x"], ["y"])], ["x"], ["y"], {}, 18)
+    before = model.SerializeToString()
+    assert remove_padding(model) == 0
+    assert model.SerializeToString() == before
 
 
 def test_the_bias_is_added_where_onnx_runtime_folds_it_into_the_quantized_matmul(

@@ -223,6 +223,9 @@ def test_tiny_relation_build(built_tiny) -> None:
     report = results["export_relation"]
     assert report["fp32"]["passed"] and report["fp32"]["max_abs_diff"] <= 1e-4
     assert report["fusion"]["attention_fused"], report["fusion"]  # fused, and still exact
+    # on the real tokens only, per layer: three projections, GELU, two layer norms of 11 operators
+    layers = cfg.relation.random_arch.num_hidden_layers
+    assert report["fusion"]["operators_on_real_tokens"] == 26 * layers, report["fusion"]
     assert {c["padding"] for c in report["fp32"]["checks"]} == {"longest", "max_length"}
     out = report["signature"]["outputs"][0]
     assert out["name"] == "logits" and out["shape"] == ["batch", len(metrics["labels"])]

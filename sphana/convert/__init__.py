@@ -49,7 +49,8 @@ FAMILIES = {
 TEXT_STEPS = [
     "export: eager attention, TorchScript exporter, dynamic batch and sequence axes",
     "optimize: ONNX Runtime transformer optimizer (fused Attention, LayerNorm, GELU), then the "
-    "CPU rewrites (padding mask -60; layer norms as standard operators unless --layer-norm fused)",
+    "CPU rewrites (padding mask -60; layer norms as standard operators unless --layer-norm fused; "
+    "all but attention and pooling on the real tokens only)",
     "gate fp32: max abs diff vs PyTorch at batch sizes 1, 2, 5, 16, two paddings",
 ]
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

@@ -22,6 +22,7 @@ from sphana.config import ExportConfig, LayerNorm, Quantization
 from sphana.export.cpu_graph import (
     MASK_FILTER_VALUE,
     decompose_skip_layer_norms,
+    remove_padding,
     set_mask_filter_value,
 )
 
@@ -218,9 +219,9 @@ def export_text_encoder(
     while tracing (the module's own again afterwards), the TorchScript exporter (its graph has
     the patterns ONNX Runtime's fusions match; the dynamo exporter's has not) and ONNX Runtime's
     transformer optimizer, which rewrites attention, embeddings and layer norms into fused
-    operators; then the CPU rewrites of
-    :mod:`sphana.export.cpu_graph` (a padding mask that keeps attention fast; with
-    ``cfg.layer_norm`` standard, residual add + layer norm in standard operators); written by
+    operators; then the CPU rewrites of :mod:`sphana.export.cpu_graph` (a padding mask that
+    keeps attention fast; with ``cfg.layer_norm`` standard, residual add + layer norm in
+    standard operators; everything but attention and pooling on the real tokens only); written by
     :func:`save_model`. Returns the fused-operator counts of the written graph, whether attention
     fused (``attention_fused``; a graph where it did not is still exact, only slower, and its
     parity gates still decide) and the rewrites done.
@@ -264,6 +265,7 @@ def export_text_encoder(
         model = optimized.model
         masked = set_mask_filter_value(model)
         standard = decompose_skip_layer_norms(model) if cfg.layer_norm is LayerNorm.standard else 0
+        on_real_tokens = remove_padding(model)
         save_model(model, path, cfg.external_data_mb)
     ops = Counter(node.op_type for node in model.graph.node)
     fused = {op: ops[op] for op in FUSED_OPS}
@@ -275,6 +277,7 @@ def export_text_encoder(
         "attention_mask_filter_value": MASK_FILTER_VALUE if masked else None,
         "layer_norm": cfg.layer_norm.value,
         "layer_norms_in_standard_operators": standard,
+        "operators_on_real_tokens": on_real_tokens,
     }
 
 

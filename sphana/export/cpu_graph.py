@@ -137,3 +137,141 @@ def _standard_layer_norm(inputs: list[str], outputs: list[str], p: str, axes: st
     if beta:
         nodes.append(op("Add", [scaled, beta], outputs[0]))
     return nodes
+
+
+# Operators that compute each token's row from that row alone (when :func:`_row_wise` holds):
+# they give the same rows on the real tokens alone as on a padded batch
+ROW_WISE_OPS = {
+    "": ("Add", "Sub", "Mul", "Div", "MatMul", "ReduceMean", "Sqrt", "Erf", "Tanh", "Relu"),
+    "com.microsoft": ("BiasGelu", "FastGelu", "Gelu", "SkipLayerNormalization"),
+}
+# Operators whose first output is a padded batch of token rows that row-wise operators read
+ROW_SOURCES = ("EmbedLayerNormalization", *ATTENTION_OPS, "MultiHeadAttention")
+
+
+def remove_padding(model: Any) -> int:
+    """Run the row-wise operators of an optimized BERT-style ``model`` (projections, biases,
+    GELU, residual adds, layer norms: all but attention and pooling) on the batch's real tokens
+    only, as ``[1, tokens, width]`` rows, instead of on every padded position.
+
+    The rows are gathered from the padded ``[batch, sequence, width]`` tensor that
+    ``EmbedLayerNormalization`` (which reads the attention mask) and each attention node write,
+    and put back in the padded layout, zeros at the padding, for a node that needs it
+    (attention, pooling, the graph's outputs). At real tokens the outputs are those of the padded
+    graph: each of these operators computes a row from that row alone. A graph without the fused
+    embedding (no mask to read) is left as it is. Returns the number of nodes that now run on
+    real tokens only.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    embed = next((n for n in graph.node if n.op_type == "EmbedLayerNormalization"), None)
+    if embed is None or len(embed.input) < 8 or not embed.input[7]:
+        return 0
+    constants = {t.name: t for t in graph.initializer} | {
+        n.output[0]: n.attribute[0].t
+        for n in graph.node
+        if n.op_type == "Constant" and n.attribute[0].name == "value"
+    }
+    shapes = {name: tuple(t.dims) for name, t in constants.items()}
+    axes = {  # the values of small integer constants (ReduceMean's axes from opset 18)
+        name: numpy_helper.to_array(t).reshape(-1).tolist()
+        for name, t in constants.items()
+        if t.data_type == TensorProto.INT64 and len(t.dims) <= 1 and np.prod(t.dims) <= 4
+    }
+    taken = {name for n in graph.node for name in (*n.input, *n.output, n.name)} | set(shapes)
+    base = "real_tokens"
+    while any(name.startswith(base + "/") for name in taken):
+        base += "_"
+    p = base + "/"
+    ids = itertools.count()
+
+    def op(op_type: str, args: list[str], output: str, **attrs: Any) -> Any:
+        return helper.make_node(op_type, args, [output], f"{p}{op_type}_{next(ids)}", **attrs)
+
+    for name, value in (("flat", [-1]), ("first_row", [1, 0, 0, 0]), ("axis", 0)):
+        graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), p + name))
+    # each real token's position in the flattened batch; each position's row + 1 (0: padding)
+    positions = [
+        op("Cast", [embed.input[7]], p + "real", to=TensorProto.BOOL),
+        op("Cast", [p + "real"], p + "real_int", to=TensorProto.INT64),
+        op("Reshape", [p + "real_int", p + "flat"], p + "real_flat"),
+        op("NonZero", [p + "real_flat"], p + "positions"),
+        op("CumSum", [p + "real_flat", p + "axis"], p + "count"),
+        op("Mul", [p + "count", p + "real_flat"], p + "row_of_position"),
+        op("Shape", [p + "real_int"], p + "batch_sequence"),
+        op("Concat", [p + "batch_sequence", p + "flat"], p + "padded_shape", axis=0),
+    ]
+    nodes: list[Any] = []
+    rows_of: dict[str, str] = {}  # a tensor of the padded graph -> its rows
+    padded: dict[str, str] = {}  # rows -> that padded tensor
+
+    def gather(tensor: str) -> None:
+        k = f"{p}{next(ids)}/"
+        nodes.append(op("Flatten", [tensor], k + "flat", axis=2))
+        nodes.append(op("Gather", [k + "flat", p + "positions"], k + "rows", axis=0))
+        rows_of[tensor] = k + "rows"
+        padded[k + "rows"] = tensor
+
+    def scatter(rows: str) -> str:
+        if rows not in padded:
+            k = f"{p}{next(ids)}/"
+            nodes.append(op("Flatten", [rows], k + "flat", axis=2))
+            nodes.append(op("Pad", [k + "flat", p + "first_row"], k + "zero_first"))
+            nodes.append(op("Gather", [k + "zero_first", p + "row_of_position"], k + "flat_padded"))
+            nodes.append(op("Reshape", [k + "flat_padded", p + "padded_shape"], k + "padded"))
+            padded[rows] = k + "padded"
+        return padded[rows]
+
+    outputs = {o.name for o in graph.output}
+    renamed: list[str] = []  # graph outputs a row-wise node writes
+    count = 0
+    for node in list(graph.node):
+        data = [i for i in node.input if i and i not in shapes]
+        if data and all(i in rows_of for i in data) and _row_wise(node, shapes, axes):
+            for j, name in enumerate(node.input):
+                node.input[j] = rows_of.get(name, name)
+            for j, name in enumerate(node.output):
+                if name in outputs:  # its name is for the padded layout, written from the rows
+                    node.output[j] = f"{p}{next(ids)}/rows"
+                    renamed.append(name)
+                rows_of[name] = node.output[j]
+            nodes.append(node)
+            count += 1
+            continue
+        for j, name in enumerate(node.input):
+            if name in rows_of:
+                node.input[j] = scatter(rows_of[name])
+        nodes.append(node)
+        if node is embed:  # after the node that reads the mask, as they do
+            nodes += positions
+        if node.op_type in ROW_SOURCES and node.domain == "com.microsoft":
+            gather(node.output[0])
+    for name in renamed:
+        nodes.append(op("Identity", [scatter(rows_of[name])], name))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count
+
+
+def _row_wise(node: Any, shapes: dict[str, tuple[int, ...]], axes: dict[str, list[int]]) -> bool:
+    """Whether ``node`` computes each row of its ``[batch, sequence, width]`` inputs from that
+    row alone, so that it can run on ``[1, tokens, width]`` rows: an operator of
+    :data:`ROW_WISE_OPS` whose constant inputs (``shapes``: their dimensions; ``axes``: the
+    values of the small integer ones) are weights along the width (a ``MatMul``'s ``[in, out]``
+    matrix; elsewhere no dimension over 1 but the last) and that reduces along the width only."""
+    from onnx import helper
+
+    if node.op_type not in ROW_WISE_OPS.get(node.domain or "", ()):
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "MatMul":
+        return len(shapes.get(node.input[1], ())) == 2
+    if node.op_type == "ReduceMean":  # axes: an attribute before opset 18, an input from 18
+        reduced = attrs.get("axes") or (axes.get(node.input[1]) if len(node.input) > 1 else None)
+        return list(reduced or []) in ([-1], [2]) and attrs.get("keepdims", 1) == 1
+    return all(
+        len(shapes[i]) <= 3 and all(d == 1 for d in shapes[i][:-1])
+        for i in node.input
+        if i in shapes
+    )
