@@ -133,7 +133,7 @@ def test_attention_masks_padding_with_the_fast_value_and_the_same_outputs() -> N
 
 def encoder_layer(opset: int) -> tuple[object, dict]:
     """A BERT-style graph as the export writes it: the fused embedding (which reads the mask),
-    attention, a projection with its bias, a residual add + layer norm in standard operators,
+    attention, a projection with its bias, a residual add + layer norm (SkipLayerNormalization),
     BiasGelu, then mean pooling by the mask; besides, an output read straight from a row-wise
     node and one from a node that is not row-wise (a constant per position). Its inputs for a
     right-padded batch."""
@@ -227,14 +227,18 @@ def encoder_layer(opset: int) -> tuple[object, dict]:
     return model, feeds
 
 
-@pytest.mark.parametrize("opset", [17, 18])
-def test_row_wise_operators_run_on_the_real_tokens_only_with_the_same_outputs(opset: int) -> None:
+@pytest.mark.parametrize("opset, decomposed", [(17, False), (18, False), (17, True), (18, True)])
+def test_row_wise_operators_run_on_the_real_tokens_only_with_the_same_outputs(
+    opset: int, decomposed: bool
+) -> None:
     model, feeds = encoder_layer(opset)
     before = run(model, feeds)
+    if decomposed:  # the layer norm in the eleven standard operators the export writes
+        assert decompose_skip_layer_norms(model) == 1
 
-    # the projections, the layer norm's residual add and BiasGelu; not the pooling's Mul by the
-    # mask (a tensor that is not rows) nor the Add of a constant per position
-    assert remove_padding(model) == 4
+    # the projections, the layer norm and BiasGelu; not the pooling's Mul by the mask (a tensor
+    # that is not rows) nor the Add of a constant per position
+    assert remove_padding(model) == (14 if decomposed else 4)
     onnx.checker.check_model(model)
     real = feeds["mask"].astype(bool)
     pooled, activated, by_position = run(model, feeds)
@@ -250,11 +254,64 @@ def test_row_wise_operators_run_on_the_real_tokens_only_with_the_same_outputs(op
         helper.make_tensor_value_info(matmul.output[0], TensorProto.FLOAT, None)
     )
     assert run(model, feeds)[-1].shape == (1, 9, 2 * HIDDEN)
-    assert producer[matmul.input[0]].op_type == "SkipLayerNormalization"
+    assert producer[matmul.input[0]].op_type == ("Add" if decomposed else "SkipLayerNormalization")
 
 
-def test_a_graph_without_the_fused_embedding_keeps_its_padding() -> None:
-    model = model_of([helper.make_node("Relu", ["x"], ["y"])], ["x"], ["y"], {}, 18)
+def test_an_attention_outside_the_embeddings_batch_is_left_padded() -> None:
+    """Attention over another input (another batch and sequence): its rows are not the
+    embedding's real tokens, so nothing after it is gathered by that mask."""
+    model, feeds = encoder_layer(18)
+    g = model.graph
+    g.input.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, [2, 7, HIDDEN]))
+    g.node.append(
+        helper.make_node(
+            "Attention",
+            ["other", "qkv", "qkv_bias"],
+            ["other_attended"],
+            domain="com.microsoft",
+            num_heads=2,
+        )
+    )
+    g.node.append(helper.make_node("MatMul", ["other_attended", "out"], ["other_projected"]))
+    g.output.append(helper.make_tensor_value_info("other_projected", TensorProto.FLOAT, None))
+    feeds["other"] = np.random.default_rng(5).standard_normal((2, 7, HIDDEN)).astype(np.float32)
+    before = run(model, feeds)
+    assert remove_padding(model) == 4  # the encoder's, as without the other attention
+    after = run(model, feeds)
+    np.testing.assert_allclose(after[-1], before[-1], atol=1e-5)
+    np.testing.assert_allclose(after[0], before[0], atol=1e-5)
+
+
+def a_second_embedding(model: object) -> None:
+    """Another fused embedding, reading the same mask (whose real tokens would it gather?)."""
+    (embed,) = [n for n in model.graph.node if n.op_type == "EmbedLayerNormalization"]
+    second = onnx.NodeProto()
+    second.CopyFrom(embed)
+    second.output[:] = ["embedded_again", "mask_index_again"]
+    model.graph.node.append(second)
+
+
+def a_subgraph_reading_a_row_wise_output(model: object) -> None:
+    """An ``If`` whose branches read ``normed`` from the outer graph: they would get its rows."""
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["normed"], ["picked"])],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("picked", TensorProto.FLOAT, None)],
+    )
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "always"))
+    model.graph.node.append(
+        helper.make_node("If", ["always"], ["chosen"], then_branch=branch, else_branch=branch)
+    )
+
+
+@pytest.mark.parametrize("change", [None, a_second_embedding, a_subgraph_reading_a_row_wise_output])
+def test_a_graph_the_rewrite_does_not_fit_keeps_its_padding(change) -> None:
+    if change is None:  # no fused embedding: no mask to read
+        model = model_of([helper.make_node("Relu", ["x"], ["y"])], ["x"], ["y"], {}, 18)
+    else:
+        model, _ = encoder_layer(18)
+        change(model)
     before = model.SerializeToString()
     assert remove_padding(model) == 0
     assert model.SerializeToString() == before

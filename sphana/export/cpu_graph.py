@@ -142,11 +142,15 @@ def _standard_layer_norm(inputs: list[str], outputs: list[str], p: str, axes: st
 # Operators that compute each token's row from that row alone (when :func:`_row_wise` holds):
 # they give the same rows on the real tokens alone as on a padded batch
 ROW_WISE_OPS = {
-    "": ("Add", "Sub", "Mul", "Div", "MatMul", "ReduceMean", "Sqrt", "Erf", "Tanh", "Relu"),
+    "": (
+        *("Add", "Sub", "Mul", "Div", "MatMul", "ReduceMean", "LayerNormalization"),
+        *("Sqrt", "Erf", "Tanh", "Relu"),
+    ),
     "com.microsoft": ("BiasGelu", "FastGelu", "Gelu", "SkipLayerNormalization"),
 }
-# Operators whose first output is a padded batch of token rows that row-wise operators read
-ROW_SOURCES = ("EmbedLayerNormalization", *ATTENTION_OPS, "MultiHeadAttention")
+# Attention operators: their first output is a padded batch of token rows (in their query's batch
+# and sequence) that row-wise operators read
+ROW_SOURCES = (*ATTENTION_OPS, "MultiHeadAttention")
 
 
 def remove_padding(model: Any) -> int:
@@ -154,25 +158,29 @@ def remove_padding(model: Any) -> int:
     GELU, residual adds, layer norms: all but attention and pooling) on the batch's real tokens
     only, as ``[1, tokens, width]`` rows, instead of on every padded position.
 
-    The rows are gathered from the padded ``[batch, sequence, width]`` tensor that
-    ``EmbedLayerNormalization`` (which reads the attention mask) and each attention node write,
-    and put back in the padded layout, zeros at the padding, for a node that needs it
-    (attention, pooling, the graph's outputs). At real tokens the outputs are those of the padded
-    graph: each of these operators computes a row from that row alone. A graph without the fused
-    embedding (no mask to read) is left as it is. Returns the number of nodes that now run on
-    real tokens only.
+    A token is real where the attention mask that ``EmbedLayerNormalization`` reads is non-zero.
+    The rows are gathered from the padded ``[batch, sequence, width]`` tensors that the embedding
+    and each attention node after it write, and put back in the padded layout for the nodes that
+    need it (attention, pooling, the graph's outputs), with zeros at the padding. At real tokens
+    every tensor is the padded graph's: each of these operators computes a row from that row
+    alone. A graph this does not fit is left as it is: no fused embedding (no mask to read), more
+    than one, or subgraphs (``If``, ``Loop``) that could read a rewritten tensor. Returns the
+    number of nodes that now run on real tokens only.
     """
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
-    embed = next((n for n in graph.node if n.op_type == "EmbedLayerNormalization"), None)
-    if embed is None or len(embed.input) < 8 or not embed.input[7]:
+    embeds = [n for n in graph.node if n.op_type == "EmbedLayerNormalization"]
+    subgraphs = any(a.type in (a.GRAPH, a.GRAPHS) for n in graph.node for a in n.attribute)
+    if len(embeds) != 1 or len(embeds[0].input) < 8 or not embeds[0].input[7] or subgraphs:
         return 0
-    constants = {t.name: t for t in graph.initializer} | {
-        n.output[0]: n.attribute[0].t
-        for n in graph.node
-        if n.op_type == "Constant" and n.attribute[0].name == "value"
-    }
+    embed = embeds[0]
+    fed = {i.name for i in graph.input}  # an initializer that is also an input is not constant
+    constants = {t.name: t for t in graph.initializer if t.name not in fed}
+    for n in graph.node:
+        value = next((a.t for a in n.attribute if a.name == "value"), None)
+        if n.op_type == "Constant" and value is not None:
+            constants[n.output[0]] = value
     shapes = {name: tuple(t.dims) for name, t in constants.items()}
     axes = {  # the values of small integer constants (ReduceMean's axes from opset 18)
         name: numpy_helper.to_array(t).reshape(-1).tolist()
@@ -189,7 +197,7 @@ def remove_padding(model: Any) -> int:
     def op(op_type: str, args: list[str], output: str, **attrs: Any) -> Any:
         return helper.make_node(op_type, args, [output], f"{p}{op_type}_{next(ids)}", **attrs)
 
-    for name, value in (("flat", [-1]), ("first_row", [1, 0, 0, 0]), ("axis", 0)):
+    for name, value in (("flat", [-1]), ("zero_row_pads", [1, 0, 0, 0]), ("axis", 0)):
         graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), p + name))
     # each real token's position in the flattened batch; each position's row + 1 (0: padding)
     positions = [
@@ -217,7 +225,7 @@ def remove_padding(model: Any) -> int:
         if rows not in padded:
             k = f"{p}{next(ids)}/"
             nodes.append(op("Flatten", [rows], k + "flat", axis=2))
-            nodes.append(op("Pad", [k + "flat", p + "first_row"], k + "zero_first"))
+            nodes.append(op("Pad", [k + "flat", p + "zero_row_pads"], k + "zero_first"))
             nodes.append(op("Gather", [k + "zero_first", p + "row_of_position"], k + "flat_padded"))
             nodes.append(op("Reshape", [k + "flat_padded", p + "padded_shape"], k + "padded"))
             padded[rows] = k + "padded"
@@ -227,6 +235,7 @@ def remove_padding(model: Any) -> int:
     renamed: list[str] = []  # graph outputs a row-wise node writes
     count = 0
     for node in list(graph.node):
+        downstream = bool(node.input) and node.input[0] in rows_of  # of the embedding
         data = [i for i in node.input if i and i not in shapes]
         if data and all(i in rows_of for i in data) and _row_wise(node, shapes, axes):
             for j, name in enumerate(node.input):
@@ -245,7 +254,8 @@ def remove_padding(model: Any) -> int:
         nodes.append(node)
         if node is embed:  # after the node that reads the mask, as they do
             nodes += positions
-        if node.op_type in ROW_SOURCES and node.domain == "com.microsoft":
+        source = node.op_type in ROW_SOURCES and node.domain == "com.microsoft"
+        if node is embed or (source and downstream):  # in the embedding's batch and sequence
             gather(node.output[0])
     for name in renamed:
         nodes.append(op("Identity", [scatter(rows_of[name])], name))
@@ -270,6 +280,8 @@ def _row_wise(node: Any, shapes: dict[str, tuple[int, ...]], axes: dict[str, lis
     if node.op_type == "ReduceMean":  # axes: an attribute before opset 18, an input from 18
         reduced = attrs.get("axes") or (axes.get(node.input[1]) if len(node.input) > 1 else None)
         return list(reduced or []) in ([-1], [2]) and attrs.get("keepdims", 1) == 1
+    if node.op_type == "LayerNormalization" and attrs.get("axis", -1) not in (-1, 2):
+        return False
     return all(
         len(shapes[i]) <= 3 and all(d == 1 for d in shapes[i][:-1])
         for i in node.input
