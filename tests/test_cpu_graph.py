@@ -282,6 +282,22 @@ def test_an_attention_outside_the_embeddings_batch_is_left_padded() -> None:
     np.testing.assert_allclose(after[0], before[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("axis, rewritten", [(-1, 5), (2, 5), (1, 4)])
+def test_a_layer_norm_is_row_wise_over_the_width_only(axis: int, rewritten: int) -> None:
+    model, feeds = encoder_layer(18)
+    model.graph.node.append(
+        helper.make_node("LayerNormalization", ["normed", "gamma", "beta"], ["renormed"], axis=axis)
+    )
+    model.graph.output.append(helper.make_tensor_value_info("renormed", TensorProto.FLOAT, None))
+    before = run(model, feeds)
+    assert remove_padding(model) == rewritten  # over the sequence (axis 1): left padded
+    after = run(model, feeds)[-1]
+    assert after.shape == before[-1].shape
+    if axis != 1:  # (over the sequence it reads the padding, now zeros: a masked pooling doesn't)
+        real = feeds["mask"].astype(bool)
+        np.testing.assert_allclose(after[real], before[-1][real], atol=1e-5)
+
+
 def a_second_embedding(model: object) -> None:
     """Another fused embedding, reading the same mask (whose real tokens would it gather?)."""
     (embed,) = [n for n in model.graph.node if n.op_type == "EmbedLayerNormalization"]

@@ -163,7 +163,9 @@ def remove_padding(model: Any) -> int:
     and each attention node after it write, and put back in the padded layout for the nodes that
     need it (attention, pooling, the graph's outputs), with zeros at the padding. At real tokens
     every tensor is the padded graph's: each of these operators computes a row from that row
-    alone. A graph this does not fit is left as it is: no fused embedding (no mask to read), more
+    alone. A node that reads the padding's positions (attention masks them out, a pooling by the
+    mask ignores them) sees zeros there: the export's parity gates, on padded batches, compare
+    what such a graph computes with PyTorch. A graph this does not fit is left as it is: no fused embedding (no mask to read), more
     than one, or subgraphs (``If``, ``Loop``) that could read a rewritten tensor. Returns the
     number of nodes that now run on real tokens only.
     """
