@@ -222,7 +222,6 @@ def test_shadow_traffic_never_changes_a_response(server: str, component: str) ->
     endpoint, body, answer = SHADOWED[component]
     control = versions_of(server)[component]
     candidate = control + SUFFIX
-    row_of = (component, candidate)
     with httpx.Client(base_url=server, timeout=60) as http:
         unsplit = {"component": component, "weights": None}  # the control serves it all
         assert http.post("/admin/split", json=unsplit, headers=ADMIN).is_success
@@ -239,11 +238,12 @@ def test_shadow_traffic_never_changes_a_response(server: str, component: str) ->
         for _ in range(200):  # the copies run after the answers
             report = http.get("/admin/ab", params={"component": component}, headers=ADMIN).json()
             row = report["versions"].get(candidate) or {}
-            if (row.get("shadow") or {}).get("compared", 0) + _dropped(http, row_of) >= 8:
+            compared = (row.get("shadow") or {}).get("compared", 0)
+            if compared + _dropped(http, component, candidate) >= 8:
                 break
             time.sleep(0.1)
         row = report["versions"][candidate]
-        assert row["shadow"]["compared"] + _dropped(http, row_of) == 8
+        assert row["shadow"]["compared"] + _dropped(http, component, candidate) == 8
         assert row["shadow"]["agreement"] == pytest.approx(1.0)  # the same weights, relabelled
         assert row["requests"] == served_before  # a shadow never serves
         assert report["shadow"] == {"version": candidate, "share": 1.0}
@@ -251,10 +251,9 @@ def test_shadow_traffic_never_changes_a_response(server: str, component: str) ->
         assert http.post("/admin/shadow", json=off, headers=ADMIN).json()["shadows"] == {}
 
 
-def _dropped(http: httpx.Client, component_version: tuple[str, str]) -> int:
-    """Copies of this component's requests to this version dropped (the version's name alone is
+def _dropped(http: httpx.Client, component: str, version: str) -> int:
+    """Copies of ``component``'s requests to ``version`` dropped (the version's name alone is
     shared by every component's candidate)."""
-    component, version = component_version
     for line in http.get("/metrics").text.splitlines():
         labels = (f'model="{component}"', f'version="{version}"', 'outcome="dropped"')
         if line.startswith("sphana_shadow_requests_total") and all(x in line for x in labels):

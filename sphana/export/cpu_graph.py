@@ -165,9 +165,9 @@ def remove_padding(model: Any) -> int:
     every tensor is the padded graph's: each of these operators computes a row from that row
     alone. A node that reads the padding's positions (attention masks them out, a pooling by the
     mask ignores them) sees zeros there: the export's parity gates, on padded batches, compare
-    what such a graph computes with PyTorch. A graph this does not fit is left as it is: no fused embedding (no mask to read), more
-    than one, or subgraphs (``If``, ``Loop``) that could read a rewritten tensor. Returns the
-    number of nodes that now run on real tokens only.
+    what such a graph computes with PyTorch. A graph this does not fit is left as it is: no
+    fused embedding (no mask to read), more than one, or subgraphs (``If``, ``Loop``) that
+    could read a rewritten tensor. Returns the number of nodes that now run on real tokens only.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -178,11 +178,13 @@ def remove_padding(model: Any) -> int:
         return 0
     embed = embeds[0]
     fed = {i.name for i in graph.input}  # an initializer that is also an input is not constant
-    constants = {t.name: t for t in graph.initializer if t.name not in fed}
-    for n in graph.node:
-        value = next((a.t for a in n.attribute if a.name == "value"), None)
-        if n.op_type == "Constant" and value is not None:
-            constants[n.output[0]] = value
+    constants = {t.name: t for t in graph.initializer if t.name not in fed} | {
+        n.output[0]: a.t
+        for n in graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value"
+    }
     shapes = {name: tuple(t.dims) for name, t in constants.items()}
     axes = {  # the values of small integer constants (ReduceMean's axes from opset 18)
         name: numpy_helper.to_array(t).reshape(-1).tolist()
